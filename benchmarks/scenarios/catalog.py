@@ -1,0 +1,271 @@
+"""The scenario catalog: failing runs (each with a distinct mechanism) and their healthy twins.
+
+A healthy control is the same model, data and seeds at a safe setting; silent degradation
+is judged against it (``failure.classify``). Settings were calibrated on a 2-core CPU; see
+``calibration_notes.json`` for the measured runs behind each entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from benchmarks.scenarios.failure import FailureKind
+from benchmarks.scenarios.model import ModelConfig
+
+Role = Literal["failing", "healthy"]
+Decay = Literal["constant", "cosine", "linear"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with nanoGPT-style groups: decay on ≥2-D weights only; µP-style LR multipliers."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0  # None: no clipping (the norm is still measured)
+    hidden_lr_mult: float = 1.0  # 2-D weights inside transformer.h (µP: 16× in MSign's setup)
+    embed_lr_mult: float = 1.0  # wte/wpe/lm_head
+    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)²) (Wortsman's mitigation)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """LR multiplier over steps: linear warmup, then decay, times a ramp and an optional spike.
+
+    ``ramp_to``: the post-warmup multiplier grows linearly from 1 to ``ramp_to`` at the last
+    step (a run that gets hotter over time). ``spike_*``: steps [spike_start, spike_start +
+    spike_len) run at ``spike_factor`` × the scheduled LR (an operator's mistake on resume);
+    spike_len = 0 means the spike lasts to the end of the run.
+    """
+
+    warmup_steps: int = 50
+    decay: Decay = "constant"
+    min_lr_frac: float = 0.1
+    ramp_to: float = 1.0
+    spike_start: int | None = None
+    spike_len: int = 0
+    spike_factor: float = 1.0
+    spike_ramp: int = 0  # steps over which the spike factor rises linearly from 1
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay not in ("constant", "cosine", "linear"):
+            raise ValueError(f"decay must be constant, cosine or linear, got {self.decay!r}")
+        if self.spike_start is not None and self.spike_start < 0:
+            raise ValueError(f"spike_start must be >= 0 or None, got {self.spike_start}")
+        if self.spike_len < 0:
+            raise ValueError(f"spike_len must be >= 0, got {self.spike_len}")
+        if self.spike_ramp < 0:
+            raise ValueError(f"spike_ramp must be >= 0, got {self.spike_ramp}")
+
+    def multiplier(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            m = (step + 1) / self.warmup_steps
+        else:
+            span = max(1, total_steps - self.warmup_steps)
+            frac = min(1.0, (step - self.warmup_steps) / span)
+            if self.decay == "cosine":
+                m = self.min_lr_frac + (1 - self.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac))
+            elif self.decay == "linear":
+                m = 1.0 - (1.0 - self.min_lr_frac) * frac
+            else:
+                m = 1.0
+            m *= 1.0 + (self.ramp_to - 1.0) * frac
+        if self.spike_start is None or step < self.spike_start:
+            return m
+        if self.spike_len == 0 or step < self.spike_start + self.spike_len:
+            into = step - self.spike_start + 1
+            if self.spike_ramp > 0 and into < self.spike_ramp:
+                m *= 1.0 + (self.spike_factor - 1.0) * into / self.spike_ramp
+            else:
+                m *= self.spike_factor
+        return m
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    role: Role
+    mechanism: str
+    model: ModelConfig
+    optim: OptimConfig
+    schedule: Schedule
+    steps: int
+    batch_size: int
+    seq_len: int
+    seeds: tuple[int, ...] = (0, 1, 2)
+    expected: FailureKind | None = None  # what the unprotected failing run shows
+    control: str | None = None  # healthy twin's name (failing scenarios only)
+    notes: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("failing", "healthy"):
+            raise ValueError(f"role must be 'failing' or 'healthy', got {self.role!r}")
+        if self.role == "failing" and (self.expected is None or self.control is None):
+            raise ValueError(f"failing scenario {self.name!r} needs expected and control")
+        if self.role == "healthy" and self.expected is not None:
+            raise ValueError(f"healthy scenario {self.name!r} must have expected=None")
+        if self.seq_len > self.model.block_size:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds model.block_size={self.model.block_size}"
+            )
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError(f"scenario {self.name!r} needs at least one seed")
+
+
+# --- the calibrated catalog ------------------------------------------------------------------
+# One model size for all scenarios (4 layers, d=64, 4 heads, seq 64, batch 16, 400 steps): about
+# 0.05 s/step on one idle CPU thread with fp32 attention. Every knob not named in a scenario is
+# shared with its control, so the only difference between twins is the mechanism.
+
+STEPS = 400
+BATCH_SIZE = 16
+SEQ_LEN = 64
+SEEDS = (0, 1, 2)
+
+BASE_MODEL = ModelConfig(block_size=SEQ_LEN, n_layer=4, n_head=4, n_embd=64)
+POST_LN_MODEL = replace(BASE_MODEL, norm_position="post")
+FP16_ATTN_MODEL = replace(BASE_MODEL, attn_logit_dtype="float16")
+
+# Safe optimizer: AdamW 1e-3, wd 0.1, no clipping (clipping would mask the spike scenario).
+SAFE_OPTIM = OptimConfig(lr=1e-3, weight_decay=0.1, grad_clip=None)
+SAFE_SCHEDULE = Schedule(warmup_steps=50)
+# LR grows linearly after a 20-step warmup from 1e-3 to 0.3 at the last step.
+HOT_RAMP = Schedule(warmup_steps=20, ramp_to=300.0)
+# 120 healthy steps at 1e-3, then the LR climbs linearly to 0.3 over 150 steps and stays there.
+LATE_HOT_RAMP = Schedule(warmup_steps=50, spike_start=120, spike_factor=300.0, spike_ramp=150)
+
+
+_SHARED: dict[str, Any] = {
+    "steps": STEPS,
+    "batch_size": BATCH_SIZE,
+    "seq_len": SEQ_LEN,
+    "seeds": SEEDS,
+}
+
+
+_ALL = [
+    # Healthy controls -----------------------------------------------------------------------
+    Scenario(
+        name="healthy_preln",
+        role="healthy",
+        mechanism="control: pre-LN GPT at a safe LR",
+        model=BASE_MODEL,
+        optim=SAFE_OPTIM,
+        schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    Scenario(
+        name="healthy_postln",
+        role="healthy",
+        mechanism="control: post-LN GPT at a safe LR with warmup",
+        model=POST_LN_MODEL,
+        optim=SAFE_OPTIM,
+        schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    Scenario(
+        name="healthy_fp16_attn",
+        role="healthy",
+        mechanism="control: fp16 attention logits at a safe LR",
+        model=FP16_ATTN_MODEL,
+        optim=SAFE_OPTIM,
+        schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    # Failing scenarios ----------------------------------------------------------------------
+    Scenario(
+        name="lr_spike",
+        role="failing",
+        mechanism="100x LR spike at step 150 (resumed with 1e-1 instead of 1e-3), AdamW, "
+        "no clipping",
+        model=BASE_MODEL,
+        optim=SAFE_OPTIM,
+        schedule=replace(SAFE_SCHEDULE, spike_start=150, spike_factor=100.0),
+        expected=FailureKind.EXPLOSION,
+        control="healthy_preln",
+        notes="the loss jumps above 2x its minimum 1-2 steps after the spike, then partly "
+        "recovers; attention logits grow from ~5 to >1e3 afterwards. 30x exploded on 2 of 3 "
+        "seeds (the third peaked at 1.7x), 100x on 3 of 3",
+        **_SHARED,
+    ),
+    Scenario(
+        name="attn_logit_growth",
+        role="failing",
+        mechanism="pre-LN without qk-layernorm under an LR ramp to 0.3: attention logits "
+        "pass 1e4 and the loss stalls far above the control",
+        model=BASE_MODEL,
+        optim=SAFE_OPTIM,
+        schedule=HOT_RAMP,
+        expected=FailureKind.SILENT_DEGRADATION,
+        control="healthy_preln",
+        notes="no explosion even at LR 0.3 and logits ~7e4: the loss stalls at ~3.1 vs the "
+        "control's ~2.3 (+35%); logits pass 1e3 near step 110-150. Clipping at 1.0 changes "
+        "nothing (3.07 on seed 0)",
+        **_SHARED,
+    ),
+    Scenario(
+        name="postln_no_warmup",
+        role="failing",
+        mechanism="post-LN at LR 1e-2 with no warmup",
+        model=POST_LN_MODEL,
+        optim=replace(SAFE_OPTIM, lr=1e-2),
+        schedule=Schedule(warmup_steps=0),
+        expected=FailureKind.SILENT_DEGRADATION,
+        control="healthy_postln",
+        notes="stalls at ~3.1 from step ~50 on (control ~2.37); attention logits stay < 100, "
+        "so this failure is not announced by logit growth",
+        **_SHARED,
+    ),
+    Scenario(
+        name="fp16_attn_overflow",
+        role="failing",
+        mechanism="fp16 attention logits without qk-layernorm; after 120 healthy steps the "
+        "LR climbs to 0.3: logits grow past 1e3, then q·k overflows fp16 and the loss is NaN",
+        model=FP16_ATTN_MODEL,
+        optim=SAFE_OPTIM,
+        schedule=LATE_HOT_RAMP,
+        expected=FailureKind.EXPLOSION,
+        control="healthy_fp16_attn",
+        notes="NaN at steps 243-251 on seeds 0-2; the max logit passes 1e3 ~70-90 steps "
+        "earlier (max |q·k| hits 65504 at logit ~16k with d_h = 16). The loss is already "
+        "~20% above the control before the NaN",
+        **_SHARED,
+    ),
+]
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in _ALL}
+
+
+def get(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise KeyError(f"unknown scenario {name!r}; known: {sorted(SCENARIOS)}") from None
+
+
+def failing() -> list[Scenario]:
+    return [s for s in SCENARIOS.values() if s.role == "failing"]
+
+
+def healthy() -> list[Scenario]:
+    return [s for s in SCENARIOS.values() if s.role == "healthy"]

@@ -1,0 +1,488 @@
+"""Page data: a run's series, histograms and events, read in bulk and turned into figures.
+
+Shared by the dashboard's JSON endpoints (``dashboard.routes``) and the offline report
+(``dashboard.report``). Reads go through ``server.storage`` and its downsampler, with one fast
+path: series short enough to need no downsampling (the common case: a few thousand sampled
+steps) are read for a whole quantity in one SQLite statement that concatenates each series in
+C (``group_concat``) and are parsed by numpy, instead of one query and one Python tuple per
+point. A 1,000-target × 2,000-step heatmap is 2M points; per-row fetching alone would cost
+seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from rankguard.dashboard.figures import (
+    attention_logit_max,
+    grad_norm,
+    jacobian_alignment,
+    loss,
+    sa_cosine,
+    sa_sign_diversity,
+    stable_rank,
+)
+from rankguard.dashboard.figures.common import figure_json, natural_key
+from rankguard.server import storage
+from rankguard.server.models import Event, Histogram, Run, Series
+
+# Per-series cap of the server-side downsampler (min/max buckets keep spikes).
+MAX_POINTS = 2000
+# Heatmap columns: more than a plot's width in pixels buys nothing but payload.
+HEATMAP_COLUMNS = 500
+# Line charts with more series than this keep the ones with the largest values (the
+# interesting direction for gradient norms, logit maxima and a·M); the title says so.
+MAX_LINES = 24
+# sa_cosine histograms: at most this many distinct steps are read (evenly spaced).
+MAX_HISTOGRAM_STEPS = 400
+# SQLite's default limit on host parameters is 32766; stay well below it per statement.
+_IN_CHUNK = 900
+
+FIGURE_IDS: tuple[str, ...] = (
+    loss.FIGURE_ID,
+    grad_norm.FIGURE_ID,
+    stable_rank.FIGURE_ID,
+    sa_sign_diversity.FIGURE_ID,
+    sa_cosine.FIGURE_ID,
+    jacobian_alignment.FIGURE_ID,
+    attention_logit_max.FIGURE_ID,
+)
+
+SeriesDict = dict[str, Any]
+
+
+# --- series -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    id: int
+    quantity: str
+    target: str
+    rank: int
+
+
+def run_series(session: Session, run_id: str) -> list[SeriesRow]:
+    """Every series of the run, in one core query (a large model has thousands; ORM objects
+    would cost more than the read they select)."""
+    rows = session.execute(
+        select(Series.id, Series.quantity, Series.target, Series.rank).where(
+            Series.run_id == run_id
+        )
+    )
+    return [SeriesRow(int(i), q, t, int(r)) for i, q, t, r in rows]
+
+
+def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _id_list(ids: Sequence[int]) -> str:
+    return ",".join(str(int(i)) for i in ids)  # ints only: nothing to inject
+
+
+def _as_dict(s: SeriesRow, steps: np.ndarray, values: np.ndarray) -> SeriesDict:
+    return {"quantity": s.quantity, "target": s.target, "rank": s.rank, "steps": steps,
+            "values": values}  # fmt: skip
+
+
+def read_lines(
+    session: Session, series: Sequence[SeriesRow], *, max_points: int = MAX_POINTS
+) -> list[SeriesDict]:
+    """Each series through the API's downsampler (``storage.read_points``: min/max buckets,
+    spikes survive); series without points (histogram-only) are left out."""
+    out = []
+    for s in series:
+        steps, values, _, total, _ = storage.read_points(
+            session=session, series_id=s.id, step_min=None, step_max=None, max_points=max_points
+        )
+        if total:
+            out.append(_as_dict(s, np.asarray(steps, np.int64), np.asarray(values, np.float64)))
+    return out
+
+
+def pick_lines(
+    session: Session, series: Sequence[SeriesRow], limit: int = MAX_LINES
+) -> list[SeriesRow]:
+    """At most ``limit`` series: ``global`` first, then those with the largest value (a NaN
+    or +Inf anywhere ranks first). The maxima are one aggregate per chunk, in SQL."""
+    if len(series) <= limit:
+        return list(series)
+    peak: dict[int, float] = {}
+    conn = session.connection()
+    nan_sql = "value IS NULL" if conn.dialect.name == "sqlite" else "value = 'NaN'::float8"
+    for chunk in _chunks([s.id for s in series]):
+        rows = conn.exec_driver_sql(
+            f"SELECT series_id, MAX(value), MAX(CASE WHEN {nan_sql} THEN 1 ELSE 0 END) "
+            f"FROM points WHERE series_id IN ({_id_list(chunk)}) GROUP BY series_id"
+        )
+        for sid, mx, has_nan in rows:
+            peak[int(sid)] = math.inf if has_nan or mx is None else float(mx)
+    ranked = sorted(
+        (s for s in series if s.id in peak),
+        key=lambda s: (s.target != "global", -peak[s.id], natural_key(s.target)),
+    )
+    return ranked[:limit]
+
+
+def read_heatmap(
+    session: Session,
+    series: Sequence[SeriesRow],
+    *,
+    last_step: int | None,
+    columns: int = HEATMAP_COLUMNS,
+) -> list[SeriesDict]:
+    """Every series binned to at most ~``columns`` equal step buckets (a bucket keeps its
+    minimum: both heatmaps' danger direction is low, and the builder reduces cells by min).
+
+    SQLite: one statement per chunk of series; the bucketing runs in SQL and each series
+    comes back as two comma-joined strings that numpy parses, instead of a Python tuple per
+    point. A bucket that held a NaN also returns a NaN point, so the builder still flags it.
+    Width 1 (no more steps than columns) returns every point as it is. Other databases read
+    each series through ``storage.read_points``."""
+    if not series:
+        return []
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        return read_lines(session, series, max_points=2 * columns)
+    probe_ids = _id_list([series[0].id, series[-1].id])
+    lo = conn.exec_driver_sql(
+        f"SELECT MIN(step) FROM points WHERE series_id IN ({probe_ids})"
+    ).scalar()
+    hi = last_step
+    if lo is None or hi is None:
+        return read_lines(session, series, max_points=2 * columns)
+    lo = int(lo)
+    width = max(1, -(-(int(hi) - lo + 1) // columns))
+    by_id = {s.id: s for s in series}
+    out: list[SeriesDict] = []
+    for chunk in _chunks([s.id for s in series]):
+        rows = conn.exec_driver_sql(
+            "SELECT series_id, group_concat(b), group_concat(COALESCE(m, 'nan')), "
+            "group_concat(n) FROM ("
+            f"  SELECT series_id, (step - {lo}) / {width} AS b, MIN(value) AS m, "
+            "   SUM(value IS NULL) AS n"
+            f"  FROM points WHERE series_id IN ({_id_list(chunk)}) GROUP BY series_id, b"
+            ") GROUP BY series_id"
+        )
+        for sid, b_text, m_text, n_text in rows:
+            buckets = np.fromstring(b_text, dtype=np.int64, sep=",")
+            values = np.fromstring(m_text, dtype=np.float64, sep=",")
+            nans = np.fromstring(n_text, dtype=np.int64, sep=",")
+            steps = lo + buckets * width
+            extra = (nans > 0) & ~np.isnan(values)  # a NaN beside finite values in a bucket
+            if extra.any():
+                steps = np.concatenate([steps, steps[extra]])
+                values = np.concatenate([values, np.full(int(extra.sum()), np.nan)])
+            out.append(_as_dict(by_id[int(sid)], steps, values))
+    return out
+
+
+# --- histograms -------------------------------------------------------------------------
+
+
+def read_histograms(
+    session: Session,
+    matched: Sequence[SeriesRow],
+    *,
+    max_steps: int = MAX_HISTOGRAM_STEPS,
+) -> list[dict[str, Any]]:
+    """Histograms of the series at no more than ``max_steps`` evenly spaced distinct steps."""
+    if not matched:
+        return []
+    by_id = {s.id: s for s in matched}
+    steps = sorted(
+        session.scalars(
+            select(Histogram.step).where(Histogram.series_id.in_(list(by_id))).distinct()
+        )
+    )
+    if not steps:
+        return []
+    if len(steps) > max_steps:
+        picks = np.unique(np.linspace(0, len(steps) - 1, max_steps).round().astype(int))
+        steps = [steps[i] for i in picks]
+    out: list[dict[str, Any]] = []
+    for chunk in _chunks(steps):
+        rows = session.scalars(
+            select(Histogram)
+            .where(Histogram.series_id.in_(list(by_id)), Histogram.step.in_(list(chunk)))
+            .order_by(Histogram.series_id, Histogram.step)
+        )
+        for h in rows:
+            s = by_id[h.series_id]
+            out.append(
+                {
+                    "quantity": s.quantity,
+                    "target": s.target,
+                    "rank": s.rank,
+                    "step": h.step,
+                    "edges": h.edges,
+                    "counts": h.counts,
+                }
+            )
+    return out
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+def _summary(kind: str, payload: Mapping[str, Any]) -> str:
+    if kind == "alert":
+        rule = payload.get("rule")
+        message = payload.get("message") or payload.get("label") or ""
+        head = f"{rule}: " if rule else ""
+        return f"{head}{message}".strip() or "alert"
+    if kind.startswith("command_") or kind == "intervention":
+        what = payload.get("kind") or payload.get("command") or kind
+        args = payload.get("args")
+        parts = [str(what)]
+        if isinstance(args, Mapping):
+            parts += [f"{k}={v}" for k, v in args.items()]
+        if payload.get("error"):
+            parts.append(f"error: {payload['error']}")
+        return " ".join(parts)
+    return str(payload.get("message") or payload.get("label") or kind)
+
+
+def marker_kind(event: Event) -> str | None:
+    """How an event is drawn on the figures: 'alert', 'intervention', another kind, or None
+    (events without a step, e.g. a command being queued, are only in the timeline)."""
+    if event.step is None or event.kind == "command_queued":
+        return None
+    if event.kind == "alert":
+        return "alert-resolved" if event.payload.get("kind") == "resolved" else "alert"
+    if event.kind in ("intervention", "command_applied"):
+        return "intervention"
+    return event.kind
+
+
+def marker_events(events: Sequence[Event]) -> list[dict[str, Any]]:
+    out = []
+    for e in events:
+        kind = marker_kind(e)
+        if kind is not None:
+            out.append(
+                {"step": int(e.step or 0), "kind": kind, "label": _summary(e.kind, e.payload)}
+            )
+    return out
+
+
+def alert_rows(events: Sequence[Event], run_id: str) -> list[dict[str, Any]]:
+    """One row per alert event, newest first, with what tripped and the suggested action.
+    The payload follows ``alert_engine.Transition.to_dict`` where the server writes one."""
+    rows = []
+    for e in events:
+        if e.kind != "alert":
+            continue
+        p = e.payload
+        targets = p.get("targets") or []
+        names = [t.get("target", "") if isinstance(t, Mapping) else str(t) for t in targets]
+        action = str(p.get("suggested_action") or "").replace("{run_id}", run_id)
+        rows.append(
+            {
+                "id": e.id,
+                "step": e.step,
+                "state": "resolved" if p.get("kind") == "resolved" else "firing",
+                "rule": p.get("rule") or "",
+                "severity": p.get("severity") or "",
+                "message": p.get("message") or p.get("label") or "",
+                "targets": [n for n in names if n],
+                "suggested_action": action,
+                "created_at": e.created_at.isoformat(),
+            }
+        )
+    rows.reverse()
+    return rows
+
+
+def firing_alerts(events: Sequence[Event]) -> int:
+    """Alerts whose latest transition (per rule and episode) is not 'resolved'."""
+    latest: dict[tuple[str, Any], str] = {}
+    for e in events:
+        if e.kind == "alert":
+            key = (str(e.payload.get("rule") or e.id), e.payload.get("episode"))
+            latest[key] = str(e.payload.get("kind") or "firing")
+    return sum(1 for state in latest.values() if state != "resolved")
+
+
+def timeline_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """Every event in step order (stepless ones by time), for the alert/intervention table."""
+    rows = [
+        {
+            "id": e.id,
+            "step": e.step,
+            "kind": e.kind,
+            "marker": marker_kind(e) or "",
+            "summary": _summary(e.kind, e.payload),
+            "suggested_action": str(e.payload.get("suggested_action") or ""),
+            "created_at": e.created_at.isoformat(),
+        }
+        for e in events
+    ]
+    return rows
+
+
+# --- figures ----------------------------------------------------------------------------
+
+
+@dataclass
+class PageData:
+    run: Run
+    figures: list[go.Figure]
+    events: list[Event]
+    markers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _with_note(fig: go.Figure, kept: int, total: int) -> go.Figure:
+    if total > kept:
+        fig.layout.title.text = f"{fig.layout.title.text} (top {kept} of {total})"
+    return fig
+
+
+def build_figures(
+    session: Session,
+    run: Run,
+    events: Sequence[Event],
+    *,
+    cosine_target: str | None = None,
+) -> list[go.Figure]:
+    """Every figure of the run page, in page order (``FIGURE_IDS``)."""
+    markers = marker_events(events)
+    by_quantity: dict[str, list[SeriesRow]] = {}
+    for row in run_series(session, run.id):
+        by_quantity.setdefault(row.quantity, []).append(row)
+
+    def lines(quantity: str, build: Callable[..., go.Figure]) -> go.Figure:
+        every = by_quantity.get(quantity, [])
+        kept = pick_lines(session, every)
+        return _with_note(build(read_lines(session, kept), markers), len(kept), len(every))
+
+    def heatmap(quantity: str, build: Callable[..., go.Figure]) -> go.Figure:
+        rows = read_heatmap(session, by_quantity.get(quantity, []), last_step=run.last_step)
+        return build(rows, markers, max_columns=HEATMAP_COLUMNS)
+
+    # Jacobian panels: the block pairs with the largest a·M (else a), the same pairs in both.
+    gain_all = by_quantity.get(jacobian_alignment.GAIN_QUANTITY, [])
+    align_all = by_quantity.get(jacobian_alignment.QUANTITY, [])
+    chosen = pick_lines(session, gain_all or align_all)
+    pairs = {s.target for s in chosen}
+    jac_rows = [s for s in [*align_all, *gain_all] if s.target in pairs]
+    n_pairs = len({s.target for s in [*align_all, *gain_all]})
+    cosine = [
+        s
+        for s in by_quantity.get(sa_cosine.QUANTITY, [])
+        if cosine_target is None or s.target == cosine_target
+    ]
+    return [
+        lines(loss.QUANTITY, loss.figure),
+        lines(grad_norm.QUANTITY, grad_norm.figure),
+        heatmap(stable_rank.QUANTITY, stable_rank.figure),
+        heatmap(sa_sign_diversity.QUANTITY, sa_sign_diversity.figure),
+        sa_cosine.figure(read_histograms(session, cosine), markers, target=cosine_target),
+        _with_note(
+            jacobian_alignment.figure(read_lines(session, jac_rows), markers),
+            len(pairs),
+            n_pairs,
+        ),
+        lines(attention_logit_max.QUANTITY, attention_logit_max.figure),
+    ]
+
+
+def figure_payload(figures: Sequence[go.Figure]) -> str:
+    """``[{"id": ..., "figure": {...}}, ...]`` as JSON text, without re-parsing each figure's
+    JSON (the heatmaps' typed arrays make those strings megabytes long)."""
+    parts = [
+        '{"id":' + json.dumps(fig.layout.meta["figure_id"]) + ',"figure":' + figure_json(fig) + "}"
+        for fig in figures
+    ]
+    return "[" + ",".join(parts) + "]"
+
+
+def cosine_targets(session: Session, run_id: str) -> list[str]:
+    names = session.scalars(
+        select(Series.target)
+        .where(Series.run_id == run_id, Series.quantity == sa_cosine.QUANTITY)
+        .distinct()
+    )
+    return sorted(set(names), key=natural_key)
+
+
+def fingerprint(session: Session, run: Run) -> str:
+    """Changes whenever anything the run page shows may have changed (new points move
+    ``last_step``; alerts and acknowledged commands add events; histograms have their own
+    step). Cheap: indexed aggregates only."""
+    max_event = session.scalar(select(func.max(Event.id)).where(Event.run_id == run.id))
+    series_ids = select(Series.id).where(Series.run_id == run.id).scalar_subquery()
+    n_series = session.scalar(select(func.count()).where(Series.run_id == run.id))
+    max_hist = session.scalar(
+        select(func.max(Histogram.step)).where(Histogram.series_id.in_(series_ids))
+    )
+    key = f"{run.id}|{run.status}|{run.last_step}|{max_event}|{n_series}|{max_hist}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+# --- runs list --------------------------------------------------------------------------
+
+
+def last_values(
+    session: Session, run_ids: Sequence[str], quantity: str = "loss"
+) -> dict[str, float]:
+    """The latest ``quantity`` value (target ``global``, rank 0) of each run."""
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        text(
+            "SELECT s.run_id, p.value FROM series s JOIN points p ON p.series_id = s.id "
+            "WHERE s.quantity = :q AND s.target = 'global' AND s.rank = 0 "
+            "AND s.run_id IN (" + ",".join(f":r{i}" for i in range(len(run_ids))) + ") "
+            "AND p.step = (SELECT MAX(step) FROM points WHERE series_id = s.id)"
+        ),
+        {"q": quantity, **{f"r{i}": r for i, r in enumerate(run_ids)}},
+    )
+    return {rid: math.nan if v is None else float(v) for rid, v in rows}
+
+
+def alert_events_by_run(session: Session, run_ids: Sequence[str]) -> dict[str, list[Event]]:
+    out: dict[str, list[Event]] = {r: [] for r in run_ids}
+    if not run_ids:
+        return out
+    rows = session.scalars(
+        select(Event)
+        .where(Event.run_id.in_(list(run_ids)), Event.kind == "alert")
+        .order_by(Event.id)
+    )
+    for e in rows:
+        out[e.run_id].append(e)
+    return out
+
+
+def run_summaries(
+    session: Session, runs: Sequence[Run], project_names: Mapping[int, str]
+) -> list[dict[str, Any]]:
+    """What the runs list shows per run."""
+    ids = [r.id for r in runs]
+    losses = last_values(session, ids)
+    alerts = alert_events_by_run(session, ids)
+    return [
+        {
+            "id": r.id,
+            "name": r.name,
+            "project": project_names.get(r.project_id, ""),
+            "status": r.status,
+            "last_step": r.last_step,
+            "last_loss": losses.get(r.id),
+            "alerts_firing": firing_alerts(alerts[r.id]),
+            "created_at": r.created_at.isoformat(),
+        }
+        for r in runs
+    ]

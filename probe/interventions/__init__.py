@@ -1,0 +1,44 @@
+"""Weight interventions: MSign (stable-rank restoration) and PSS (spectrum smoothing).
+
+Functions rewrite the given :class:`~rankguard.probe.targets.WeightTarget` matrices in place
+(fp32 math, written back in the parameter dtype) and return an :class:`InterventionResult`
+with before/after statistics per matrix. Idempotence by command id is the caller's job.
+
+    from rankguard.probe.interventions import MSign, Snapshot, apply_msign, apply_pss
+
+    snapshot = Snapshot.take(targets)           # optional undo, kept on the CPU
+    result = apply_msign(targets, engine="svd")  # or "newton_schulz"
+    snapshot.restore()                            # bit-identical undo
+    optimizer = MSign(torch.optim.AdamW(...), targets, period=100)  # the paper's optimizer
+"""
+
+from __future__ import annotations
+
+from .msign import Engine, apply_msign, default_engine, msign_newton_schulz, msign_svd
+from .periodic import MSign
+from .polar import DEFAULT_STEPS, polar_factor, steps_for_floor
+from .pss import PSSVariant, apply_pss, smooth_singular_values
+from .records import InterventionResult, MatrixResult
+from .rewrite import StatsMode, rewrite_targets, spectral_norm_estimate
+from .snapshot import Snapshot
+
+__all__ = [
+    "DEFAULT_STEPS",
+    "Engine",
+    "InterventionResult",
+    "MSign",
+    "MatrixResult",
+    "PSSVariant",
+    "Snapshot",
+    "StatsMode",
+    "apply_msign",
+    "apply_pss",
+    "default_engine",
+    "msign_newton_schulz",
+    "msign_svd",
+    "polar_factor",
+    "rewrite_targets",
+    "smooth_singular_values",
+    "spectral_norm_estimate",
+    "steps_for_floor",
+]

@@ -1,0 +1,213 @@
+"""Rewriting target matrices in place: the loop shared by MSign and PSS.
+
+A *transform* maps one fp32 (out, in) matrix to its replacement. :func:`rewrite_targets`
+runs it over the targets under ``torch.no_grad()``, writes each result back into the
+parameter (in the parameter's dtype, through ``WeightTarget.matrix()`` so fused QKV
+slices and transposed Conv1D weights land in the right place) and measures before/after
+statistics.
+
+Distributed: under DDP every rank holds the whole parameter and calls this with the same
+targets, so each rank computes the same result. Under FSDP2 a parameter is a DTensor
+shard; :func:`rewrite_targets` then gathers one matrix at a time (``full_tensor()``, a
+collective: every rank must call with the same targets in the same order), transforms the
+full matrix on every rank and keeps its own shard (no second collective).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from ..exceptions import ConfigError
+from ..targets import WeightTarget
+from .records import MatrixResult
+
+__all__ = ["StatsMode", "Transformed", "rewrite_targets", "spectral_norm_estimate"]
+
+_POWER_ITERATIONS = 20
+
+
+class StatsMode(str, Enum):
+    """How σ₁ is measured for the before/after records."""
+
+    EXACT = "exact"  # torch.linalg SVD values (one extra SVD per matrix where not free)
+    ESTIMATE = "estimate"  # power iteration, matmuls only (a lower bound of σ₁)
+    NONE = "none"  # no records (the periodic optimizer's default: no host sync)
+
+
+@dataclass(frozen=True)
+class Transformed:
+    """A transform's output: the new fp32 matrix (out, in), the rank it kept, and the input's
+    singular values when it computed them anyway (reused for the 'before' record)."""
+
+    matrix: Tensor
+    rank: int
+    singular_values: Tensor | None = None
+
+
+Transform = Callable[[Tensor], Transformed]
+
+
+def spectral_norm_estimate(w: Tensor, iterations: int = _POWER_ITERATIONS) -> Tensor:
+    """σ₁ of w (m, n) by power iteration on WᵀW from a fixed random start (a 0-d tensor).
+
+    Deterministic (seeded start vector), matmuls only, no host sync. It converges fast when
+    σ₂/σ₁ is small and is exact for a matrix whose singular values are all equal (MSign's
+    output); without a spectral gap it underestimates σ₁ slightly.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(w.shape[1], generator=generator, dtype=torch.float32).to(w.device)  # (n,)
+    for _ in range(iterations):
+        v = w.mT @ (w @ v)
+        v = v / torch.linalg.vector_norm(v).clamp_min(1e-30)
+    sigma: Tensor = torch.linalg.vector_norm(w @ v)
+    return sigma
+
+
+def _sigma1(w: Tensor, mode: StatsMode, singular_values: Tensor | None) -> Tensor:
+    if singular_values is not None and singular_values.numel():
+        return singular_values[0]
+    if w.numel() == 0:
+        return w.new_zeros(())
+    if mode is StatsMode.EXACT:
+        sigma: Tensor = torch.linalg.matrix_norm(w, ord=2)
+        return sigma
+    return spectral_norm_estimate(w)
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def _view_of(target: WeightTarget, full: Tensor) -> Tensor:
+    """The (out, in) view of ``full`` that ``target.matrix()`` takes of the parameter."""
+    w = full.t() if target.transposed else full
+    return w[target.rows] if target.rows is not None else w
+
+
+def _check_targets(targets: Sequence[WeightTarget]) -> list[WeightTarget]:
+    if isinstance(targets, WeightTarget):
+        targets = [targets]
+    chosen = list(targets)
+    if not chosen:
+        raise ConfigError("targets: an empty list; select at least one 2-D weight")
+    for t in chosen:
+        if not isinstance(t, WeightTarget):
+            raise ConfigError(
+                f"targets: expected WeightTarget items (from rankguard.probe.targets), "
+                f"got {type(t).__name__}"
+            )
+    names = [t.name for t in chosen]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"targets: duplicate target names {dupes}; each matrix once")
+    return chosen
+
+
+def _check_finite(targets: Sequence[WeightTarget], dtensor: type | None) -> None:
+    """Refuse to rewrite anything when some target holds NaN/Inf (one host sync)."""
+    local = [t for t in targets if dtensor is None or not isinstance(t.parameter, dtensor)]
+    if not local:
+        return
+    flags = torch.stack([torch.isfinite(t.matrix()).all().cpu() for t in local])
+    bad = [t.name for t, ok in zip(local, flags.tolist(), strict=True) if not ok]
+    if bad:
+        raise ConfigError(
+            f"targets: {bad} contain NaN or Inf; nothing was rewritten (restore a snapshot or "
+            f"checkpoint first)"
+        )
+
+
+def _write_shard(param: Tensor, full: Tensor) -> None:
+    """Copy this rank's shard of ``full`` into the DTensor parameter (no communication:
+    every rank computed the same ``full``)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mine = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)  # type: ignore[attr-defined]
+    param.to_local().copy_(mine.to_local())  # type: ignore[attr-defined]
+
+
+def _stable_rank(fro: float, sigma1: float) -> float:
+    return fro * fro / (sigma1 * sigma1) if sigma1 > 0 else 0.0
+
+
+@torch.no_grad()
+def rewrite_targets(
+    targets: Sequence[WeightTarget], transform: Transform, *, stats: StatsMode
+) -> tuple[tuple[MatrixResult, ...], float]:
+    """Apply ``transform`` to every target in place; returns (records, seconds).
+
+    All targets are checked before any is written (a NaN anywhere rewrites nothing).
+    Statistics are gathered as device tensors and copied to the host once at the end;
+    with ``StatsMode.NONE`` there are no records and no host sync beyond the transform's.
+    """
+    chosen = _check_targets(targets)
+    stats = StatsMode(stats)
+    dtensor = _dtensor_type()
+    start = time.perf_counter()
+    _check_finite(chosen, dtensor)
+    rows: list[Tensor] = []  # per matrix (4,): ‖W‖_F, σ₁ before; ‖W‖_F, σ₁ after
+    ranks: list[int] = []
+    shapes: list[tuple[int, int]] = []
+    devices: set[torch.device] = set()
+    for target in chosen:
+        param = target.parameter
+        sharded = dtensor is not None and isinstance(param, dtensor)
+        if sharded:
+            # FSDP2: gather this matrix's parameter on every rank (a collective), work on the
+            # full copy, keep our shard. Peak extra memory: one full parameter.
+            full = param.detach().full_tensor()  # type: ignore[attr-defined]
+            view = _view_of(target, full)
+            if not bool(torch.isfinite(view).all()):
+                raise ConfigError(f"targets: {target.name!r} contains NaN or Inf")
+        else:
+            view = target.matrix()
+        devices.add(view.device)
+        w32 = view.to(torch.float32)  # (out, in); a copy unless the parameter is fp32
+        out = transform(w32)
+        if stats is not StatsMode.NONE:
+            # before-statistics read w32 before the write below (it may alias the parameter)
+            before = (torch.linalg.matrix_norm(w32), _sigma1(w32, stats, out.singular_values))
+        view.copy_(out.matrix)  # cast to the parameter dtype, in place
+        if sharded:
+            _write_shard(param, full)
+        if stats is StatsMode.NONE:
+            continue
+        written = view.to(torch.float32)
+        after = (torch.linalg.matrix_norm(written), _sigma1(written, stats, None))
+        rows.append(torch.stack([*before, *after]).to(torch.float64))
+        ranks.append(out.rank)
+        shapes.append((int(view.shape[0]), int(view.shape[1])))
+    values = torch.stack([r.cpu() for r in rows]).tolist() if rows else []  # one copy
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if stats is StatsMode.NONE:
+        return (), seconds
+    exact = stats is StatsMode.EXACT
+    records = tuple(
+        MatrixResult(
+            name=target.name,
+            shape=shape,
+            rank=rank,
+            stable_rank_before=_stable_rank(fb, sb),
+            stable_rank_after=_stable_rank(fa, sa),
+            frobenius_before=fb,
+            frobenius_after=fa,
+            spectral_norm_before=sb,
+            spectral_norm_after=sa,
+            exact_stats=exact,
+        )
+        for target, shape, rank, (fb, sb, fa, sa) in zip(chosen, shapes, ranks, values, strict=True)
+    )
+    return records, seconds

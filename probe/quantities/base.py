@@ -1,0 +1,134 @@
+"""The one interface every quantity implements, and what a sampled step hands it.
+
+A quantity declares its wire name (``name``), what it needs from the step (weights only,
+sampled inputs, gradients, attention projections), and computes *on the device*: it returns
+1-d tensors (one value per target) and never calls ``.item()``/``.cpu()``. The probe gathers
+every result of a step into one device->host copy.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ProbeConfig
+from ..hooks import AttentionSite, CallCapture, Captures
+from ..schedules import Every, Schedule
+from ..targets import WeightTarget
+from .spectral import PowerIteration, Triplet
+
+__all__ = ["Histogram", "Quantity", "StepContext", "Values"]
+
+
+@dataclass(frozen=True)
+class Values:
+    """One value per target of one wire quantity; ``values`` is (len(targets),) on device."""
+
+    quantity: str
+    targets: tuple[str, ...]
+    values: Tensor
+    steps: tuple[int, ...] | None = None  # None: all at the context's step
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts on fixed ``edges`` (len(edges) == counts.numel() + 1); counts on device."""
+
+    quantity: str
+    target: str
+    edges: tuple[float, ...]
+    counts: Tensor
+
+
+Output = Values | Histogram
+
+
+@dataclass
+class StepContext:
+    """Everything a quantity may read on one sampled step. Spectral results are cached here,
+    so quantities computed at the same step share one power iteration per weight."""
+
+    step: int
+    model: nn.Module
+    targets: Sequence[WeightTarget]
+    config: ProbeConfig
+    weights: PowerIteration
+    inputs_spectrum: PowerIteration
+    captures: Captures
+    params: Sequence[tuple[str, nn.Parameter]]
+    losses: Sequence[Tensor | float] = ()
+    sites: Sequence[AttentionSite] = ()
+    blocks: Sequence[tuple[str, nn.Module]] = ()
+    probe_batch: CallCapture | None = None
+    _weight_cache: dict[str, Triplet] = field(default_factory=dict)
+    _input_cache: dict[int, Triplet] = field(default_factory=dict)
+
+    def triplet(self, target: WeightTarget) -> Triplet:
+        """Top singular triplet of the target's (out, in) matrix in fp32, once per step."""
+        hit = self._weight_cache.get(target.name)
+        if hit is None:
+            hit = self.weights.triplet(target.name, target.matrix())
+            self._weight_cache[target.name] = hit
+        return hit
+
+    def input_triplet(self, target: WeightTarget) -> Triplet | None:
+        """Top triplet of the target's sampled input rows Z (N, in), or None if the module
+        ran no forward on this step. Fused parts share their input: computed once."""
+        z = self.captures.inputs.get(target.name)
+        if z is None:
+            return None
+        hit = self._input_cache.get(id(z))
+        if hit is None:
+            # warm vectors are keyed by module (q, k, v of a fused projection share inputs)
+            key = target.module_name
+            if target.rows is not None and target.module_name and "[" in target.name:
+                key = f"{target.module_name}:{target.name.rpartition('[')[2]}"
+            hit = self.inputs_spectrum.triplet(key, z)
+            self._input_cache[id(z)] = hit
+        return hit
+
+
+class Quantity(abc.ABC):
+    """A named measurement with its own schedule and (optional) warm-start state."""
+
+    name: ClassVar[str]
+    """Wire name: file = wire = database = Prometheus label = figure."""
+    emits: ClassVar[tuple[str, ...]] = ()
+    """Every wire quantity this class produces (default: just ``name``)."""
+    needs_inputs: ClassVar[bool] = False
+    needs_grads: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+    default_cadence: ClassVar[str] = "every"
+    """'every' or 'jacobian_every': which config cadence is the default schedule."""
+
+    def __init__(self, *, schedule: Schedule | None = None) -> None:
+        self.schedule: Schedule = schedule if schedule is not None else Every(1)
+
+    @classmethod
+    def wire_names(cls) -> tuple[str, ...]:
+        return cls.emits or (cls.name,)
+
+    def should_compute(self, step: int) -> bool:
+        return self.schedule(step)
+
+    @abc.abstractmethod
+    def compute(self, ctx: StepContext) -> list[Output]:
+        """Results for ``ctx.step``, on the device; no host sync."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+def stack(values: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """0-d tensors -> (n,) fp32 on their device (empty on ``device`` or CPU)."""
+    if not values:
+        return torch.zeros(0, device=device)
+    return torch.stack([v.reshape(()).to(torch.float32) for v in values])

@@ -1,0 +1,1071 @@
+"""Pure alert engine: declarative rules over step-indexed series, evaluated in step order.
+
+This module imports only the standard library, so the server, a worker or a test can drive it
+without a framework. The caller owns persistence: the engine's state for one (rule, run) is a
+plain JSON-serialisable ``dict`` (no NaN literals: non-finite floats are stored as the strings
+``"NaN"``, ``"Infinity"``, ``"-Infinity"`` of docs/contract.md, so it fits a JSONB column).
+
+Public API::
+
+    rule = Rule(name=..., quantity=..., condition=Condition.BELOW, threshold=0.1, ...)
+    state = new_state()                                   # or None
+    state, transitions = evaluate(rule, state, samples)   # samples: (target, step, value)
+    state, transitions = flush(rule, state)               # run finished: evaluate what waits
+
+``evaluate`` never mutates the state it is given and never raises on data (NaN, ±Inf, replays,
+out-of-order steps, unknown targets); it raises ``RuleError`` only for a malformed state or a
+malformed sample (a step that is not an integer, a value that is not a number).
+
+Step-order policy
+-----------------
+Samples are buffered by step and a step is evaluated only after every earlier buffered step.
+The oldest buffered step ``s`` is evaluated when
+
+1. every target present at the previously evaluated step has reported ``s`` (a target that
+   stops reporting is waited for at most ``max_pending_steps`` distinct buffered steps), and
+2. it is not after a gap: once two steps have been evaluated the engine knows the series'
+   stride (the last step difference); a step further than one stride past the last evaluated
+   step waits for the missing step, so a late batch that fills the gap is evaluated in order.
+   A gap that is never filled is given up on after ``max_pending_steps`` later steps.
+3. The very first step of a series has no expected target set, so it waits until a later step
+   (or ``flush``) shows that its batch is over.
+
+A sample at a step not after the last evaluated step (a replay, or data later than the bounded
+lag) changes nothing. Within these bounds the result does not depend on how the samples are
+split into calls or ordered inside them. The bounds in practice: the first two steps of a
+series teach the engine its targets and its stride, so they must arrive complete (in one call,
+or in order, as the probe sends them); after that, reordering, split steps and late spill
+files that fill a gap of up to ``max_pending_steps`` steps give the in-order result.
+
+State format (version 1)
+------------------------
+``{"v": 1, "watermark": last evaluated step | null, "stride": int | null, "expected": [targets
+at the last evaluated step], "pending": [[step, target, value], ...], "series": {target: {...}},
+"aggregate": {...} | null, "alert": {"firing", "episode", "first_step", "fired_step", "targets",
+"cooldown_until"}, "msign_steps": [steps at which this rule ordered MSign]}``. Per-series state
+holds the latch (``run``, ``clean``, ``tripped``, ``since``) and only the statistics the
+condition needs (baseline sum/count, EMA, z-score window), so a row stays O(targets x window).
+Reset the state (``new_state()``) when a rule's condition fields are edited.
+
+Per-target semantics
+--------------------
+For ``any`` / ``all`` / ``at_least_k`` each target runs its own condition and latch: a target
+*trips* after ``consecutive`` consecutive tripping samples of its own and *clears* after
+``clear_after`` consecutive clean samples (clean = on the safe side of ``clear_threshold``,
+which defaults to ``threshold``; values between the two bounds keep the latch as it is). The
+aggregation counts tripped targets among those present at the step. For ``mean`` / ``gmean``
+/ ``min`` / ``max`` the targets present at a step are combined into one value and that
+aggregated series runs the condition and latch; each target still runs its condition on its
+own series so the alert can say which layers moved first. The alert fires when the
+aggregation holds and resolves at the first step it does not; after resolving at step ``s`` it
+cannot fire again before ``s + cooldown``.
+
+Non-finite values (NaN, ±Inf) trip *every* condition, also during warm-up and before
+``min_step``: a monitored quantity that is not a number is never healthy. They never enter a
+baseline, EMA or z-score window, so one NaN does not poison the statistics, and they never
+count as clean, so they cannot reset a counter towards resolution.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from fnmatch import fnmatchcase
+from typing import Any
+
+STATE_VERSION = 1
+DEFAULT_MAX_PENDING_STEPS = 8
+
+MSIGN_ENGINES = ("svd", "newton_schulz")
+MSIGN_GROUPS = ("attention", "all_2d")
+
+
+class RuleError(ValueError):
+    """A rule, rule dict or engine state is invalid; the message names field, value and fix."""
+
+
+class Condition(str, Enum):
+    ABOVE = "above"
+    BELOW = "below"
+    DROP_FROM_BASELINE = "drop_from_baseline"
+    RATIO_TO_EMA = "ratio_to_ema"
+    ZSCORE = "zscore"
+    NON_FINITE = "non_finite"
+
+
+class Aggregation(str, Enum):
+    ANY = "any"
+    ALL = "all"
+    AT_LEAST_K = "at_least_k"
+    MEAN = "mean"
+    GMEAN = "gmean"
+    MIN = "min"
+    MAX = "max"
+
+
+# Boolean aggregations count tripped targets; value aggregations combine the values first.
+BOOLEAN_AGGREGATIONS = frozenset({Aggregation.ANY, Aggregation.ALL, Aggregation.AT_LEAST_K})
+
+
+class Severity(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class TransitionKind(str, Enum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+def _valid(enum: type[Enum]) -> str:
+    return ", ".join(repr(m.value) for m in enum)
+
+
+def _coerce_enum(enum: type[Enum], field_name: str, value: Any) -> Any:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        raise RuleError(f"{field_name}={value!r} is not valid; use one of {_valid(enum)}") from None
+
+
+def _check_int(field_name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RuleError(f"{field_name}={value!r} is not valid; use an integer >= {minimum}")
+
+
+def _check_number(field_name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RuleError(f"{field_name}={value!r} is not valid; use a finite number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class MSignAction:
+    """Order MSign when the rule fires, at most ``max_orders`` times per ``window_steps`` steps.
+
+    ``enabled=False`` keeps the action in the rule (visible, one switch to turn on) without
+    acting. ``targets`` is a group of docs/contract.md (``"attention"``, ``"all_2d"``) or a tuple
+    of fnmatch globs over target names.
+    """
+
+    enabled: bool = False
+    targets: str | tuple[str, ...] = "all_2d"
+    engine: str = "svd"
+    max_orders: int = 1
+    window_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise RuleError(f"msign.enabled={self.enabled!r} is not valid; use true or false")
+        targets: Any = self.targets
+        if isinstance(targets, str):
+            if targets not in MSIGN_GROUPS:
+                raise RuleError(
+                    f"msign.targets={targets!r} is not valid; use one of {MSIGN_GROUPS} "
+                    "or a list of fnmatch globs"
+                )
+        else:
+            if isinstance(targets, (list, tuple)):
+                targets = tuple(targets)
+            if (
+                not isinstance(targets, tuple)
+                or not targets
+                or not all(isinstance(t, str) and t for t in targets)
+            ):
+                raise RuleError(
+                    f"msign.targets={self.targets!r} is not valid; use one of {MSIGN_GROUPS} "
+                    "or a non-empty list of fnmatch globs"
+                )
+            object.__setattr__(self, "targets", targets)
+        if self.engine not in MSIGN_ENGINES:
+            raise RuleError(
+                f"msign.engine={self.engine!r} is not valid; use one of {MSIGN_ENGINES}"
+            )
+        _check_int("msign.max_orders", self.max_orders, 1)
+        _check_int("msign.window_steps", self.window_steps, 1)
+
+    def command(self) -> dict[str, Any]:
+        """The body of ``POST /api/v1/runs/{run_id}/commands`` that this action orders."""
+        targets = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return {"kind": "msign", "args": {"targets": targets, "engine": self.engine}}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "targets": self.targets if isinstance(self.targets, str) else list(self.targets),
+            "engine": self.engine,
+            "max_orders": self.max_orders,
+            "window_steps": self.window_steps,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MSignAction:
+        if not isinstance(data, Mapping):
+            raise RuleError(f"msign={data!r} is not valid; use an object or null")
+        unknown = set(data) - {"enabled", "targets", "engine", "max_orders", "window_steps"}
+        if unknown:
+            raise RuleError(
+                f"msign has unknown field(s) {sorted(unknown)}; valid: enabled, targets, "
+                "engine, max_orders, window_steps"
+            )
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One declarative alert rule over one quantity; validated at construction.
+
+    ``threshold`` means, by condition: ``above``/``below`` the bound; ``drop_from_baseline`` the
+    ratio to the series' own baseline (mean of its first ``baseline_samples`` finite samples);
+    ``ratio_to_ema`` the ratio of a value to the EMA of the previous values; ``zscore`` the
+    |z| bound over the trailing ``window`` samples; ``non_finite`` takes none. ``warmup`` is a
+    count of *samples* of a series (the probe samples every N steps, so 50 samples may be 500
+    steps); ``min_step`` is in training steps; ``cooldown`` is in steps after a resolution.
+    ``clear_threshold`` (hysteresis) is in the units of ``threshold`` (a ratio for
+    ``drop_from_baseline`` and ``ratio_to_ema``, a |z| for ``zscore``).
+    """
+
+    name: str
+    quantity: str
+    condition: Condition
+    threshold: float | None = None
+    targets: tuple[str, ...] = ("*",)
+    aggregation: Aggregation = Aggregation.ANY
+    k: int | None = None
+    consecutive: int = 1
+    severity: Severity = Severity.WARNING
+    cooldown: int = 0
+    clear_threshold: float | None = None
+    clear_after: int = 1
+    baseline_samples: int = 5
+    ema_alpha: float = 0.1
+    warmup: int = 0
+    window: int = 20
+    min_step: int = 0
+    notify: bool = True
+    msign: MSignAction = field(default_factory=MSignAction)
+    description: str = ""
+    runbook: str = ""
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("name", "quantity"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise RuleError(f"{name}={value!r} is not valid; use a non-empty string")
+        cond = _coerce_enum(Condition, "condition", self.condition)
+        object.__setattr__(self, "condition", cond)
+        object.__setattr__(
+            self, "aggregation", _coerce_enum(Aggregation, "aggregation", self.aggregation)
+        )
+        object.__setattr__(self, "severity", _coerce_enum(Severity, "severity", self.severity))
+        targets: Any = self.targets
+        if isinstance(targets, str):
+            targets = (targets,)
+        if isinstance(targets, list):
+            targets = tuple(targets)
+        if (
+            not isinstance(targets, tuple)
+            or not targets
+            or not all(isinstance(t, str) and t for t in targets)
+        ):
+            raise RuleError(
+                f"targets={self.targets!r} is not valid; use a non-empty list of fnmatch globs"
+            )
+        object.__setattr__(self, "targets", targets)
+
+        if cond is Condition.NON_FINITE:
+            for name in ("threshold", "clear_threshold"):
+                if getattr(self, name) is not None:
+                    raise RuleError(
+                        f"{name}={getattr(self, name)!r} is not valid for condition "
+                        "'non_finite'; leave it null"
+                    )
+        else:
+            if self.threshold is None:
+                raise RuleError(
+                    f"threshold=None is not valid for condition {cond.value!r}; "
+                    "give a finite number"
+                )
+            threshold = _check_number("threshold", self.threshold)
+            object.__setattr__(self, "threshold", threshold)
+            relative = (Condition.DROP_FROM_BASELINE, Condition.RATIO_TO_EMA, Condition.ZSCORE)
+            if cond in relative and threshold <= 0:
+                raise RuleError(
+                    f"threshold={threshold!r} is not valid for condition {cond.value!r}; "
+                    "use a number > 0"
+                )
+            if self.clear_threshold is not None:
+                clear = _check_number("clear_threshold", self.clear_threshold)
+                object.__setattr__(self, "clear_threshold", clear)
+                # The clear bound must sit on the safe side of the trip bound, or the latch
+                # could be clean and tripping at once.
+                safe_below = cond in (Condition.ABOVE, Condition.RATIO_TO_EMA, Condition.ZSCORE)
+                if safe_below and clear > threshold:
+                    raise RuleError(
+                        f"clear_threshold={clear!r} is not valid for condition {cond.value!r}; "
+                        f"use a number <= threshold ({threshold!r})"
+                    )
+                if not safe_below and clear < threshold:
+                    raise RuleError(
+                        f"clear_threshold={clear!r} is not valid for condition {cond.value!r}; "
+                        f"use a number >= threshold ({threshold!r})"
+                    )
+
+        if self.aggregation is Aggregation.AT_LEAST_K:
+            _check_int("k", self.k, 1)
+        elif self.k is not None:
+            raise RuleError(
+                f"k={self.k!r} is not valid for aggregation {self.aggregation.value!r}; "
+                "k is only for 'at_least_k' (leave it null)"
+            )
+        _check_int("consecutive", self.consecutive, 1)
+        _check_int("cooldown", self.cooldown, 0)
+        _check_int("clear_after", self.clear_after, 1)
+        _check_int("baseline_samples", self.baseline_samples, 1)
+        _check_int("warmup", self.warmup, 0)
+        _check_int("window", self.window, 2)
+        _check_int("min_step", self.min_step, 0)
+        alpha = _check_number("ema_alpha", self.ema_alpha)
+        if not 0.0 < alpha <= 1.0:
+            raise RuleError(f"ema_alpha={alpha!r} is not valid; use a number in (0, 1]")
+        object.__setattr__(self, "ema_alpha", alpha)
+        for name in ("notify", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise RuleError(f"{name}={getattr(self, name)!r} is not valid; use true or false")
+        for name in ("description", "runbook"):
+            if not isinstance(getattr(self, name), str):
+                raise RuleError(f"{name}={getattr(self, name)!r} is not valid; use a string")
+        if isinstance(self.msign, Mapping):
+            object.__setattr__(self, "msign", MSignAction.from_dict(self.msign))
+        elif self.msign is None:
+            object.__setattr__(self, "msign", MSignAction())
+        elif not isinstance(self.msign, MSignAction):
+            raise RuleError(f"msign={self.msign!r} is not valid; use an object or null")
+
+    # -- selection -------------------------------------------------------------------------
+
+    def matches(self, quantity: str, target: str) -> bool:
+        """Whether a series (quantity, target) feeds this rule (case-sensitive fnmatch)."""
+        return quantity == self.quantity and self.matches_target(target)
+
+    def matches_target(self, target: str) -> bool:
+        return any(fnmatchcase(target, glob) for glob in self.targets)
+
+    # -- plain dicts (CRUD API, database) ----------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "quantity": self.quantity,
+            "condition": self.condition.value,
+            "threshold": self.threshold,
+            "targets": list(self.targets),
+            "aggregation": self.aggregation.value,
+            "k": self.k,
+            "consecutive": self.consecutive,
+            "severity": self.severity.value,
+            "cooldown": self.cooldown,
+            "clear_threshold": self.clear_threshold,
+            "clear_after": self.clear_after,
+            "baseline_samples": self.baseline_samples,
+            "ema_alpha": self.ema_alpha,
+            "warmup": self.warmup,
+            "window": self.window,
+            "min_step": self.min_step,
+            "notify": self.notify,
+            "msign": self.msign.to_dict(),
+            "description": self.description,
+            "runbook": self.runbook,
+            "enabled": self.enabled,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rule:
+        """Build and validate a rule from a plain dict; unknown or missing fields are errors."""
+        if not isinstance(data, Mapping):
+            raise RuleError(f"rule={data!r} is not valid; use an object")
+        valid = set(_RULE_FIELDS)
+        unknown = set(data) - valid
+        if unknown:
+            raise RuleError(f"rule has unknown field(s) {sorted(unknown)}; valid: {sorted(valid)}")
+        missing = {"name", "quantity", "condition"} - set(data)
+        if missing:
+            raise RuleError(f"rule is missing required field(s) {sorted(missing)}")
+        kwargs = dict(data)
+        if kwargs.get("targets") is None:
+            kwargs.pop("targets", None)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> Rule:
+        """A copy with some fields changed (validated like a new rule)."""
+        data = self.to_dict()
+        data.update(changes)
+        if isinstance(data.get("msign"), MSignAction):
+            data["msign"] = data["msign"].to_dict()
+        return Rule.from_dict(data)
+
+
+_RULE_FIELDS = tuple(Rule.__dataclass_fields__)
+
+
+# --------------------------------------------------------------------------------------------
+# Transitions
+# --------------------------------------------------------------------------------------------
+
+
+def encode_float(value: float | None) -> float | str | None:
+    """A float as JSON can carry it: the contract's strings for NaN and ±Inf."""
+    if value is None or math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+_DECODE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def decode_float(value: Any) -> float:
+    """Inverse of ``encode_float``; also accepts ints and plain float strings."""
+    if isinstance(value, str):
+        if value in _DECODE:
+            return _DECODE[value]
+        return float(value)
+    if isinstance(value, bool):
+        raise ValueError(f"value={value!r} is not a number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TargetHit:
+    """One target in an alert: its value at the step and when it itself started to trip."""
+
+    target: str
+    value: float
+    since: int | None
+    bound: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "value": encode_float(self.value),
+            "since": self.since,
+            "bound": encode_float(self.bound),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TargetHit:
+        bound = data.get("bound")
+        return cls(
+            target=str(data["target"]),
+            value=decode_float(data["value"]),
+            since=data.get("since"),
+            bound=None if bound is None else decode_float(bound),
+        )
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An alert changing state: ``firing`` or ``resolved``.
+
+    ``episode`` counts firings of this rule in this run (1, 2, ...): (rule, run, episode) keys an
+    alert. ``first_step`` is when the trouble began (the earliest step at which a reported target
+    started to trip), ``step`` when the rule decided. ``targets`` are ordered by how early they
+    moved. ``command`` is the MSign command this firing orders (``None`` when the rule does not
+    act, or ``command_suppressed`` when its rate limit held it back). ``suggested_action`` may
+    contain the literal ``{run_id}``, for the caller to fill in.
+    """
+
+    kind: TransitionKind
+    rule: str
+    quantity: str
+    severity: Severity
+    episode: int
+    step: int
+    first_step: int
+    targets: tuple[TargetHit, ...]
+    value: float | None
+    bound: float | None
+    message: str
+    suggested_action: str
+    notify: bool = True
+    command: dict[str, Any] | None = None
+    command_suppressed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "rule": self.rule,
+            "quantity": self.quantity,
+            "severity": self.severity.value,
+            "episode": self.episode,
+            "step": self.step,
+            "first_step": self.first_step,
+            "targets": [t.to_dict() for t in self.targets],
+            "value": encode_float(self.value),
+            "bound": encode_float(self.bound),
+            "message": self.message,
+            "suggested_action": self.suggested_action,
+            "notify": self.notify,
+            "command": copy.deepcopy(self.command),
+            "command_suppressed": self.command_suppressed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Transition:
+        value, bound = data.get("value"), data.get("bound")
+        return cls(
+            kind=TransitionKind(data["kind"]),
+            rule=str(data["rule"]),
+            quantity=str(data["quantity"]),
+            severity=Severity(data["severity"]),
+            episode=int(data["episode"]),
+            step=int(data["step"]),
+            first_step=int(data["first_step"]),
+            targets=tuple(TargetHit.from_dict(t) for t in data.get("targets", ())),
+            value=None if value is None else decode_float(value),
+            bound=None if bound is None else decode_float(bound),
+            message=str(data["message"]),
+            suggested_action=str(data["suggested_action"]),
+            notify=bool(data.get("notify", True)),
+            command=copy.deepcopy(data.get("command")),
+            command_suppressed=bool(data.get("command_suppressed", False)),
+        )
+
+
+MSIGN_HOWTO = (
+    "To order MSign (W <- ||W||_F/sqrt(r) * U V^T on the selected weights, which restores "
+    "their stable rank): press 'MSign' on the run's dashboard page, or "
+    'POST /api/v1/runs/{run_id}/commands {"kind": "msign", "args": {"targets": "all_2d", '
+    '"engine": "svd"}} with an operate-scope token; the probe applies it at the next step '
+    "boundary and acknowledges it."
+)
+
+
+def default_runbook(rule: Rule) -> str:
+    """A generic runbook for rules that carry none of their own."""
+    head = rule.description or f"{rule.quantity} tripped rule {rule.name!r}."
+    return f"{head} Look at the named targets on the run's dashboard. {MSIGN_HOWTO}"
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+
+def new_state() -> dict[str, Any]:
+    """The state of a (rule, run) that has seen nothing yet."""
+    return {
+        "v": STATE_VERSION,
+        "watermark": None,  # last evaluated step
+        "stride": None,  # last difference between evaluated steps
+        "expected": [],  # targets present at the last evaluated step
+        "pending": [],  # [step, target, encoded value] not yet evaluated
+        "series": {},  # target -> per-series state
+        "aggregate": None,  # per-series state of the aggregated series (value aggregations)
+        "alert": {
+            "firing": False,
+            "episode": 0,
+            "first_step": None,
+            "fired_step": None,
+            "targets": [],
+            "cooldown_until": None,
+        },
+        "msign_steps": [],  # steps at which this rule ordered MSign (rate limit)
+    }
+
+
+def _new_series() -> dict[str, Any]:
+    return {
+        "last_step": None,
+        "value": None,
+        "n": 0,  # finite samples absorbed
+        "b_sum": 0.0,
+        "b_n": 0,
+        "ema": None,
+        "window": [],
+        "run": 0,  # consecutive tripping samples
+        "clean": 0,  # consecutive clean samples while tripped
+        "tripped": False,
+        "since": None,  # first step of the current crossing
+    }
+
+
+def _checked_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
+    if state is None:
+        return new_state()
+    if not isinstance(state, Mapping) or state.get("v") != STATE_VERSION:
+        version = state.get("v") if isinstance(state, Mapping) else state
+        raise RuleError(
+            f"state version {version!r} is not valid; use a state from new_state() "
+            f"(version {STATE_VERSION})"
+        )
+    return copy.deepcopy(dict(state))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Check:
+    """The verdict on one value of one series, taken before its statistics absorb it."""
+
+    trips: bool
+    clean: bool
+    bound: float | None
+    detail: str
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _check(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
+    cond = rule.condition
+    if not math.isfinite(value):
+        return _Check(True, False, None, f"{_fmt(value)} is not finite")
+    if cond is Condition.NON_FINITE:
+        return _Check(False, True, None, "finite")
+    thr = float(rule.threshold)  # type: ignore[arg-type]
+    clear = thr if rule.clear_threshold is None else rule.clear_threshold
+    warm = series["n"] >= rule.warmup and step >= rule.min_step
+    if cond is Condition.ABOVE:
+        trips = warm and value > thr
+        return _Check(trips, value <= clear, thr, f"{_fmt(value)} > {_fmt(thr)}")
+    if cond is Condition.BELOW:
+        trips = warm and value < thr
+        return _Check(trips, value >= clear, thr, f"{_fmt(value)} < {_fmt(thr)}")
+    if cond is Condition.DROP_FROM_BASELINE:
+        if series["b_n"] < rule.baseline_samples:
+            return _Check(False, True, None, "baseline not yet known")
+        base = series["b_sum"] / series["b_n"]
+        bound = thr * base
+        return _Check(
+            warm and value < bound,
+            value >= clear * base,
+            bound,
+            f"{_fmt(value)} < {_fmt(thr)} x baseline {_fmt(base)} = {_fmt(bound)}",
+        )
+    if cond is Condition.RATIO_TO_EMA:
+        ema = series["ema"]
+        if ema is None or ema <= 0:
+            # A ratio to a zero or negative EMA has no meaning for norms; stay quiet.
+            return _Check(False, True, None, "EMA not yet positive")
+        ratio = value / ema
+        return _Check(
+            warm and ratio > thr,
+            ratio <= clear,
+            thr * ema,
+            f"{_fmt(value)} = {_fmt(ratio)} x EMA {_fmt(ema)} > {_fmt(thr)} x EMA",
+        )
+    # ZSCORE over the trailing window of previous finite values (population std).
+    window = series["window"]
+    if len(window) < rule.window:
+        return _Check(False, True, None, "window not yet full")
+    mean = math.fsum(window) / len(window)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in window) / len(window))
+    # A constant window has std 0: any different value is an infinite z-score.
+    z = abs(value - mean) / std if std > 0 else (0.0 if value == mean else math.inf)
+    return _Check(
+        warm and z > thr,
+        z <= clear,
+        mean + math.copysign(thr * std, value - mean),
+        f"{_fmt(value)} has |z| = {_fmt(z)} > {_fmt(thr)} (mean {_fmt(mean)}, std {_fmt(std)} "
+        f"over {len(window)} samples)",
+    )
+
+
+def _absorb(rule: Rule, series: dict[str, Any], value: float) -> None:
+    """Fold a finite value into the statistics the rule's condition needs (after the check)."""
+    if not math.isfinite(value):
+        return
+    series["n"] += 1
+    cond = rule.condition
+    if cond is Condition.DROP_FROM_BASELINE and series["b_n"] < rule.baseline_samples:
+        series["b_sum"] += value
+        series["b_n"] += 1
+    elif cond is Condition.RATIO_TO_EMA:
+        ema = series["ema"]
+        # The EMA always follows the run, tripping samples included: PSS skips the update
+        # because it also discards the step; a monitor watches a run that goes on.
+        series["ema"] = (
+            value if ema is None else rule.ema_alpha * value + (1 - rule.ema_alpha) * ema
+        )
+    elif cond is Condition.ZSCORE:
+        series["window"].append(value)
+        del series["window"][: -rule.window]
+
+
+def _latch(rule: Rule, series: dict[str, Any], step: int, check: _Check) -> None:
+    """Advance one series' trip/clear latch by one sample."""
+    if check.trips:
+        if series["since"] is None:
+            series["since"] = step
+        series["run"] += 1
+        series["clean"] = 0
+        if series["run"] >= rule.consecutive:
+            series["tripped"] = True
+        return
+    series["run"] = 0
+    if not series["tripped"]:
+        series["since"] = None
+        return
+    if check.clean:
+        series["clean"] += 1
+        if series["clean"] >= rule.clear_after:
+            series["tripped"] = False
+            series["clean"] = 0
+            series["since"] = None
+    else:  # between the clear and trip bounds: hold the latch, restart the clean count
+        series["clean"] = 0
+
+
+def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
+    check = _check(rule, series, step, value)
+    _latch(rule, series, step, check)
+    _absorb(rule, series, value)
+    series["last_step"] = step
+    series["value"] = encode_float(value)
+    return check
+
+
+def _aggregate(aggregation: Aggregation, values: Sequence[float]) -> float:
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    if aggregation is Aggregation.MIN:
+        return min(values)
+    if aggregation is Aggregation.MAX:
+        return max(values)
+    if aggregation is Aggregation.GMEAN:
+        # exp(mean log x): the early-layer stable-rank aggregate of MSign Fig. 1. Defined for
+        # x >= 0; a negative value makes it NaN (which trips, like any non-finite value).
+        if any(v < 0 for v in values):
+            return math.nan
+        if any(v == 0 for v in values):
+            return 0.0
+        if any(math.isinf(v) for v in values):
+            return math.inf
+        return math.exp(math.fsum(math.log(v) for v in values) / len(values))
+    infinite = {v for v in values if math.isinf(v)}
+    if infinite:
+        return math.nan if len(infinite) == 2 else infinite.pop()
+    return math.fsum(values) / len(values)
+
+
+def _ready_step(
+    state: dict[str, Any],
+    buffer: dict[int, dict[str, Any]],
+    steps: list[int],
+    i: int,
+    max_pending_steps: int,
+) -> bool:
+    """Whether ``steps[i]``, the oldest buffered step, is evaluated now (module policy)."""
+    first = steps[i]
+    if len(steps) - i > max_pending_steps:
+        return True  # bounded lag: stop waiting for a target or a gap
+    expected = state["expected"]
+    if not expected:
+        return len(steps) - i > 1  # first step: wait until a later step shows its batch is over
+    if not set(expected) <= buffer[first].keys():
+        return False
+    stride, watermark = state["stride"], state["watermark"]
+    # A step further than one stride ahead seems to follow a missing one; wait for it.
+    return stride is None or first <= watermark + stride
+
+
+def _runbook(rule: Rule) -> str:
+    return rule.runbook or default_runbook(rule)
+
+
+def _describe(rule: Rule) -> str:
+    if rule.aggregation is Aggregation.ANY:
+        scope = "any target"
+    elif rule.aggregation is Aggregation.ALL:
+        scope = "all targets"
+    elif rule.aggregation is Aggregation.AT_LEAST_K:
+        scope = f"at least {rule.k} targets"
+    else:
+        scope = f"{rule.aggregation.value} over targets"
+    times = f" for {rule.consecutive} consecutive samples" if rule.consecutive > 1 else ""
+    return f"{scope}{times}"
+
+
+def _evaluate_step(
+    rule: Rule,
+    state: dict[str, Any],
+    step: int,
+    values: dict[str, float],
+) -> list[Transition]:
+    """Evaluate one complete step: per-target series, aggregation, alert latch, actions."""
+    checks: dict[str, _Check] = {}
+    for target in sorted(values):
+        series = state["series"].setdefault(target, _new_series())
+        checks[target] = _step_series(rule, series, step, values[target])
+
+    members = sorted(values)
+    agg_value: float | None = None
+    agg_check: _Check | None = None
+    if rule.aggregation in BOOLEAN_AGGREGATIONS:
+        tripped = [t for t in members if state["series"][t]["tripped"]]
+        if rule.aggregation is Aggregation.ANY:
+            active = len(tripped) >= 1
+        elif rule.aggregation is Aggregation.ALL:
+            active = len(tripped) == len(members) > 0
+        else:
+            active = len(tripped) >= int(rule.k)  # type: ignore[arg-type]
+        reported = tripped
+        since_all = [state["series"][t]["since"] for t in tripped]
+        first_step = min((s for s in since_all if s is not None), default=step)
+    else:
+        agg_value = _aggregate(rule.aggregation, [values[t] for t in members])
+        if state["aggregate"] is None:
+            state["aggregate"] = _new_series()
+        agg_series = state["aggregate"]
+        agg_check = _step_series(rule, agg_series, step, agg_value)
+        active = bool(agg_series["tripped"])
+        # The layers that moved: those crossing the condition on their own series.
+        reported = [t for t in members if state["series"][t]["since"] is not None] or members
+        starts = [state["series"][t]["since"] for t in reported]
+        starts.append(agg_series["since"])
+        first_step = min((s for s in starts if s is not None), default=step)
+
+    if not rule.enabled:
+        return []  # statistics stay current; the alert latch waits for the rule to be enabled
+    alert = state["alert"]
+    transitions: list[Transition] = []
+
+    def hits(names: Iterable[str]) -> tuple[TargetHit, ...]:
+        out = []
+        for t in names:
+            if t not in values:
+                continue
+            since = state["series"][t]["since"]
+            out.append(TargetHit(t, values[t], since, checks[t].bound))
+        # Ordered by how early each target itself started to trip; never-tripped ones last.
+        out.sort(key=lambda h: (h.since is None, h.since if h.since is not None else 0, h.target))
+        return tuple(out)
+
+    if not alert["firing"]:
+        cooldown_until = alert["cooldown_until"]
+        if active and (cooldown_until is None or step >= cooldown_until):
+            alert["firing"] = True
+            alert["episode"] += 1
+            alert["first_step"] = first_step
+            alert["fired_step"] = step
+            target_hits = hits(reported)
+            alert["targets"] = [h.target for h in target_hits]
+            if agg_check is not None:
+                what = (
+                    f"{rule.aggregation.value}({rule.quantity}) over {len(members)} target(s) "
+                    f"= {agg_check.detail}"
+                )
+                moved = ", ".join(
+                    f"{h.target} = {_fmt(h.value)}"
+                    + (f" (since step {h.since})" if h.since is not None else "")
+                    for h in target_hits[:5]
+                )
+                message = f"{what}; layers that moved first: {moved}"
+                bound = agg_check.bound
+            else:
+                parts = [
+                    f"{h.target}: {checks[h.target].detail}"
+                    + (f" since step {h.since}" if h.since is not None else "")
+                    for h in target_hits[:5]
+                ]
+                more = f" and {len(target_hits) - 5} more" if len(target_hits) > 5 else ""
+                message = (
+                    f"{rule.quantity} on {len(target_hits)} of {len(members)} target(s) "
+                    f"({_describe(rule)}): " + "; ".join(parts) + more
+                )
+                bound = target_hits[0].bound if target_hits else None
+            message = f"[{rule.severity.value}] rule {rule.name!r}: {message} (step {step})"
+            command: dict[str, Any] | None = None
+            suppressed = False
+            if rule.msign.enabled:
+                horizon = step - rule.msign.window_steps
+                recent = [s for s in state["msign_steps"] if s > horizon]
+                if len(recent) < rule.msign.max_orders:
+                    command = rule.msign.command()
+                    recent.append(step)
+                else:
+                    suppressed = True
+                state["msign_steps"] = recent
+            transitions.append(
+                Transition(
+                    kind=TransitionKind.FIRING,
+                    rule=rule.name,
+                    quantity=rule.quantity,
+                    severity=rule.severity,
+                    episode=alert["episode"],
+                    step=step,
+                    first_step=first_step,
+                    targets=target_hits,
+                    value=agg_value,
+                    bound=bound,
+                    message=message,
+                    suggested_action=_runbook(rule),
+                    notify=rule.notify,
+                    command=command,
+                    command_suppressed=suppressed,
+                )
+            )
+    elif not active:
+        alert["firing"] = False
+        alert["cooldown_until"] = step + rule.cooldown
+        target_hits = hits(alert["targets"])
+        shown = ", ".join(f"{h.target} = {_fmt(h.value)}" for h in target_hits[:5])
+        value_text = (
+            f" {rule.aggregation.value} = {_fmt(agg_value)};" if agg_value is not None else ""
+        )
+        message = (
+            f"[resolved] rule {rule.name!r}: {rule.quantity} back within bounds at step {step};"
+            f"{value_text} {shown or 'targets not reported at this step'}"
+            f" (fired at step {alert['fired_step']}, first step {alert['first_step']})"
+        )
+        transitions.append(
+            Transition(
+                kind=TransitionKind.RESOLVED,
+                rule=rule.name,
+                quantity=rule.quantity,
+                severity=rule.severity,
+                episode=alert["episode"],
+                step=step,
+                first_step=int(alert["first_step"]),
+                targets=target_hits,
+                value=agg_value,
+                bound=None,
+                message=message,
+                suggested_action=_runbook(rule),
+                notify=rule.notify,
+            )
+        )
+    return transitions
+
+
+def _buffer(state: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The pending list as {step: {target: encoded value}} (the stored form is a flat list)."""
+    buffer: dict[int, dict[str, Any]] = {}
+    for step, target, value in state["pending"]:
+        buffer.setdefault(int(step), {})[target] = value
+    return buffer
+
+
+def _ingest(
+    rule: Rule, state: dict[str, Any], buffer: dict[int, dict[str, Any]], samples: Iterable[Any]
+) -> None:
+    watermark = state["watermark"]
+    selected: dict[str, bool] = {}  # fnmatch once per target name, not once per sample
+    for sample in samples:
+        target, raw_step, raw = sample
+        if not isinstance(target, str):
+            raise RuleError(f"sample target={target!r} is not valid; use a string")
+        if target not in selected:
+            selected[target] = rule.matches_target(target)
+        if not selected[target]:
+            continue
+        try:
+            if isinstance(raw_step, bool):
+                raise TypeError
+            step = operator.index(raw_step)
+            value = decode_float(raw)
+        except (TypeError, ValueError):
+            raise RuleError(
+                f"sample ({target!r}, {raw_step!r}, {raw!r}) is not valid; use an integer step "
+                "and a number or 'NaN'/'Infinity'/'-Infinity'"
+            ) from None
+        if watermark is not None and step <= watermark:
+            continue  # replay or later than the bounded lag: changes nothing
+        # The first value of a (target, step) wins, as ingest keeps the first.
+        buffer.setdefault(step, {}).setdefault(target, encode_float(value))
+
+
+def _drain(
+    rule: Rule,
+    state: dict[str, Any],
+    buffer: dict[int, dict[str, Any]],
+    max_pending_steps: int,
+    force: bool,
+) -> list[Transition]:
+    transitions: list[Transition] = []
+    steps = sorted(buffer)
+    i = 0
+    while i < len(steps) and (force or _ready_step(state, buffer, steps, i, max_pending_steps)):
+        step = steps[i]
+        values = {t: decode_float(v) for t, v in buffer.pop(step).items()}
+        if state["watermark"] is not None:
+            state["stride"] = step - state["watermark"]
+        state["watermark"] = step
+        state["expected"] = sorted(values)
+        transitions.extend(_evaluate_step(rule, state, step, values))
+        i += 1
+    state["pending"] = [[s, t, v] for s in sorted(buffer) for t, v in sorted(buffer[s].items())]
+    return transitions
+
+
+def evaluate(
+    rule: Rule,
+    state: Mapping[str, Any] | None,
+    samples: Iterable[Any],
+    *,
+    max_pending_steps: int = DEFAULT_MAX_PENDING_STEPS,
+) -> tuple[dict[str, Any], list[Transition]]:
+    """Feed new samples of ``rule.quantity`` to a rule; return the new state and transitions.
+
+    ``samples`` are ``(target, step, value)`` triples in any order; targets outside the rule's
+    selector are ignored, so the caller may pass every new sample of the quantity. ``value`` may
+    be a float or one of the contract's strings for non-finite values. A disabled rule still
+    tracks its statistics (so enabling it later does not misfire on a stale baseline) but
+    emits no transitions.
+    """
+    _check_int("max_pending_steps", max_pending_steps, 1)
+    new = _checked_state(state)
+    buffer = _buffer(new)
+    _ingest(rule, new, buffer, samples)
+    return new, _drain(rule, new, buffer, max_pending_steps, force=False)
+
+
+def flush(rule: Rule, state: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[Transition]]:
+    """Evaluate every buffered step now, in order (call when a run finishes)."""
+    new = _checked_state(state)
+    return new, _drain(rule, new, _buffer(new), DEFAULT_MAX_PENDING_STEPS, force=True)
+
+
+def is_firing(state: Mapping[str, Any] | None) -> bool:
+    """Whether the alert of this (rule, run) state is firing."""
+    return bool(state and state["alert"]["firing"])
+
+
+__all__ = [
+    "BOOLEAN_AGGREGATIONS",
+    "DEFAULT_MAX_PENDING_STEPS",
+    "MSIGN_ENGINES",
+    "MSIGN_GROUPS",
+    "MSIGN_HOWTO",
+    "STATE_VERSION",
+    "Aggregation",
+    "Condition",
+    "MSignAction",
+    "Rule",
+    "RuleError",
+    "Severity",
+    "TargetHit",
+    "Transition",
+    "TransitionKind",
+    "decode_float",
+    "default_runbook",
+    "encode_float",
+    "evaluate",
+    "flush",
+    "is_firing",
+    "new_state",
+]

@@ -1,0 +1,142 @@
+"""The ``rankguard`` console script. Each subcommand registers its parser here and imports
+its heavy dependencies only when it runs, so ``rankguard --help`` stays fast and
+``rankguard upload`` never loads the server.
+
+To add a subcommand: write ``_add_<name>(subparsers)`` that sets ``func`` to a runner taking
+the parsed args and returning an exit code, and append it to ``SUBCOMMANDS``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Subparsers = Any  # argparse._SubParsersAction is private
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from rankguard.server.config import Settings
+    from rankguard.server.main import create_app
+
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "database_url": args.database_url,
+            "host": args.host,
+            "port": args.port,
+            "max_body_bytes": args.max_body_bytes,
+            "no_auth": args.no_auth or None,
+            "force_no_auth": args.force_no_auth or None,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"rankguard serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    return 0
+
+
+def _add_serve(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the rankguard server (API, dashboard)",
+        description="Run the server. Every flag also reads RANKGUARD_<NAME> from the "
+        "environment; flags win. The admin token comes from RANKGUARD_ADMIN_TOKEN or is "
+        "generated and printed once on the first start.",
+    )
+    p.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL (default sqlite:///./rankguard.db; "
+        "postgresql+psycopg://user:pass@host/db for PostgreSQL)",
+    )
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        help="largest request body, also after gzip decompression (default 16 MiB)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without tokens (loopback binds only, unless --force-no-auth)",
+    )
+    p.add_argument(
+        "--force-no-auth", action="store_true", help="allow --no-auth on a non-loopback bind"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-access-log", dest="access_log", action="store_false")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rankguard.dashboard.report import RunNotFoundError, build_report
+    from rankguard.server.config import Settings
+    from rankguard.server.db import Database, make_engine
+
+    settings = Settings(**({"database_url": args.database_url} if args.database_url else {}))
+    db = Database(make_engine(settings), lock_timeout_s=settings.pool_timeout_s)
+    try:
+        with db.read() as session:
+            html = build_report(session, args.run_id)
+    except RunNotFoundError as exc:
+        print(f"rankguard report: {exc} ({settings.database_url})", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    Path(args.output).write_text(html, encoding="utf-8")
+    print(f"rankguard report: wrote {args.output} ({len(html) / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _add_report(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="write a run's dashboard as one self-contained HTML file",
+        description="Write the run's figures, alerts and alert/intervention timeline to one "
+        "HTML file with plotly.js inlined: it opens offline. Reads the database directly.",
+    )
+    p.add_argument("run_id", metavar="RUN_ID", help="the run's id")
+    p.add_argument("-o", "--output", default="report.html", help="output file (report.html)")
+    p.add_argument(
+        "--database-url", help="SQLAlchemy URL (default: RANKGUARD_DATABASE_URL or ./rankguard.db)"
+    )
+    p.set_defaults(func=_run_report)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_serve, _add_report]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rankguard", description="Spectral early warning and repair for PyTorch training."
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

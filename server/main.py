@@ -1,0 +1,107 @@
+"""Composition root: ``create_app(settings)`` builds the FastAPI app. The lifespan opens the
+engine, upgrades the schema, bootstraps the default project and admin token, and keeps the
+database and caches on ``app.state``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
+
+from rankguard.dashboard import routes as dashboard_routes
+from rankguard.server import storage
+from rankguard.server.config import Settings
+from rankguard.server.db import Database, WriteBusyError, make_engine, upgrade_schema
+from rankguard.server.deps import SeriesCache
+from rankguard.server.routes import (
+    commands,
+    events,
+    health,
+    histograms,
+    points,
+    projects,
+    runs,
+    series,
+    tokens,
+)
+from rankguard.server.wire import BodyLimitMiddleware, WireJSONResponse
+
+API_PREFIX = "/api/v1"
+logger = logging.getLogger("rankguard.server")
+
+
+def bootstrap(db: Database, settings: Settings) -> str | None:
+    """Default project and admin token; returns a newly generated admin secret, if any."""
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    with db.write() as session:
+        storage.ensure_project(session=session, name=settings.default_project)
+        return storage.ensure_admin_token(session=session, secret=admin)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings)
+        db = Database(engine, lock_timeout_s=settings.pool_timeout_s)
+        try:
+            if settings.migrate_on_start:
+                upgrade_schema(engine)
+            generated = bootstrap(db, settings)
+            if generated is not None:
+                # Printed once: only its hash is stored, so it cannot be shown again.
+                print(
+                    f"rankguard: admin token (shown once, store it now): {generated}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            app.state.db = db
+            app.state.series_cache = SeriesCache()
+            yield
+        finally:
+            db.dispose()
+
+    app = FastAPI(
+        title="rankguard",
+        version="0.1.0",
+        summary="Spectral-health series from training probes; commands back to them.",
+        lifespan=lifespan,
+        default_response_class=WireJSONResponse,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    retry_after = {"Retry-After": str(settings.retry_after_s)}
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _pool_exhausted(_: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "all database connections are busy; retry shortly"},
+            status_code=503,
+            headers=retry_after,
+        )
+
+    @app.exception_handler(WriteBusyError)
+    async def _write_busy(_: Request, exc: WriteBusyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after)
+
+    @app.exception_handler(sa_exc.OperationalError)
+    async def _db_unavailable(_: Request, exc: sa_exc.OperationalError) -> JSONResponse:
+        logger.warning("database operational error: %s", exc.orig)
+        return JSONResponse(
+            {"detail": f"database unavailable: {type(exc.orig).__name__}; retry shortly"},
+            status_code=503,
+            headers=retry_after,
+        )
+
+    app.include_router(health.router)
+    for module in (projects, tokens, runs, points, histograms, series, events, commands):
+        app.include_router(module.router, prefix=API_PREFIX)
+    app.include_router(dashboard_routes.router)
+    return app

@@ -1,0 +1,196 @@
+"""ORM tables (SQLAlchemy 2, typed ``Mapped``). Relationships are ``lazy="raise"``: every
+load is explicit in ``storage``, so no request issues a hidden query per row.
+
+Points are the bulk of the data and are written with core ``INSERT ... ON CONFLICT DO
+NOTHING`` (see ``storage.insert_points``), never through the ORM unit of work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from rankguard.server.db import Base, FloatValue, UTCDateTime, utcnow
+
+NAME_LEN = 255
+BLOCK = 64  # steps per PointBlock
+
+
+class Scope(str, Enum):
+    INGEST = "ingest"
+    READ = "read"
+    OPERATE = "operate"
+    ADMIN = "admin"
+
+
+class RunStatus(str, Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class CommandState(str, Enum):
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    APPLIED = "applied"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Token(Base):
+    """A bearer token: only its sha256 is stored; ``prefix`` identifies it in listings."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # NULL project: the bootstrap admin token, valid for every project.
+    project_id: Mapped[int | None] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(128))
+    prefix: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    project: Mapped[Project | None] = relationship(lazy="raise")
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    parameters: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    world_size: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.RUNNING.value)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+
+    project: Mapped[Project] = relationship(lazy="raise")
+
+    __table_args__ = (Index(None, "project_id", "created_at"),)
+
+
+class Series(Base):
+    """One (run, quantity, target, rank) time series; points and histograms hang off it."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    quantity: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(NAME_LEN))
+    rank: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (UniqueConstraint("run_id", "quantity", "target", "rank"),)
+
+
+class Point(Base):
+    __tablename__ = "points"
+
+    # The primary key is the read key: a series' points are one contiguous index range.
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    wall_time: Mapped[float] = mapped_column(Double)
+    # nullable only because SQLite keeps NaN as NULL (db.FloatValue); no other NULL exists.
+    value: Mapped[float] = mapped_column(FloatValue(), nullable=True)
+
+    # SQLite: cluster the rows on the primary key, so a series is one contiguous b-tree range
+    # and each insert writes one b-tree instead of a table plus an index.
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class PointBlock(Base):
+    """Rollup of the points of one series in steps [block * BLOCK, (block + 1) * BLOCK):
+    count, the min and max point (NaN excluded) and the first NaN step. Maintained at ingest
+    from the rows actually inserted, so replays leave it unchanged; downsampled reads scan
+    these (1/BLOCK of the rows) instead of the points."""
+
+    __tablename__ = "point_blocks"
+
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    n: Mapped[int] = mapped_column(Integer)
+    min_step: Mapped[int | None] = mapped_column(BigInteger)
+    min_value: Mapped[float | None] = mapped_column(Double)
+    max_step: Mapped[int | None] = mapped_column(BigInteger)
+    max_value: Mapped[float | None] = mapped_column(Double)
+    nan_step: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = ({"sqlite_with_rowid": False},)
+
+
+class Histogram(Base):
+    __tablename__ = "histograms"
+
+    series_id: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    wall_time: Mapped[float] = mapped_column(Double)
+    edges: Mapped[list[float]] = mapped_column(JSON)
+    counts: Mapped[list[float]] = mapped_column(JSON)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int | None] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index(None, "run_id", "step"),)
+
+
+class Command(Base):
+    __tablename__ = "commands"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default=CommandState.QUEUED.value)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    applied_step: Mapped[int | None] = mapped_column(BigInteger)
+    created_by: Mapped[str] = mapped_column(String(NAME_LEN))
+
+    __table_args__ = (Index(None, "run_id", "state"),)

@@ -1,0 +1,139 @@
+"""/runs: register (idempotent on the client's id), list, read, finish."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from sqlalchemy.orm import Session
+
+from rankguard.server import storage
+from rankguard.server.auth import Principal
+from rankguard.server.deps import (
+    DbDep,
+    IngestPrincipal,
+    ReadOrIngestPrincipal,
+    ReadPrincipal,
+    SettingsDep,
+    run_or_404,
+)
+from rankguard.server.models import Project, Run, RunStatus
+from rankguard.server.schemas import RunCreate, RunFinish, RunPublic, RunsPublic
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+
+def run_public(run: Run, project: str) -> RunPublic:
+    return RunPublic(
+        id=run.id,
+        name=run.name,
+        project=project,
+        config=run.config,
+        parameters=run.parameters,
+        world_size=run.world_size,
+        status=RunStatus(run.status),
+        created_at=run.created_at,
+        finished_at=run.finished_at,
+        last_step=run.last_step,
+    )
+
+
+@router.post(
+    "",
+    response_model=RunPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": RunPublic, "description": "the run was already registered"}},
+)
+def create_run(
+    body: RunCreate,
+    response: Response,
+    db: DbDep,
+    settings: SettingsDep,
+    principal: IngestPrincipal,
+) -> RunPublic:
+    """Register a run; with a client-supplied ``id`` a repeat returns the same run (200)."""
+    with db.write() as session:
+        project = _project_for_new_run(session, principal, body.project, settings.default_project)
+        try:
+            run, created = storage.register_run(
+                session=session,
+                project=project,
+                run_id=body.id,
+                name=body.name,
+                config=body.config,
+                world_size=body.world_size,
+                parameters=[p.model_dump() for p in body.parameters],
+            )
+        except storage.ConflictError as exc:
+            raise HTTPException(409, detail=str(exc)) from exc
+        if not created:
+            response.status_code = status.HTTP_200_OK
+        return run_public(run, project.name)
+
+
+def _project_for_new_run(
+    session: Session, principal: Principal, requested: str | None, default: str
+) -> Project:
+    """The named project, else the token's, else (unbound token, --no-auth) the default one.
+    Unbound tokens create a named project on first use; bound ones stay in theirs."""
+    if requested is None and principal.project_id is not None:
+        project = session.get(Project, principal.project_id)
+        if project is None:  # the token outlived its project (cascade makes this rare)
+            raise HTTPException(403, detail="the token's project no longer exists")
+        return project
+    name = default if requested is None else requested
+    project = storage.get_project(session=session, name=name)
+    if project is None and principal.project_id is None:
+        project = storage.ensure_project(session=session, name=name)
+    if project is None or not principal.can_access(project.id):
+        raise HTTPException(403, detail=f"project={name!r}: the token is bound to another project")
+    return project
+
+
+@router.get("", response_model=RunsPublic)
+def read_runs(
+    db: DbDep,
+    principal: ReadPrincipal,
+    project: str | None = None,
+    run_status: Annotated[RunStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> RunsPublic:
+    """List runs (newest first) of the projects the token can see."""
+    with db.read() as session:
+        project_id = principal.project_id
+        if project is not None:
+            found = storage.get_project(session=session, name=project)
+            if found is None or not principal.can_access(found.id):
+                return RunsPublic(data=[], count=0)
+            project_id = found.id
+        runs, count = storage.list_runs(
+            session=session, project_id=project_id, status=run_status, limit=limit, offset=offset
+        )
+        names = storage.project_names(session=session, ids={r.project_id for r in runs})
+        return RunsPublic(data=[run_public(r, names[r.project_id]) for r in runs], count=count)
+
+
+@router.get("/{run_id}", response_model=RunPublic)
+def read_run(run_id: str, db: DbDep, principal: ReadOrIngestPrincipal) -> RunPublic:
+    """Get a run by ID."""
+    with db.read() as session:
+        run = run_or_404(session, principal, run_id)
+        names = storage.project_names(session=session, ids={run.project_id})
+        return run_public(run, names[run.project_id])
+
+
+@router.post("/{run_id}/finish", response_model=RunPublic)
+def finish_run(
+    run_id: str, db: DbDep, principal: IngestPrincipal, body: RunFinish | None = None
+) -> RunPublic:
+    """Mark a run finished or failed (repeating the same status is a no-op)."""
+    target = body.status if body is not None else RunStatus.FINISHED
+    with db.write() as session:
+        run = run_or_404(session, principal, run_id)
+        try:
+            storage.finish_run(session=session, run=run, status=RunStatus(target))
+        except storage.ConflictError as exc:
+            raise HTTPException(409, detail=str(exc)) from exc
+        names = storage.project_names(session=session, ids={run.project_id})
+        return run_public(run, names[run.project_id])

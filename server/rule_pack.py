@@ -1,0 +1,273 @@
+"""The default alert rules installed for every new run: the papers' values until calibrated.
+
+The rules are data (``Rule`` objects of ``rankguard.server.alert_engine``); the server stores
+them per run with ``Rule.to_dict()`` and users edit them through the rules API. Sources:
+/work/shared/reference/papers.md §6.3 (SA sign diversity), §6.1 (stable-rank geometric mean
+over early layers), §1.4 (a·M > 1), §6.4 (PSS gradient-norm trigger), §6.7 (attention logits).
+dashboard/prometheus/rules.yml carries the Prometheus equivalents; keep the two in step.
+
+The MSign action of the critical spectral rules is present but off: a user turns it on per
+rule, or installs ``default_rules(remediate=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+
+from rankguard.server.alert_engine import (
+    MSIGN_HOWTO,
+    Aggregation,
+    Condition,
+    MSignAction,
+    Rule,
+    Severity,
+)
+
+SA_COLLAPSE = "sa_sign_diversity_collapse"
+STABLE_RANK_COLLAPSE = "stable_rank_collapse"
+JACOBIAN_GAIN = "jacobian_alignment_gain_above_one"
+GRAD_NORM_SPIKE = "grad_norm_spike"
+LOSS_NON_FINITE = "loss_non_finite"
+NON_FINITE_VALUES = "non_finite_loss_or_grad"
+ATTENTION_LOGIT_HIGH = "attention_logit_high"
+ATTENTION_LOGIT_DIVERGENCE = "attention_logit_divergence"
+
+# Rules whose firing may order MSign (the critical spectral ones).
+REMEDIABLE = (SA_COLLAPSE, STABLE_RANK_COLLAPSE)
+
+_MSIGN_OFF = MSignAction(
+    enabled=False, targets="all_2d", engine="svd", max_orders=1, window_steps=1000
+)
+
+
+def default_rules(*, remediate: bool = False) -> list[Rule]:
+    """The default pack; ``remediate=True`` turns on the MSign action of the critical rules."""
+    msign = MSignAction(**{**_MSIGN_OFF.to_dict(), "enabled": remediate})
+    return [
+        Rule(
+            name=SA_COLLAPSE,
+            quantity="sa_sign_diversity",
+            condition=Condition.BELOW,
+            threshold=0.1,
+            aggregation=Aggregation.ANY,
+            consecutive=3,
+            clear_after=3,
+            severity=Severity.CRITICAL,
+            cooldown=200,
+            msign=msign,
+            description=(
+                "Spectral-alignment sign diversity D < 0.1 in some layer for 3 consecutive "
+                "probes (papers.md §6.3; the SA paper's exact rule is not published, calibrate "
+                "on a healthy run)."
+            ),
+            runbook=(
+                "The inputs of the named layers have nearly all moved to one side of the weight's "
+                "top singular direction (D = 2 min(p+, 1-p+) near 0): the SA paper reports this "
+                "ahead of loss explosions. Check the loss and grad-norm panels; lower the learning "
+                "rate or restore rank with MSign, which replaces each selected W by "
+                "||W||_F/sqrt(r) U V^T (same Frobenius norm, all singular values equal). "
+                + MSIGN_HOWTO
+            ),
+        ),
+        Rule(
+            name=STABLE_RANK_COLLAPSE,
+            quantity="stable_rank",
+            condition=Condition.DROP_FROM_BASELINE,
+            threshold=0.5,
+            # Early-layer selection needs the run's block names; see early_block_globs() and
+            # specialise(). Until then the geometric mean runs over every weight target.
+            targets=("*",),
+            aggregation=Aggregation.GMEAN,
+            baseline_samples=5,
+            consecutive=2,
+            clear_threshold=0.6,
+            clear_after=2,
+            severity=Severity.CRITICAL,
+            cooldown=200,
+            msign=msign,
+            description=(
+                "Geometric-mean stable rank fell below half of the run's own baseline (mean of "
+                "its first 5 samples; MSign Fig. 1 watches the early layers, papers.md §6.1)."
+            ),
+            runbook=(
+                "Stable rank ||W||_F^2/sigma_1^2 collapsing means a few directions dominate the "
+                "weights; MSign Thm 4.4 ties this to larger layer Jacobians and, with aligned "
+                "layers, to exploding gradients. The layers listed first moved first. MSign "
+                "restores full stable rank (all singular values equal, Frobenius norm kept). "
+                + MSIGN_HOWTO
+            ),
+        ),
+        Rule(
+            name=JACOBIAN_GAIN,
+            quantity="jacobian_alignment_gain",
+            condition=Condition.ABOVE,
+            threshold=1.0,
+            aggregation=Aggregation.ANY,
+            consecutive=2,
+            severity=Severity.WARNING,
+            cooldown=200,
+            description=(
+                "Adjacent-block Jacobian alignment times spectral norm a*M > 1 for 2 consecutive "
+                "probes: MSign Thm 4.2's exponential-growth zone (papers.md §1.4; sufficient, "
+                "not necessary)."
+            ),
+            runbook=(
+                "When a*M > 1 across blocks the product of block Jacobians can grow exponentially "
+                "with depth, so gradients can explode. Watch stable rank and grad norm; if they "
+                "also move, MSign lowers M by flattening the spectrum. " + MSIGN_HOWTO
+            ),
+        ),
+        Rule(
+            name=GRAD_NORM_SPIKE,
+            quantity="grad_norm",
+            condition=Condition.RATIO_TO_EMA,
+            threshold=2.5,
+            targets=("global",),
+            ema_alpha=0.1,
+            # PSS fires when t > 50 (steps). The engine counts warm-up in samples: with
+            # grad_norm sampled every step both bounds are the same; with sparser sampling the
+            # 50-sample warm-up keeps the EMA meaningful and min_step keeps the paper's bound.
+            warmup=50,
+            min_step=50,
+            cooldown=30,
+            severity=Severity.WARNING,
+            description=(
+                "Global gradient norm above 2.5x its EMA (alpha 0.1) after 50 samples and step "
+                "50, cooldown 30 steps: the PSS trigger (papers.md §6.4)."
+            ),
+            runbook=(
+                "A gradient-norm spike relative to its recent average often precedes a loss "
+                "spike. Check whether it coincides with stable-rank or SA collapse; a PSS or "
+                'MSign command ({"kind": "pss"} or {"kind": "msign"}) can be ordered from the '
+                "dashboard. " + MSIGN_HOWTO
+            ),
+        ),
+        Rule(
+            name=LOSS_NON_FINITE,
+            quantity="loss",
+            condition=Condition.NON_FINITE,
+            targets=("global",),
+            severity=Severity.CRITICAL,
+            description="The training loss is NaN or infinite.",
+            runbook=(
+                "The run has diverged or hit a numerical fault (overflow in fp16/bf16, a bad "
+                "batch, a division by zero). Stop or roll back to the last checkpoint; lower the "
+                "learning rate or enable loss scaling. MSign cannot repair NaN weights."
+            ),
+        ),
+        Rule(
+            name=NON_FINITE_VALUES,
+            quantity="non_finite",
+            condition=Condition.ABOVE,
+            threshold=0.0,
+            targets=("loss", "grad"),
+            severity=Severity.CRITICAL,
+            description="The probe counted NaN/Inf elements in the loss or the gradients.",
+            runbook=(
+                "Non-finite gradients reach the optimizer state and then the weights. Skip the "
+                "step (GradScaler does for fp16), check the data batch, lower the learning rate, "
+                "or roll back to the last checkpoint."
+            ),
+        ),
+        Rule(
+            name=ATTENTION_LOGIT_HIGH,
+            quantity="attention_logit_max",
+            condition=Condition.ABOVE,
+            threshold=1e3,
+            aggregation=Aggregation.ANY,
+            severity=Severity.WARNING,
+            cooldown=200,
+            description="Max attention logit above 1e3: loss degradation (Wortsman et al., "
+            "papers.md §6.7).",
+            runbook=(
+                "Attention logits this large saturate the softmax (one-hot attention) and "
+                "degrade the loss. Consider qk-layernorm or z-loss; MSign on the attention "
+                'weights ({"targets": "attention"}) shrinks their top singular values. '
+                + MSIGN_HOWTO
+            ),
+        ),
+        Rule(
+            name=ATTENTION_LOGIT_DIVERGENCE,
+            quantity="attention_logit_max",
+            condition=Condition.ABOVE,
+            threshold=1e4,
+            aggregation=Aggregation.ANY,
+            severity=Severity.CRITICAL,
+            cooldown=200,
+            description="Max attention logit above 1e4: divergence zone (Wortsman et al., "
+            "papers.md §6.7).",
+            runbook=(
+                "Wortsman et al. observe divergence above 1e4. Roll back to a checkpoint before "
+                "the rise, enable qk-layernorm, or apply MSign to the attention weights. "
+                + MSIGN_HOWTO
+            ),
+        ),
+    ]
+
+
+def default_rule_dicts(*, remediate: bool = False) -> list[dict[str, object]]:
+    """The default pack as plain dicts, ready for the rules table."""
+    return [rule.to_dict() for rule in default_rules(remediate=remediate)]
+
+
+_BLOCK = re.compile(r"^(?P<prefix>(?:[^.]+\.)*?[^.]+\.)(?P<index>\d+)\.")
+
+
+def _glob_escape(text: str) -> str:
+    # fnmatch has no escape(); wrapping a special character in brackets matches it literally.
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def early_block_globs(target_names: Iterable[str], fraction: float = 0.25) -> list[str]:
+    """Globs selecting the first ``fraction`` of the model's blocks (at least one block).
+
+    The block container is the dotted prefix followed by an integer index that has the most
+    distinct indices (``transformer.h.``, ``model.layers.``, ``blocks.``...). Returns ``[]``
+    when no numbered blocks are found, in which case callers keep ``["*"]``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r} is not valid; use a number in (0, 1]")
+    indices: dict[str, set[int]] = {}
+    for name in target_names:
+        match = _BLOCK.match(name)
+        if match:
+            indices.setdefault(match["prefix"], set()).add(int(match["index"]))
+    if not indices:
+        return []
+    # Most blocks wins; ties go to the shorter (outer) prefix, then alphabetical.
+    prefix = min(indices, key=lambda p: (-len(indices[p]), len(p), p))
+    blocks = sorted(indices[prefix])
+    count = max(1, math.ceil(fraction * len(blocks)))
+    return [f"{_glob_escape(prefix)}{i}.*" for i in blocks[:count]]
+
+
+def specialise(rules: Sequence[Rule], target_names: Iterable[str]) -> list[Rule]:
+    """Point the stable-rank rule at the early blocks of a run whose target names are known."""
+    globs = early_block_globs(target_names)
+    if not globs:
+        return list(rules)
+    return [
+        rule.replace(targets=globs)
+        if rule.name == STABLE_RANK_COLLAPSE and rule.targets == ("*",)
+        else rule
+        for rule in rules
+    ]
+
+
+__all__ = [
+    "ATTENTION_LOGIT_DIVERGENCE",
+    "ATTENTION_LOGIT_HIGH",
+    "GRAD_NORM_SPIKE",
+    "JACOBIAN_GAIN",
+    "LOSS_NON_FINITE",
+    "NON_FINITE_VALUES",
+    "REMEDIABLE",
+    "SA_COLLAPSE",
+    "STABLE_RANK_COLLAPSE",
+    "default_rule_dicts",
+    "default_rules",
+    "early_block_globs",
+    "specialise",
+]

@@ -1,0 +1,291 @@
+"""The wire contract (pydantic v2). ``docs/contract.md`` describes it for people.
+
+Non-finite floats travel as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: every
+``WireFloat`` accepts those (and numbers) and ``WireJSONResponse`` writes them back that way.
+Strings refuse NUL characters because PostgreSQL text cannot hold them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+
+from rankguard.server.models import CommandState, RunStatus, Scope
+
+NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
+# JSON integers a client can hold exactly (2**53), and far below SQLite's int64 range.
+MAX_STEP = 2**53
+
+WireFloat = Annotated[
+    float,
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"enum": list(NON_FINITE_STRINGS)}]}),
+]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]+$")]
+QuantityName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
+Text = Annotated[str, StringConstraints(max_length=10_000, pattern=r"^[^\x00]*$")]
+ProjectName = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+]
+Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+Rank = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+# --- projects ---------------------------------------------------------------------------
+
+
+class ProjectCreate(WireModel):
+    name: ProjectName
+
+
+class ProjectPublic(WireModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    created_at: dt.datetime
+
+
+class ProjectsPublic(WireModel):
+    data: list[ProjectPublic]
+    count: int
+
+
+# --- tokens -----------------------------------------------------------------------------
+
+
+class TokenCreate(WireModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
+    project: ProjectName = Field(description="name of the project the token is bound to")
+    scopes: list[Scope] = Field(min_length=1, max_length=4)
+
+
+class TokenPublic(WireModel):
+    id: int
+    name: str
+    prefix: str
+    project: str | None = Field(description="null: the bootstrap admin token (all projects)")
+    scopes: list[Scope]
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="the secret; shown once, only its hash is stored")
+
+
+class TokensPublic(WireModel):
+    data: list[TokenPublic]
+    count: int
+
+
+# --- runs -------------------------------------------------------------------------------
+
+
+class ParameterInfo(WireModel):
+    name: Name
+    shape: list[Annotated[int, Field(ge=0, le=2**40)]] = Field(max_length=16)
+
+
+class RunCreate(WireModel):
+    id: uuid.UUID | None = Field(
+        default=None, description="client-chosen id; registering it again returns the run"
+    )
+    name: Name
+    project: ProjectName | None = Field(
+        default=None, description="project name; defaults to the token's project"
+    )
+    config: dict[str, Any] = Field(default_factory=dict)
+    world_size: int = Field(default=1, ge=1, le=1_000_000)
+    parameters: list[ParameterInfo] = Field(default_factory=list)
+
+
+class RunPublic(WireModel):
+    id: str
+    name: str
+    project: str
+    config: dict[str, Any]
+    parameters: list[dict[str, Any]]
+    world_size: int
+    status: RunStatus
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    last_step: int | None
+
+
+class RunsPublic(WireModel):
+    data: list[RunPublic]
+    count: int
+
+
+class RunFinish(WireModel):
+    status: Literal[RunStatus.FINISHED, RunStatus.FAILED] = RunStatus.FINISHED
+
+
+# --- points, series, histograms ---------------------------------------------------------
+
+
+class PointsBatch(WireModel):
+    """Columnar batch: all arrays the same length; ``rank`` -> 0, ``wall_time`` -> now."""
+
+    quantity: list[QuantityName]
+    target: list[Name]
+    rank: list[Rank] | None = None
+    step: list[Step]
+    wall_time: list[WireFloat] | None = None
+    value: list[WireFloat]
+
+
+class IngestResult(WireModel):
+    received: int = Field(description="points in the request")
+    inserted: int = Field(description="points that were new (a replay inserts 0)")
+
+
+class SeriesIndexEntry(WireModel):
+    quantity: str
+    target: str
+    rank: int
+    count: int
+    first_step: int | None
+    last_step: int | None
+
+
+class SeriesIndex(WireModel):
+    series: list[SeriesIndexEntry]
+
+
+class SeriesData(WireModel):
+    quantity: str
+    target: str
+    rank: int
+    steps: list[int]
+    values: list[WireFloat]
+    wall_times: list[WireFloat]
+    total: int = Field(description="points in the requested step range before downsampling")
+    downsampled: bool
+
+
+class SeriesResponse(WireModel):
+    series: list[SeriesData]
+
+
+class HistogramIn(WireModel):
+    quantity: QuantityName
+    target: Name
+    rank: Rank = 0
+    step: Step
+    wall_time: WireFloat | None = None
+    edges: list[WireFloat] = Field(min_length=2, max_length=10_001)
+    counts: list[WireFloat] = Field(min_length=1, max_length=10_000)
+
+
+class HistogramsBatch(WireModel):
+    histograms: list[HistogramIn] = Field(max_length=100_000)
+
+
+class HistogramPublic(WireModel):
+    quantity: str
+    target: str
+    rank: int
+    step: int
+    wall_time: WireFloat
+    edges: list[WireFloat]
+    counts: list[WireFloat]
+
+
+class HistogramsPublic(WireModel):
+    histograms: list[HistogramPublic]
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+class EventCreate(WireModel):
+    kind: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
+    step: Step | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventPublic(WireModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    run_id: str
+    step: int | None
+    kind: str
+    payload: dict[str, Any]
+    created_at: dt.datetime
+
+
+class EventsPublic(WireModel):
+    data: list[EventPublic]
+    count: int
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+class CommandKind(str, Enum):
+    MSIGN = "msign"
+    PSS = "pss"
+    UNDO = "undo"
+    SET_PROBE = "set_probe"
+
+
+class CommandCreate(WireModel):
+    kind: CommandKind
+    args: dict[str, Any] = Field(default_factory=dict)
+    ttl_s: float | None = Field(
+        default=None, gt=0, le=30 * 86400, description="expire if not acked; server default"
+    )
+
+
+class CommandPublic(WireModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    run_id: str
+    kind: CommandKind
+    args: dict[str, Any]
+    state: CommandState
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    expires_at: dt.datetime
+    applied_step: int | None
+    created_by: str
+
+
+class CommandsPublic(WireModel):
+    data: list[CommandPublic]
+    count: int
+
+
+class CommandClaim(WireModel):
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class CommandAck(WireModel):
+    state: Literal[CommandState.APPLIED, CommandState.FAILED]
+    step: Step | None = None
+    result: dict[str, Any] | None = None
+    error: Text | None = None
+
+
+# --- errors and health ------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+class Health(WireModel):
+    status: Literal["ok"]

@@ -1,0 +1,99 @@
+"""Power iteration, stable rank and spectral norm against torch.linalg.svdvals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rankguard.probe.quantities.spectral import PowerIteration
+from rankguard.probe.quantities.spectral_norm import SpectralNorm
+from rankguard.probe.quantities.stable_rank import StableRank
+
+
+def drift(w: torch.Tensor, step: int, scale: float = 1e-3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    d = torch.randn(w.shape, generator=g)
+    return w + scale * w.norm() * d / d.norm()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (24, 80)])
+def test_warm_power_iteration_matches_svdvals(shape: tuple[int, int]) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    pi = PowerIteration(iterations=4, cold_iterations=30)
+    for step in range(15):  # sample steps with training drift in between
+        w = drift(w, step)
+        tri = pi.triplet("w", w)
+    s = torch.linalg.svdvals(w.double())
+    assert abs(tri.sigma.item() - s[0].item()) / s[0].item() <= 0.01
+    sr = (s.square().sum() / s[0] ** 2).item()
+    assert abs(tri.stable_rank.item() - sr) / sr <= 0.01
+    # σ is estimated from below (Rayleigh quotient), never above
+    assert tri.sigma.item() <= s[0].item() * (1 + 1e-5)
+
+
+def test_nearly_degenerate_top_pair_value_is_still_right(spectrum_matrix) -> None:
+    # σ₁ and σ₂ within 1%: the top vector is undefined, the value must not be
+    s = torch.tensor([1.0, 0.995, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    w = spectrum_matrix(s, 64, 48)
+    pi = PowerIteration(iterations=2, cold_iterations=10)
+    for step in range(5):
+        w = drift(w, step, 1e-4)
+        tri = pi.triplet("w", w)
+    ref = torch.linalg.svdvals(w.double())
+    assert abs(tri.sigma.item() - ref[0].item()) / ref[0].item() <= 0.01
+    sr = (ref.square().sum() / ref[0] ** 2).item()
+    assert abs(tri.stable_rank.item() - sr) / sr <= 0.01
+
+
+def test_vectors_converge_with_a_gap(spectrum_matrix) -> None:
+    w = spectrum_matrix(torch.tensor([3.0, 1.0, 0.5]), 20, 10)
+    tri = PowerIteration(iterations=4, cold_iterations=30).triplet("w", w)
+    u, s, vh = torch.linalg.svd(w)
+    assert abs(torch.dot(tri.v, vh[0]).item()) == pytest.approx(1.0, abs=1e-6)
+    assert abs(torch.dot(tri.u, u[:, 0]).item()) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(tri.sigma, s[0], rtol=1e-6, atol=0)
+
+
+def test_exact_mode_matches_svd() -> None:
+    w = torch.randn(30, 20, generator=torch.Generator().manual_seed(3))
+    tri = PowerIteration(exact=True).triplet("w", w)
+    s = torch.linalg.svdvals(w)
+    torch.testing.assert_close(tri.sigma, s[0])
+    torch.testing.assert_close(tri.stable_rank, s.square().sum() / s[0] ** 2)
+
+
+def test_warm_start_state_round_trip() -> None:
+    w = torch.randn(16, 12, generator=torch.Generator().manual_seed(4))
+    a = PowerIteration(iterations=1, cold_iterations=5)
+    a.triplet("w", w)
+    b = PowerIteration(iterations=1, cold_iterations=5)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict()["v"].keys() == {"w"}
+    # b continues exactly where a stopped (a warm start, not a cold one)
+    torch.testing.assert_close(b.triplet("w", w).sigma, a.triplet("w", w).sigma)
+
+
+def test_bf16_weights_give_fp32_results() -> None:
+    w = torch.randn(32, 16, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    tri = PowerIteration(iterations=4, cold_iterations=60).triplet("w", w)
+    assert tri.sigma.dtype == torch.float32
+    ref = torch.linalg.svdvals(w.float())[0]
+    assert abs(tri.sigma.item() - ref.item()) / ref.item() <= 0.01
+
+
+def test_quantities_through_a_context(ctx_for) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 12))
+    ctx = ctx_for(model)
+    sr_out = StableRank().compute(ctx)
+    sn_out = SpectralNorm().compute(ctx)
+    assert sr_out[0].targets == ("0.weight", "1.weight")
+    for i, layer in enumerate(model):
+        s = torch.linalg.svdvals(layer.weight.detach())
+        torch.testing.assert_close(sn_out[0].values[i], s[0], rtol=1e-3, atol=0)
+        torch.testing.assert_close(
+            sr_out[0].values[i], s.square().sum() / s[0] ** 2, rtol=2e-3, atol=0
+        )
+    # one power iteration per target per step: both quantities read the same cached triplet
+    assert set(ctx._weight_cache) == {"0.weight", "1.weight"}

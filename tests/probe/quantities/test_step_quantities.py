@@ -1,0 +1,113 @@
+"""grad_norm, update_ratio, non_finite and attention_logit_max against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rankguard.probe.hooks import AttentionSite, Captures
+from rankguard.probe.quantities.attention_logit_max import AttentionLogitMax, max_abs_logit
+from rankguard.probe.quantities.grad_norm import GradNorm
+from rankguard.probe.quantities.non_finite import NonFinite
+from rankguard.probe.quantities.update_ratio import UpdateRatio
+
+
+def test_grad_norm_from_dot_grad(ctx_for) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+    model(torch.randn(7, 4)).square().sum().backward()
+    out = GradNorm().compute(ctx_for(model))[0]
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    values = dict(zip(out.targets, out.values.tolist(), strict=True))
+    for name, g in grads.items():
+        assert values[name] == pytest.approx(g.norm().item(), rel=1e-6)
+    total = torch.sqrt(sum(g.square().sum() for g in grads.values())).item()
+    assert values["global"] == pytest.approx(total, rel=1e-6)
+
+
+def test_grad_norm_prefers_hook_values(ctx_for) -> None:
+    model = nn.Linear(2, 2)
+    captures = Captures(grad_norms={"weight": torch.tensor(3.0), "bias": torch.tensor(4.0)})
+    out = GradNorm().compute(ctx_for(model, captures=captures))[0]
+    assert out.values.tolist() == [5.0, 3.0, 4.0]
+
+
+def test_update_ratio_between_samples(ctx_for) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    q = UpdateRatio()
+    assert q.compute(ctx_for(model)) == []  # first sample: nothing to compare with
+    before = [m.weight.detach().clone() for m in model]
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    out = q.compute(ctx_for(model))[0]
+    assert out.targets == ("0.weight", "1.weight")
+    expected0 = (model[0].weight.detach() - before[0]).norm() / before[0].norm()
+    torch.testing.assert_close(out.values[0], expected0)
+    assert out.values[1].item() == 0.0
+    # state round trip: the copy of the previous weights travels
+    r = UpdateRatio()
+    r.load_state_dict(q.state_dict())
+    torch.testing.assert_close(r.state_dict()["prev"]["0.weight"], model[0].weight.detach())
+
+
+def test_update_ratio_reports_fused_parameter_once(tiny_gpt, ctx_for) -> None:
+    q = UpdateRatio()
+    q.compute(ctx_for(tiny_gpt))
+    out = q.compute(ctx_for(tiny_gpt))[0]
+    assert "transformer.h.0.attn.c_attn.weight" in out.targets
+    assert len(out.targets) == len(set(out.targets)) == 8
+
+
+def test_non_finite_counts(ctx_for) -> None:
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+        model.weight[1, 2] = float("inf")
+    model.bias.grad = torch.tensor([float("-inf"), 1.0])
+    model.weight.grad = torch.zeros(2, 3)
+    losses = [torch.tensor(float("nan")), 2.0, float("inf"), torch.tensor(1.0)]
+    out = NonFinite().compute(ctx_for(model, losses=losses))[0]
+    assert dict(zip(out.targets, out.values.tolist(), strict=True)) == {
+        "loss": 2.0,
+        "grad": 1.0,
+        "weight": 2.0,
+    }
+
+
+def test_max_abs_logit_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    b, t, h, d = 2, 5, 3, 4
+    q = torch.randn(b, t, h * d, generator=g)
+    k = torch.randn(b, t, h * d, generator=g)
+    expected = max(
+        (q[i, m, j * d : (j + 1) * d] @ k[i, n, j * d : (j + 1) * d]).abs().item() / math.sqrt(d)
+        for i in range(b)
+        for j in range(h)
+        for m in range(t)
+        for n in range(t)
+    )
+    assert max_abs_logit(q, k, h).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_max_abs_logit_grouped_query() -> None:
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 4 * 2, generator=g)  # 4 heads of 2
+    k = torch.randn(1, 4, 2 * 2, generator=g)  # 2 kv heads
+    k_full = torch.cat([k[..., :2], k[..., :2], k[..., 2:], k[..., 2:]], dim=-1)
+    torch.testing.assert_close(max_abs_logit(q, k, 4, 2), max_abs_logit(q, k_full, 4))
+
+
+def test_attention_logit_max_from_captures(tiny_gpt, ctx_for) -> None:
+    q = torch.randn(1, 3, 16)
+    k = torch.randn(1, 3, 16)
+    site = AttentionSite(
+        "transformer.h.0.attn", 2, None, fused=tiny_gpt.transformer.h[0].attn.c_attn
+    )
+    ctx = ctx_for(tiny_gpt, sites=[site], captures=Captures(qk={site.name: (q, k)}))
+    out = AttentionLogitMax().compute(ctx)[0]
+    assert out.targets == ("transformer.h.0.attn",)
+    torch.testing.assert_close(out.values[0], max_abs_logit(q, k, 2))

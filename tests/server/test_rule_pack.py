@@ -1,0 +1,197 @@
+"""The default rule pack: papers' values, dict round trip, remediation switch, early blocks."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from rankguard.server import rule_pack
+from rankguard.server.alert_engine import (
+    Aggregation,
+    Condition,
+    Rule,
+    Severity,
+    Transition,
+    evaluate,
+    flush,
+)
+
+
+def by_name(rules: list[Rule]) -> dict[str, Rule]:
+    return {r.name: r for r in rules}
+
+
+def run_rule(rule: Rule, samples: list[tuple[str, int, Any]]) -> list[Transition]:
+    state, out = evaluate(rule, None, samples)
+    _, rest = flush(rule, state)
+    return out + rest
+
+
+def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
+    rules = rule_pack.default_rules()
+    assert len({r.name for r in rules}) == len(rules) == 8
+    contract = {
+        "loss",
+        "stable_rank",
+        "sa_sign_diversity",
+        "jacobian_alignment_gain",
+        "grad_norm",
+        "non_finite",
+        "attention_logit_max",
+    }
+    assert {r.quantity for r in rules} == contract
+    assert all(r.runbook and r.description for r in rules)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            rule_pack.SA_COLLAPSE,
+            {"quantity": "sa_sign_diversity", "condition": Condition.BELOW, "threshold": 0.1,
+             "aggregation": Aggregation.ANY, "consecutive": 3, "severity": Severity.CRITICAL},
+        ),
+        (
+            rule_pack.STABLE_RANK_COLLAPSE,
+            {"quantity": "stable_rank", "condition": Condition.DROP_FROM_BASELINE, "threshold": 0.5,
+             "aggregation": Aggregation.GMEAN, "targets": ("*",), "severity": Severity.CRITICAL},
+        ),
+        (
+            rule_pack.JACOBIAN_GAIN,
+            {"quantity": "jacobian_alignment_gain", "condition": Condition.ABOVE, "threshold": 1.0,
+             "aggregation": Aggregation.ANY, "consecutive": 2},
+        ),
+        (
+            rule_pack.GRAD_NORM_SPIKE,
+            {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 2.5,
+             "ema_alpha": 0.1, "targets": ("global",), "warmup": 50, "min_step": 50,
+             "cooldown": 30},
+        ),
+        (rule_pack.LOSS_NON_FINITE, {"quantity": "loss", "condition": Condition.NON_FINITE}),
+        (
+            rule_pack.NON_FINITE_VALUES,
+            {"quantity": "non_finite", "condition": Condition.ABOVE, "threshold": 0.0,
+             "targets": ("loss", "grad")},
+        ),
+        (
+            rule_pack.ATTENTION_LOGIT_HIGH,
+            {"quantity": "attention_logit_max", "threshold": 1e3, "severity": Severity.WARNING},
+        ),
+        (
+            rule_pack.ATTENTION_LOGIT_DIVERGENCE,
+            {"quantity": "attention_logit_max", "threshold": 1e4, "severity": Severity.CRITICAL},
+        ),
+    ],
+)  # fmt: skip
+def test_papers_values(name: str, expected: dict[str, Any]) -> None:
+    rule = by_name(rule_pack.default_rules())[name]
+    for field_name, value in expected.items():
+        assert getattr(rule, field_name) == value, field_name
+
+
+def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
+    off = by_name(rule_pack.default_rules())
+    on = by_name(rule_pack.default_rules(remediate=True))
+    for name in rule_pack.REMEDIABLE:
+        assert off[name].msign.enabled is False
+        assert off[name].msign.targets == "all_2d" and off[name].msign.engine == "svd"
+        assert on[name].msign.enabled is True
+        assert on[name].severity is Severity.CRITICAL
+    for name in set(off) - set(rule_pack.REMEDIABLE):
+        assert on[name].msign.enabled is False
+
+
+def test_dicts_round_trip_through_json() -> None:
+    for data in rule_pack.default_rule_dicts(remediate=True):
+        back = Rule.from_dict(json.loads(json.dumps(data, allow_nan=False)))
+        assert back.to_dict() == data
+
+
+def test_pack_rules_fire_on_their_signals() -> None:
+    rules = by_name(rule_pack.default_rules(remediate=True))
+
+    sa = [(t, s, 0.5 if s < 30 else 0.05) for s in range(0, 60, 10) for t in ("h.0.w", "h.1.w")]
+    (fired,) = run_rule(rules[rule_pack.SA_COLLAPSE], sa)
+    assert fired.step == 50 and fired.first_step == 30 and fired.command is not None
+
+    sr = [(t, s, 8.0 if s < 60 else 3.0) for s in range(0, 100, 10) for t in ("h.0.w", "h.1.w")]
+    (fired,) = run_rule(rules[rule_pack.STABLE_RANK_COLLAPSE], sr)
+    assert fired.step == 70 and fired.first_step == 60
+    assert fired.bound == pytest.approx(4.0)
+
+    # grad norm: steady 1.0 then a 3x spike at step 80 (after 50 samples and step 50)
+    gn = [("global", s, 3.0 if s == 80 else 1.0) for s in range(0, 100)]
+    transitions = run_rule(rules[rule_pack.GRAD_NORM_SPIKE], gn)
+    assert [(t.kind.value, t.step) for t in transitions] == [("firing", 80), ("resolved", 81)]
+    # the same spike inside the warm-up is ignored
+    early = [("global", s, 3.0 if s == 20 else 1.0) for s in range(0, 100)]
+    assert run_rule(rules[rule_pack.GRAD_NORM_SPIKE], early) == []
+
+    loss = [("global", 0, 2.0), ("global", 1, math.nan)]
+    assert [t.step for t in run_rule(rules[rule_pack.LOSS_NON_FINITE], loss)] == [1]
+
+    nf = [("loss", 0, 0), ("grad", 0, 0), ("weight", 0, 3), ("loss", 1, 0), ("grad", 1, 12)]
+    (fired,) = run_rule(rules[rule_pack.NON_FINITE_VALUES], nf)
+    assert fired.step == 1 and [h.target for h in fired.targets] == ["grad"]
+
+    logits = [("h.0.attn", 0, 50.0), ("h.0.attn", 1, 2e3), ("h.0.attn", 2, 2e4)]
+    assert [t.step for t in run_rule(rules[rule_pack.ATTENTION_LOGIT_HIGH], logits)] == [1]
+    assert [t.step for t in run_rule(rules[rule_pack.ATTENTION_LOGIT_DIVERGENCE], logits)] == [2]
+
+    gain = [("h.0->h.1", s, v) for s, v in enumerate([0.5, 1.2, 0.9, 1.3, 1.4])]
+    assert [t.step for t in run_rule(rules[rule_pack.JACOBIAN_GAIN], gain)] == [4]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (
+            [f"transformer.h.{i}.attn.c_attn.weight[q]" for i in range(12)]
+            + ["transformer.wte.weight", "lm_head.weight"],
+            ["transformer.h.0.*", "transformer.h.1.*", "transformer.h.2.*"],
+        ),
+        (
+            [f"model.layers.{i}.mlp.up_proj.weight" for i in range(5)],
+            ["model.layers.0.*", "model.layers.1.*"],  # ceil(0.25 * 5) = 2
+        ),
+        (["blocks.0.attn.qkv.weight"], ["blocks.0.*"]),
+        # experts numbered inside numbered blocks: the outermost numbered container is the
+        # block list
+        (
+            [f"layers.{i}.experts.{j}.w1" for i in range(8) for j in range(4)],
+            ["layers.0.*", "layers.1.*"],
+        ),
+        (["encoder.weight", "decoder.weight"], []),
+    ],
+)
+def test_early_block_globs(names: list[str], expected: list[str]) -> None:
+    assert rule_pack.early_block_globs(names) == expected
+
+
+def test_early_block_globs_escape_brackets() -> None:
+    globs = rule_pack.early_block_globs(["net[a].0.w", "net[a].1.w", "net[a].2.w", "net[a].3.w"])
+    assert globs == ["net[[]a].0.*"]
+    rule = by_name(rule_pack.default_rules())[rule_pack.STABLE_RANK_COLLAPSE].replace(targets=globs)
+    assert rule.matches_target("net[a].0.w") and not rule.matches_target("neta.0.w")
+
+
+def test_specialise_points_stable_rank_at_early_blocks_only() -> None:
+    names = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(8)]
+    rules = rule_pack.specialise(rule_pack.default_rules(), names)
+    special = by_name(rules)
+    assert special[rule_pack.STABLE_RANK_COLLAPSE].targets == (
+        "transformer.h.0.*",
+        "transformer.h.1.*",
+    )
+    default = by_name(rule_pack.default_rules())
+    for name in set(default) - {rule_pack.STABLE_RANK_COLLAPSE}:
+        assert special[name] == default[name]
+    assert rule_pack.specialise(rule_pack.default_rules(), ["w"]) == rule_pack.default_rules()
+
+
+def test_early_block_globs_rejects_bad_fraction() -> None:
+    with pytest.raises(ValueError, match="fraction"):
+        rule_pack.early_block_globs(["h.0.w"], fraction=0.0)
