@@ -214,6 +214,11 @@ class CommandRunner:
     _acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     _snapshot: Snapshot | None = None
 
+    @property
+    def acks(self) -> dict[str, dict[str, Any]]:
+        """The acknowledgement of every command handled so far, by id."""
+        return dict(self._acks)
+
     def apply(self, raw: Mapping[str, Any], step: int) -> dict[str, Any]:
         """Validates and applies one command; returns its acknowledgement.
 
@@ -226,12 +231,12 @@ class CommandRunner:
         try:
             command = parse_command(raw)
             result = self._run(command)
+            result.setdefault("seconds", time.perf_counter() - started)
             ack: dict[str, Any] = {"state": "applied", "step": step, "result": result}
         except ConfigError as exc:  # invalid command or target: nothing was applied
             ack = {"state": "failed", "step": step, "error": str(exc)}
         except Exception as exc:  # a numerical failure must not take training down
             ack = {"state": "failed", "step": step, "error": f"{type(exc).__name__}: {exc}"}
-        ack["seconds"] = time.perf_counter() - started
         if command_id:
             self._acks[command_id] = ack
         return ack

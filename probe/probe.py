@@ -277,6 +277,10 @@ class Probe:
         """Delivery counters: sent, spilled, replayed, dropped, commands received, acks."""
         return self.transport.stats()
 
+    def command_log(self) -> dict[str, dict[str, Any]]:
+        """Every command this rank has handled, by id, with its acknowledgement."""
+        return self._commands.acks
+
     def registration(self) -> dict[str, Any]:
         """The run registration (``POST /runs`` body; first line of the sink file)."""
         config = self.config.to_json()

@@ -12,7 +12,7 @@ import fnmatch
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,54 +270,48 @@ def insert_points(
     ids = {**known, **new_ids} if new_ids else known
     series_ids = [ids[k] for k in zip(points.quantity, points.target, points.rank, strict=True)]
     conn = session.connection()
-    inserted: list[tuple[int, int, float | None]] = []
     if conn.dialect.name == "postgresql":
         # One statement, four array parameters: one round trip whatever the batch size.
-        # RETURNING yields only the rows that were new, which keeps the rollups exact.
         result = conn.exec_driver_sql(
             "INSERT INTO points (series_id, step, wall_time, value) "
             "SELECT * FROM unnest(%s::integer[], %s::bigint[], %s::float8[], %s::float8[]) "
-            "ON CONFLICT DO NOTHING RETURNING series_id, step, value",
+            "ON CONFLICT DO NOTHING",
             (series_ids, points.step, points.wall_time, points.value),
         )
-        inserted = [(r[0], r[1], r[2]) for r in result]
     else:
         values = [None if v != v else v for v in points.value]  # NaN -> NULL (see db.py)
-        rows = list(zip(series_ids, points.step, points.wall_time, values, strict=True))
-        # Multi-row VALUES with RETURNING (executemany cannot return rows); 4 parameters a
-        # row keeps a chunk under SQLite's 32766 bound parameters.
-        for lo in range(0, len(rows), _SQLITE_ROWS_PER_INSERT):
-            chunk = rows[lo : lo + _SQLITE_ROWS_PER_INSERT]
-            result = conn.exec_driver_sql(
-                "INSERT INTO points (series_id, step, wall_time, value) VALUES "
-                + ",".join(["(?,?,?,?)"] * len(chunk))
-                + " ON CONFLICT DO NOTHING RETURNING series_id, step, value",
-                tuple(x for row in chunk for x in row),
-            )
-            inserted.extend((r[0], r[1], r[2]) for r in result)
-    if inserted:
-        _fold_into_blocks(conn=conn, rows=inserted)
+        result = conn.exec_driver_sql(
+            "INSERT INTO points (series_id, step, wall_time, value) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            list(zip(series_ids, points.step, points.wall_time, values, strict=True)),
+        )
+    inserted = max(int(result.rowcount), 0)
+    if inserted == n:
+        # The common case: every row was new, so the batch itself is the rollup delta.
+        _merge_blocks(conn, _fold(zip(series_ids, points.step, points.value, strict=True)))
+    elif inserted:
+        # A partial replay (or duplicates inside the batch): which rows were new is unknown,
+        # so rebuild the touched blocks from the stored points (rare, bounded by the batch).
+        _rebuild_blocks(conn, series_ids, points.step)
     top = max(points.step)
     session.execute(
         update(Run)
         .where(Run.id == run_id, (Run.last_step.is_(None)) | (Run.last_step < top))
         .values(last_step=top)
     )
-    return len(inserted), new_ids
+    return inserted, new_ids
 
 
-_SQLITE_ROWS_PER_INSERT = 8000
+Block = list[Any]  # [n, min_step, min_value, max_step, max_value, nan_step]
 
 
-def _fold_into_blocks(*, conn: Connection, rows: list[tuple[int, int, float | None]]) -> None:
-    """Aggregate newly inserted (series_id, step, value) rows per block and merge them into
-    ``point_blocks``: counts add, extremes keep the smaller step on ties, NaN keeps the first."""
-    blocks: dict[tuple[int, int], list[Any]] = {}
+def _fold(rows: Iterable[tuple[int, int, float | None]]) -> dict[tuple[int, int], Block]:
+    """Aggregate (series_id, step, value) rows per (series_id, block)."""
+    blocks: dict[tuple[int, int], Block] = {}
     for sid, step, value in rows:
         key = (sid, step // BLOCK)
         agg = blocks.get(key)
         if agg is None:
-            # [n, min_step, min_value, max_step, max_value, nan_step]
             agg = blocks[key] = [0, None, None, None, None, None]
         agg[0] += 1
         if value is None or value != value:  # NaN (NULL on SQLite)
@@ -328,20 +322,33 @@ def _fold_into_blocks(*, conn: Connection, rows: list[tuple[int, int, float | No
             agg[1], agg[2] = step, value
         if agg[4] is None or value > agg[4] or (value == agg[4] and step < agg[3]):
             agg[3], agg[4] = step, value
-    params = [
-        {
-            "sid": sid,
-            "block": block,
-            "n": a[0],
-            "min_step": a[1],
-            "min_value": a[2],
-            "max_step": a[3],
-            "max_value": a[4],
-            "nan_step": a[5],
-        }
-        for (sid, block), a in blocks.items()
-    ]
-    conn.execute(text(_MERGE_BLOCKS), params)
+    return blocks
+
+
+def _merge_blocks(
+    conn: Connection, blocks: dict[tuple[int, int], Block], *, replace: bool = False
+) -> None:
+    """Upsert block aggregates (driver-level executemany: no per-row SQLAlchemy work)."""
+    if not blocks:
+        return
+    mark = "%s" if conn.dialect.name == "postgresql" else "?"
+    sql = (_REPLACE_BLOCKS if replace else _MERGE_BLOCKS).replace("?", mark)
+    conn.exec_driver_sql(sql, [(sid, blk, *agg) for (sid, blk), agg in blocks.items()])
+
+
+def _rebuild_blocks(conn: Connection, series_ids: list[int], steps: list[int]) -> None:
+    touched = set(zip(series_ids, (s // BLOCK for s in steps), strict=True))
+    lo = min(b for _, b in touched) * BLOCK
+    hi = (max(b for _, b in touched) + 1) * BLOCK
+    rows = conn.execute(
+        text(
+            "SELECT series_id, step, value FROM points WHERE series_id IN :sids "
+            "AND step >= :lo AND step < :hi"
+        ).bindparams(bindparam("sids", expanding=True)),
+        {"sids": sorted({sid for sid, _ in touched}), "lo": lo, "hi": hi},
+    )
+    blocks = _fold((r[0], r[1], r[2]) for r in rows)
+    _merge_blocks(conn, {k: v for k, v in blocks.items() if k in touched}, replace=True)
 
 
 # excluded.* is the incoming block; a side whose value is NULL has no finite point.
@@ -357,7 +364,7 @@ _NEW_MAX = (
 )
 _MERGE_BLOCKS = f"""
 INSERT INTO point_blocks (series_id, block, n, min_step, min_value, max_step, max_value, nan_step)
-VALUES (:sid, :block, :n, :min_step, :min_value, :max_step, :max_value, :nan_step)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (series_id, block) DO UPDATE SET
     n = point_blocks.n + excluded.n,
     min_step = CASE WHEN {_NEW_MIN} THEN excluded.min_step ELSE point_blocks.min_step END,
@@ -367,6 +374,13 @@ ON CONFLICT (series_id, block) DO UPDATE SET
     nan_step = CASE WHEN point_blocks.nan_step IS NULL OR excluded.nan_step < point_blocks.nan_step
                     THEN COALESCE(excluded.nan_step, point_blocks.nan_step)
                     ELSE point_blocks.nan_step END
+"""
+_REPLACE_BLOCKS = """
+INSERT INTO point_blocks (series_id, block, n, min_step, min_value, max_step, max_value, nan_step)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (series_id, block) DO UPDATE SET
+    n = excluded.n, min_step = excluded.min_step, min_value = excluded.min_value,
+    max_step = excluded.max_step, max_value = excluded.max_value, nan_step = excluded.nan_step
 """
 
 

@@ -10,7 +10,9 @@ from server_helpers import Project
 def test_queue_claim_ack_records_an_event(project: Project) -> None:
     run_id = project.new_run()
     op, probe = project.api["operate"], project.api["ingest"]
-    r = op.post(f"/runs/{run_id}/commands", json={"kind": "msign", "args": {"targets": "attention"}})
+    r = op.post(
+        f"/runs/{run_id}/commands", json={"kind": "msign", "args": {"targets": "attention"}}
+    )
     assert r.status_code == 201
     cmd = r.json()
     assert cmd["state"] == "queued" and cmd["created_by"].startswith("token:")
@@ -49,16 +51,24 @@ def test_expired_commands_are_not_delivered_but_late_acks_count(project: Project
     time.sleep(0.1)
     assert probe.post(f"/runs/{run_id}/commands/claim").json()["count"] == 0
     assert op.get(f"/runs/{run_id}/commands/{c['id']}").json()["state"] == "expired"
-    late = probe.post(f"/runs/{run_id}/commands/{c['id']}/ack", json={"state": "applied", "step": 3})
+    late = probe.post(
+        f"/runs/{run_id}/commands/{c['id']}/ack", json={"state": "applied", "step": 3}
+    )
     assert late.json()["state"] == "applied"
 
 
 def test_command_scopes_and_validation(project: Project) -> None:
     run_id = project.new_run()
-    assert project.api["ingest"].post(f"/runs/{run_id}/commands", json={"kind": "msign"}).status_code == 403
+    assert (
+        project.api["ingest"].post(f"/runs/{run_id}/commands", json={"kind": "msign"}).status_code
+        == 403
+    )
     assert project.api["read"].post(f"/runs/{run_id}/commands/claim").status_code == 403
     r = project.api["operate"].post(f"/runs/{run_id}/commands", json={"kind": "reboot"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "kind"]
     assert project.api["operate"].get(f"/runs/{run_id}/commands/nope").status_code == 404
     project.api["ingest"].post(f"/runs/{run_id}/finish")
-    assert project.api["operate"].post(f"/runs/{run_id}/commands", json={"kind": "msign"}).status_code == 409
+    assert (
+        project.api["operate"].post(f"/runs/{run_id}/commands", json={"kind": "msign"}).status_code
+        == 409
+    )

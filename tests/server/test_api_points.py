@@ -46,8 +46,14 @@ def test_replay_changes_nothing(project: Project) -> None:
     assert series["values"] == [float(i) for i in range(10)] and series["total"] == 10
     index = project.api["read"].get(f"/runs/{run_id}/series/index").json()["series"]
     assert index == [
-        {"quantity": "loss", "target": "global", "rank": 0, "count": 10,
-         "first_step": 0, "last_step": 9}
+        {
+            "quantity": "loss",
+            "target": "global",
+            "rank": 0,
+            "count": 10,
+            "first_step": 0,
+            "last_step": 9,
+        }
     ]
     assert project.api["read"].get(f"/runs/{run_id}").json()["last_step"] == 9
 
@@ -77,7 +83,9 @@ def test_body_over_the_limit_is_413_and_server_keeps_serving(project: Project) -
     assert api.post(f"/runs/{run_id}/points", json=points_body([1], [1.0])).status_code == 200
     n = 20_000  # ~400 kB of JSON against the fixture's 64 KiB limit
     big = json.dumps(points_body(list(range(n)), [1.0] * n)).encode()
-    r = api.post(f"/runs/{run_id}/points", content=big, headers={"Content-Type": "application/json"})
+    r = api.post(
+        f"/runs/{run_id}/points", content=big, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and "max_body_bytes" in r.json()["detail"]
     # a gzip body small on the wire but over the limit once inflated
     bomb = gzip.compress(b" " * (1024 * 1024))
@@ -98,8 +106,18 @@ def test_body_over_the_limit_is_413_and_server_keeps_serving(project: Project) -
 def test_bad_gzip_and_unknown_encoding(project: Project) -> None:
     run_id = project.new_run()
     api = project.api["ingest"]
-    assert api.post(f"/runs/{run_id}/points", content=b"not gzip", headers={"Content-Encoding": "gzip"}).status_code == 400
-    assert api.post(f"/runs/{run_id}/points", content=b"{}", headers={"Content-Encoding": "br"}).status_code == 415
+    assert (
+        api.post(
+            f"/runs/{run_id}/points", content=b"not gzip", headers={"Content-Encoding": "gzip"}
+        ).status_code
+        == 400
+    )
+    assert (
+        api.post(
+            f"/runs/{run_id}/points", content=b"{}", headers={"Content-Encoding": "br"}
+        ).status_code
+        == 415
+    )
 
 
 @pytest.mark.parametrize(
@@ -128,7 +146,9 @@ def test_bad_batches_are_422_naming_the_field(
 def test_malformed_json_is_422(project: Project) -> None:
     run_id = project.new_run()
     for path in (f"/runs/{run_id}/points", "/runs"):
-        r = project.api["ingest"].post(path, content=b'{"quantity": [', headers={"Content-Type": "application/json"})
+        r = project.api["ingest"].post(
+            path, content=b'{"quantity": [', headers={"Content-Type": "application/json"}
+        )
         assert r.status_code == 422, (path, r.text)
     r = project.api["ingest"].post("/runs", json={"name": "x", "world_size": "many"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "world_size"]
@@ -150,8 +170,11 @@ def test_downsampling_keeps_the_spike_and_the_nan(project: Project) -> None:
     api = project.api["ingest"]
     for lo in range(0, n, 1000):  # under the fixture's 64 KiB body limit (inflated)
         raw = json.dumps(points_body(list(range(lo, lo + 1000)), values[lo : lo + 1000]))
-        r = api.post(f"/runs/{run_id}/points", content=gzip.compress(raw.encode()),
-                     headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        r = api.post(
+            f"/runs/{run_id}/points",
+            content=gzip.compress(raw.encode()),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
         assert r.status_code == 200, r.text
     (s,) = _series(project, run_id, quantity="loss", max_points=200)
     assert s["downsampled"] is True and s["total"] == n
@@ -163,8 +186,9 @@ def test_downsampling_keeps_the_spike_and_the_nan(project: Project) -> None:
     # every returned point is a real stored point
     assert all(got[k] == values[k] for k in got)
     # a step range cut inside blocks still keeps the spike and counts exactly
-    (r,) = _series(project, run_id, quantity="loss", step_min=12_001, step_max=13_999,
-                   max_points=100)
+    (r,) = _series(
+        project, run_id, quantity="loss", step_min=12_001, step_max=13_999, max_points=100
+    )
     assert r["total"] == 1999 and r["downsampled"] is True
     assert 12_345 in r["steps"] and min(r["steps"]) >= 12_001 and max(r["steps"]) <= 13_999
     (full,) = _series(project, run_id, quantity="loss", step_min=100, step_max=199)
@@ -175,8 +199,10 @@ def test_series_globs_and_index(project: Project) -> None:
     run_id = project.new_run()
     api = project.api["ingest"]
     for target in ("h.0.attn.c_attn.weight[q]", "h.0.mlp.c_fc.weight", "h.1.attn.c_proj.weight"):
-        api.post(f"/runs/{run_id}/points",
-                 json=points_body([1, 2], [1.0, 2.0], quantity="stable_rank", target=target))
+        api.post(
+            f"/runs/{run_id}/points",
+            json=points_body([1, 2], [1.0, 2.0], quantity="stable_rank", target=target),
+        )
     api.post(f"/runs/{run_id}/points", json=points_body([5], [0.1]))
     got = _series(project, run_id, quantity="stable_rank", target="*attn*")
     assert [s["target"] for s in got] == ["h.0.attn.c_attn.weight[q]", "h.1.attn.c_proj.weight"]
@@ -188,8 +214,13 @@ def test_series_globs_and_index(project: Project) -> None:
 
 def test_histograms_round_trip(project: Project) -> None:
     run_id = project.new_run()
-    h = {"quantity": "sa_cosine", "target": "w", "step": 3, "edges": [-1.0, 0.0, 1.0],
-         "counts": [2.0, "NaN"]}
+    h = {
+        "quantity": "sa_cosine",
+        "target": "w",
+        "step": 3,
+        "edges": [-1.0, 0.0, 1.0],
+        "counts": [2.0, "NaN"],
+    }
     api = project.api["ingest"]
     assert api.post(f"/runs/{run_id}/histograms", json={"histograms": [h]}).json()["inserted"] == 1
     assert api.post(f"/runs/{run_id}/histograms", json={"histograms": [h]}).json()["inserted"] == 0
@@ -203,7 +234,9 @@ def test_histograms_round_trip(project: Project) -> None:
 
 def test_events(project: Project) -> None:
     run_id = project.new_run()
-    r = project.api["operate"].post(f"/runs/{run_id}/events", json={"kind": "note", "step": 4, "payload": {"x": 1}})
+    r = project.api["operate"].post(
+        f"/runs/{run_id}/events", json={"kind": "note", "step": 4, "payload": {"x": 1}}
+    )
     assert r.status_code == 201
     got = project.api["read"].get(f"/runs/{run_id}/events", params={"kind": "note"}).json()
     assert got["count"] == 1 and got["data"][0]["payload"] == {"x": 1}

@@ -17,7 +17,6 @@ from server_helpers import ADMIN_TOKEN, TestClient, bearer, make_settings, point
 
 from rankguard.server.main import create_app
 
-
 # The schema is read at import (schemathesis' pytest integration needs it to generate the
 # test items); the app's database lives in a temporary directory removed at module teardown.
 _DB_DIR = tempfile.TemporaryDirectory(prefix="rankguard-fuzz-")

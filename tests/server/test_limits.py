@@ -22,8 +22,11 @@ def test_pool_exhaustion_is_503_with_retry_after(tmp_sqlite: str) -> None:
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
         finally:
             held.close()
-        ok = client.post(f"/api/v1/runs/{run['id']}/points", json=points_body([1], [1.0]),
-                         headers=bearer(ADMIN_TOKEN))
+        ok = client.post(
+            f"/api/v1/runs/{run['id']}/points",
+            json=points_body([1], [1.0]),
+            headers=bearer(ADMIN_TOKEN),
+        )
         assert ok.status_code == 200
         assert client.get(f"/api/v1/runs/{run['id']}", headers=bearer(ADMIN_TOKEN)).json()["id"]
 
@@ -42,8 +45,9 @@ def test_no_auth_needs_loopback_or_force() -> None:
 
 
 def test_in_memory_sqlite_is_refused(tmp_sqlite: str) -> None:
-    with pytest.raises(ValueError, match="in-memory"), TestClient(
-        create_app(make_settings("sqlite://"))
+    with (
+        pytest.raises(ValueError, match="in-memory"),
+        TestClient(create_app(make_settings("sqlite://"))),
     ):
         pass
 
@@ -53,4 +57,8 @@ def test_cli_parses_serve_flags() -> None:
         ["serve", "--database-url", "postgresql+psycopg://u@h/db", "--port", "9000", "--no-auth"]
     )
     assert (args.database_url, args.port, args.no_auth, args.host) == (
-        "postgresql+psycopg://u@h/db", 9000, True, None)
+        "postgresql+psycopg://u@h/db",
+        9000,
+        True,
+        None,
+    )

@@ -7,8 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from rankguard.server.db import Base, upgrade_schema
 from rankguard.server import models  # noqa: F401
+from rankguard.server.db import Base, upgrade_schema
 
 
 def _diff(url: str) -> list[object]:
@@ -38,10 +38,14 @@ def test_migrations_match_models_on_empty_postgres(postgres_url: str) -> None:
 
     name = f"mig_{uuid.uuid4().hex[:8]}"
     base = make_url(postgres_url)
-    with psycopg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True) as c:
+    with psycopg.connect(
+        base.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True
+    ) as c:
         c.execute(f'CREATE DATABASE "{name}"')
     try:
         assert _diff(base.set(database=name).render_as_string(hide_password=False)) == []
     finally:
-        with psycopg.connect(base.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True) as c:
+        with psycopg.connect(
+            base.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True
+        ) as c:
             c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -29,8 +29,16 @@ def _free_port() -> int:
 def serve(db: Path, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     port = _free_port()
     proc = subprocess.Popen(
-        [str(RANKGUARD), "serve", "--database-url", f"sqlite:///{db}", "--port", str(port),
-         "--log-level", "warning"],
+        [
+            str(RANKGUARD),
+            "serve",
+            "--database-url",
+            f"sqlite:///{db}",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("RANKGUARD_")},
             "OMP_NUM_THREADS": "1",
@@ -76,17 +84,25 @@ def test_serve_ingest_restart_read_back(tmp_path: Path) -> None:
     values = [0.5, "NaN", "Infinity", "-Infinity", 2.0]
     with serve(db, {}) as (base, proc):
         run = httpx.post(f"{base}/api/v1/runs", json={"name": "proc"}, headers=headers).json()
-        r = httpx.post(f"{base}/api/v1/runs/{run['id']}/points",
-                       json=points_body([1, 2, 3, 4, 5], values), headers=headers)
+        r = httpx.post(
+            f"{base}/api/v1/runs/{run['id']}/points",
+            json=points_body([1, 2, 3, 4, 5], values),
+            headers=headers,
+        )
         assert r.json() == {"received": 5, "inserted": 5}
-        cmd = httpx.post(f"{base}/api/v1/runs/{run['id']}/commands", json={"kind": "msign"},
-                         headers=headers).json()
+        cmd = httpx.post(
+            f"{base}/api/v1/runs/{run['id']}/commands", json={"kind": "msign"}, headers=headers
+        ).json()
     with serve(db, {}) as (base, proc):
-        got = httpx.get(f"{base}/api/v1/runs/{run['id']}/series", params={"quantity": "loss"},
-                        headers=headers).json()["series"][0]
+        got = httpx.get(
+            f"{base}/api/v1/runs/{run['id']}/series", params={"quantity": "loss"}, headers=headers
+        ).json()["series"][0]
         assert got["values"] == values and got["steps"] == [1, 2, 3, 4, 5]
-        replay = httpx.post(f"{base}/api/v1/runs/{run['id']}/points",
-                            json=points_body([1, 2, 3, 4, 5], values), headers=headers)
+        replay = httpx.post(
+            f"{base}/api/v1/runs/{run['id']}/points",
+            json=points_body([1, 2, 3, 4, 5], values),
+            headers=headers,
+        )
         assert replay.json()["inserted"] == 0
         cmds = httpx.get(f"{base}/api/v1/runs/{run['id']}/commands", headers=headers).json()
         assert [c["id"] for c in cmds["data"]] == [cmd["id"]]
@@ -98,6 +114,8 @@ def test_serve_ingest_restart_read_back(tmp_path: Path) -> None:
 def test_no_auth_refuses_a_public_bind() -> None:
     r = subprocess.run(
         [str(RANKGUARD), "serve", "--no-auth", "--host", "0.0.0.0"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2 and "force_no_auth" in r.stderr

@@ -1,0 +1,89 @@
+"""Under torchrun (2 ranks, gloo): a command is applied at the same step on every rank and
+the weights stay bit-identical; with the server down, training finishes (no deadlock)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from helpers.live_server import free_port, running_server
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+TESTS = Path(__file__).parents[1]
+
+
+def torchrun(out_dir: Path, server: str, ingest: str, operate: str, steps: int) -> None:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        str(out_dir),
+        server,
+        ingest,
+        operate,
+        str(steps),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def load_rank(out_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    weights = torch.load(out_dir / f"rank{rank}.pt", weights_only=True)
+    log = json.loads((out_dir / f"rank{rank}.json").read_text())
+    return weights, log
+
+
+def test_command_applied_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
+    with running_server(tmp_path) as server:
+        tokens = server.new_project()
+        torchrun(tmp_path, server.url, tokens["ingest"], tokens["operate"], steps=200)
+        weights0, log0 = load_rank(tmp_path, 0)
+        weights1, log1 = load_rank(tmp_path, 1)
+
+        assert log0["run_id"] == log1["run_id"]
+        assert len(log0["commands"]) == 1, log0
+        assert log0["commands"].keys() == log1["commands"].keys()
+        (command_id,) = log0["commands"]
+        ack0, ack1 = log0["commands"][command_id], log1["commands"][command_id]
+        assert ack0["state"] == ack1["state"] == "applied"
+        assert ack0["step"] == ack1["step"]
+        assert ack0["step"] % 2 == 0  # only at command-broadcast steps
+        assert weights0.keys() == weights1.keys()
+        for name in weights0:
+            assert torch.equal(weights0[name], weights1[name]), name
+
+        command = httpx.get(
+            f"{server.url}/api/v1/runs/{log0['run_id']}/commands/{command_id}",
+            headers={"Authorization": f"Bearer {tokens['read']}"},
+        ).json()
+        assert command["state"] == "applied"
+        assert command["applied_step"] == ack0["step"]
+
+
+def test_no_deadlock_when_the_server_is_down(tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    torchrun(tmp_path, dead, "no-token", "-", steps=30)
+    weights0, log0 = load_rank(tmp_path, 0)
+    weights1, _ = load_rank(tmp_path, 1)
+    assert log0["commands"] == {}
+    assert not log0["delivered"]
+    for name in weights0:
+        assert torch.equal(weights0[name], weights1[name]), name
+    # Rank 0 kept everything it sampled in its spill file.
+    assert any((tmp_path / "logs0").glob("*.jsonl"))

@@ -1,0 +1,70 @@
+"""The probe applies commands from its transport at the step boundary and acks them."""
+
+from __future__ import annotations
+
+import torch
+
+from rankguard.probe import MemoryTransport, Probe
+
+
+def test_msign_command_is_applied_after_the_step_it_arrives_at(tiny_gpt, tmp_path, train) -> None:
+    transport = MemoryTransport()
+    probe = Probe(tiny_gpt, run="cmd", every=5, transport=transport, log_dir=tmp_path)
+    train(tiny_gpt, probe, 3)
+    transport.push_command(
+        {"id": "m1", "kind": "msign", "args": {"targets": "attention", "engine": "svd"}}
+    )
+    qkv = tiny_gpt.transformer.h[0].attn.c_attn.weight
+    train(tiny_gpt, probe, 1, seed=1)
+    probe.close()
+
+    ((command_id, ack),) = transport.acks
+    assert command_id == "m1"
+    assert ack["state"] == "applied"
+    assert ack["step"] == 3
+    # After the step: the weights no longer moved (close() trains nothing), so the q part is
+    # exactly MSign's result: every singular value equal.
+    singular_values = torch.linalg.svdvals(qkv.detach()[:16].double())
+    torch.testing.assert_close(
+        singular_values, singular_values[:1].expand_as(singular_values), rtol=1e-5, atol=0
+    )
+    before_after = {m["name"]: m for m in ack["result"]["matrices"]}
+    q = before_after["transformer.h.0.attn.c_attn.weight[q]"]
+    assert abs(q["stable_rank_after"] - 16) < 1e-3
+    assert abs(q["frobenius_after"] / q["frobenius_before"] - 1) < 1e-5
+
+
+def test_set_probe_changes_the_cadence(tiny_gpt, tmp_path, train) -> None:
+    transport = MemoryTransport()
+    probe = Probe(tiny_gpt, run="cadence", every=50, transport=transport, log_dir=tmp_path)
+    train(tiny_gpt, probe, 1)  # step 0 is sampled
+    transport.push_command({"id": "s", "kind": "set_probe", "args": {"every": 2}})
+    sampled_before = len(transport.batches)
+    train(tiny_gpt, probe, 5, seed=1)
+    probe.close()
+    assert transport.acks[0][1]["state"] == "applied"
+    sampled_steps = sorted(
+        {
+            step
+            for batch in transport.batches[sampled_before:]
+            for quantity, step in zip(
+                batch["points"]["quantity"], batch["points"]["step"], strict=True
+            )
+            if quantity == "stable_rank"
+        }
+    )
+    assert sampled_steps == [2, 4]
+
+
+def test_a_bad_command_is_acked_failed_and_training_goes_on(tiny_gpt, tmp_path, train) -> None:
+    transport = MemoryTransport()
+    probe = Probe(tiny_gpt, run="bad", every=5, transport=transport, log_dir=tmp_path)
+    before = {n: p.detach().clone() for n, p in tiny_gpt.named_parameters()}
+    transport.push_command({"id": "b", "kind": "msign", "args": {"targets": ["nothing*"]}})
+    probe.step()
+    ack = transport.acks[0][1]
+    assert ack["state"] == "failed"
+    assert "nothing*" in ack["error"]
+    assert all(torch.equal(p, before[n]) for n, p in tiny_gpt.named_parameters())
+    train(tiny_gpt, probe, 2)
+    probe.close()
