@@ -119,7 +119,46 @@ def _add_report(subparsers: Subparsers) -> None:
     p.set_defaults(func=_run_report)
 
 
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_serve, _add_report]
+def _run_upload(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from rankguard.probe.upload import upload
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    token = args.token or os.environ.get("RANKGUARD_TOKEN")
+    exit_code = 0
+    for path in args.paths:
+        try:
+            report = upload(path, server=args.server, token=token, timeout=args.timeout)
+        except (OSError, ValueError) as exc:
+            print(f"rankguard upload: {exc}", file=sys.stderr)
+            exit_code = 1
+            continue
+        print(f"rankguard upload: {path}: {report}", file=sys.stderr)
+        if not report.delivered_all:
+            exit_code = 1
+    return exit_code
+
+
+def _add_upload(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "upload",
+        help="send an offline or spilled run file to a server",
+        description="Replay JSON Lines files written by the probe (offline runs, or spill "
+        "files of runs whose server was down). Ingest is idempotent: uploading twice stores "
+        "each point once.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="the probe's .jsonl file(s)")
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", help="ingest-scope token (default: RANKGUARD_TOKEN)")
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait per file (default 600)"
+    )
+    p.set_defaults(func=_run_upload)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_serve, _add_report, _add_upload]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,13 +24,22 @@ router = APIRouter(prefix="/runs", tags=["points"])
 _BODY_SCHEMA = PointsBatch.model_json_schema()
 
 
+def _body_error(error: Any) -> dict[str, Any]:
+    """A pydantic error with its loc under "body"; raw bytes input (a body that is not even
+    UTF-8) is shown as text, since the 422 itself must be JSON."""
+    out = {**error, "loc": ("body", *error["loc"])}
+    if isinstance(out.get("input"), bytes):
+        out["input"] = out["input"][:200].decode("utf-8", errors="replace")
+    return out
+
+
 def parse_points(body: bytes) -> storage.ColumnarPoints:
     """Validate a columnar batch; errors are 422s whose ``loc`` names the field (and index)."""
     try:
         batch = PointsBatch.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            [_body_error(e) for e in exc.errors(include_url=False)]
         ) from None
     n = len(batch.step)
     columns: dict[str, list[Any] | None] = {

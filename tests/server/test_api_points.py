@@ -56,6 +56,15 @@ def test_replay_changes_nothing(project: Project) -> None:
         }
     ]
     assert project.api["read"].get(f"/runs/{run_id}").json()["last_step"] == 9
+    # a partial replay inserts only the new steps and keeps the rollups exact
+    overlap = points_body(list(range(5, 15)), [-1.0] * 4 + [float(i) for i in range(9, 15)])
+    overlap["value"][0] = 1e9  # step 5 exists: this value must not appear anywhere
+    assert api.post(f"/runs/{run_id}/points", json=overlap).json()["inserted"] == 5
+    (series,) = _series(project, run_id, quantity="loss", max_points=4)
+    assert series["total"] == 15 and 1e9 not in series["values"]
+    assert (
+        project.api["read"].get(f"/runs/{run_id}/series/index").json()["series"][0]["count"] == 15
+    )
 
 
 def test_optional_columns_default(project: Project) -> None:
@@ -150,6 +159,8 @@ def test_malformed_json_is_422(project: Project) -> None:
             path, content=b'{"quantity": [', headers={"Content-Type": "application/json"}
         )
         assert r.status_code == 422, (path, r.text)
+    r = project.api["ingest"].post(f"/runs/{run_id}/points", content=b"\x80\xff")
+    assert r.status_code == 422  # not even UTF-8
     r = project.api["ingest"].post("/runs", json={"name": "x", "world_size": "many"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "world_size"]
 
