@@ -33,13 +33,18 @@ from rankguard.dashboard.figures import (
     stable_rank,
 )
 from rankguard.dashboard.figures.common import figure_json, natural_key
+from rankguard.dashboard.figures.heatmap import label_bins
 from rankguard.server import storage
-from rankguard.server.models import Event, Histogram, Run, Series
+from rankguard.server.models import BLOCK, Event, Histogram, Run, Series
 
 # Per-series cap of the server-side downsampler (min/max buckets keep spikes).
 MAX_POINTS = 2000
 # Heatmap columns: more than a plot's width in pixels buys nothing but payload.
 HEATMAP_COLUMNS = 500
+# Heatmaps of up to this many points (per quantity) are binned from the points themselves;
+# larger ones from the point_blocks rollup (columns of whole BLOCKs: reading and binning
+# millions of points costs ~1 µs each on SQLite, seconds for a large model).
+HEATMAP_RAW_LIMIT = 250_000
 # Line charts with more series than this keep the ones with the largest values (the
 # interesting direction for gradient norms, logit maxima and a·M); the title says so.
 MAX_LINES = 24
@@ -115,16 +120,17 @@ def pick_lines(
     session: Session, series: Sequence[SeriesRow], limit: int = MAX_LINES
 ) -> list[SeriesRow]:
     """At most ``limit`` series: ``global`` first, then those with the largest value (a NaN
-    or +Inf anywhere ranks first). The maxima are one aggregate per chunk, in SQL."""
+    or +Inf anywhere ranks first). The maxima are one aggregate per chunk over the
+    ``point_blocks`` rollup (1/BLOCK of the points)."""
     if len(series) <= limit:
         return list(series)
     peak: dict[int, float] = {}
     conn = session.connection()
-    nan_sql = "value IS NULL" if conn.dialect.name == "sqlite" else "value = 'NaN'::float8"
     for chunk in _chunks([s.id for s in series]):
         rows = conn.exec_driver_sql(
-            f"SELECT series_id, MAX(value), MAX(CASE WHEN {nan_sql} THEN 1 ELSE 0 END) "
-            f"FROM points WHERE series_id IN ({_id_list(chunk)}) GROUP BY series_id"
+            "SELECT series_id, MAX(max_value), "
+            "MAX(CASE WHEN nan_step IS NULL THEN 0 ELSE 1 END) "
+            f"FROM point_blocks WHERE series_id IN ({_id_list(chunk)}) GROUP BY series_id"
         )
         for sid, mx, has_nan in rows:
             peak[int(sid)] = math.inf if has_nan or mx is None else float(mx)
@@ -135,33 +141,133 @@ def pick_lines(
     return ranked[:limit]
 
 
+@dataclass(frozen=True)
+class HeatmapRows:
+    """Series ready for a heatmap builder: each holds at most one finite point per column
+    (at the column's first step) plus NaN/+Inf points that flag its column. ``width`` is the
+    column width in steps (1: one column per step)."""
+
+    series: list[SeriesDict]
+    width: int
+
+
 def read_heatmap(
     session: Session,
     series: Sequence[SeriesRow],
     *,
     last_step: int | None,
     columns: int = HEATMAP_COLUMNS,
+    raw_limit: int = HEATMAP_RAW_LIMIT,
 ) -> list[SeriesDict]:
-    """Every series binned to at most ~``columns`` equal step buckets (a bucket keeps its
-    minimum: both heatmaps' danger direction is low, and the builder reduces cells by min).
+    """``heatmap_rows(...).series`` (the builders bin nothing further)."""
+    return heatmap_rows(
+        session, series, last_step=last_step, columns=columns, raw_limit=raw_limit
+    ).series
 
-    SQLite: one statement per chunk of series; the bucketing runs in SQL and each series
-    comes back as two comma-joined strings that numpy parses, instead of a Python tuple per
-    point. A bucket that held a NaN also returns a NaN point, so the builder still flags it.
-    Width 1 (no more steps than columns) returns every point as it is. Other databases read
-    each series through ``storage.read_points``."""
+
+def heatmap_rows(
+    session: Session,
+    series: Sequence[SeriesRow],
+    *,
+    last_step: int | None,
+    columns: int = HEATMAP_COLUMNS,
+    raw_limit: int = HEATMAP_RAW_LIMIT,
+) -> HeatmapRows:
+    """Every series binned to at most ``columns`` equal step buckets, each keeping its
+    minimum (both heatmaps' danger direction is low; the builders reduce cells by min).
+
+    Up to ``raw_limit`` points in all, the points themselves are binned (full resolution);
+    beyond that the ``point_blocks`` rollup is read instead: its per-block minimum is exactly
+    a min-binned column, and it is 1/BLOCK of the rows (a 1,000 × 2,000 heatmap: 32k rows
+    instead of 2M, ~50 ms instead of seconds). Columns are then whole blocks, merged in
+    powers of two (so they stay put while the run grows), and are never narrower than BLOCK
+    steps: resolution traded for a page that opens in time on a large model."""
     if not series:
-        return []
+        return HeatmapRows([], 1)
+    ids = [s.id for s in series]
+    total, block_lo, block_hi = 0, None, None
     conn = session.connection()
-    if conn.dialect.name != "sqlite":
-        return read_lines(session, series, max_points=2 * columns)
+    for chunk in _chunks(ids):
+        n, b0, b1 = conn.exec_driver_sql(
+            "SELECT COALESCE(SUM(n), 0), MIN(block), MAX(block) FROM point_blocks "
+            f"WHERE series_id IN ({_id_list(chunk)})"
+        ).one()
+        total += int(n)
+        if b0 is not None:
+            block_lo = int(b0) if block_lo is None else min(block_lo, int(b0))
+            block_hi = int(b1) if block_hi is None else max(block_hi, int(b1))
+    if block_lo is None or block_hi is None:
+        return HeatmapRows([], 1)
+    if total <= raw_limit:
+        if conn.dialect.name == "sqlite":
+            return _heatmap_from_points(session, series, last_step=last_step, columns=columns)
+        return HeatmapRows(read_lines(session, series, max_points=2 * columns), 1)
+    return _heatmap_from_blocks(session, series, block_lo, block_hi, columns=columns)
+
+
+def _heatmap_from_blocks(
+    session: Session, series: Sequence[SeriesRow], block_lo: int, block_hi: int, *, columns: int
+) -> HeatmapRows:
+    """One column per ``k`` consecutive rollup blocks (k a power of two): MIN(min_value) is
+    the column's minimum, MAX(max_value) = +Inf and a nan_step flag the column as the
+    builder would flag it (a -Inf minimum stands for the column: drawn at the low end)."""
+    k = 1
+    while block_hi // k - block_lo // k + 1 > columns:
+        k *= 2
+    width = k * BLOCK
+    conn = session.connection()
+    by_id = {s.id: s for s in series}
+    out: list[SeriesDict] = []
+    for chunk in _chunks([s.id for s in series]):
+        if k == 1:
+            sql = (
+                "SELECT series_id, block, min_value, max_value, nan_step FROM point_blocks "
+                f"WHERE series_id IN ({_id_list(chunk)}) ORDER BY series_id, block"
+            )
+        else:
+            sql = (
+                f"SELECT series_id, block / {k} AS c, MIN(min_value), MAX(max_value), "
+                "MIN(nan_step) FROM point_blocks "
+                f"WHERE series_id IN ({_id_list(chunk)}) GROUP BY series_id, c "
+                "ORDER BY series_id, c"
+            )
+        rows = conn.exec_driver_sql(sql).all()
+        if not rows:
+            continue
+        # None (no finite value, no NaN) -> nan; ±Inf come back as floats.
+        table = np.array(rows, dtype=np.float64)  # (rows, 5)
+        sids = table[:, 0].astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, sids[1:] != sids[:-1]])
+        ends = np.r_[starts[1:], sids.size]
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            col = table[a:b, 1].astype(np.int64) * width
+            low, high, nan_at = table[a:b, 2], table[a:b, 3], table[a:b, 4]
+            flag_nan = ~np.isnan(nan_at) & ~np.isnan(low)  # all-NaN columns are NaN already
+            flag_inf = np.isposinf(high) & ~np.isposinf(low)
+            steps = np.concatenate([col, col[flag_nan], col[flag_inf]])
+            values = np.concatenate(
+                [low, np.full(int(flag_nan.sum()), np.nan), np.full(int(flag_inf.sum()), np.inf)]
+            )
+            out.append(_as_dict(by_id[int(sids[a])], steps, values))
+    return HeatmapRows(out, width)
+
+
+def _heatmap_from_points(
+    session: Session, series: Sequence[SeriesRow], *, last_step: int | None, columns: int
+) -> HeatmapRows:
+    """SQLite, few points: one statement per chunk of series; the bucketing runs in SQL and
+    each series comes back as comma-joined strings that numpy parses, instead of a Python
+    tuple per point. A bucket that held a NaN also returns a NaN point, so the builder still
+    flags it. Width 1 (no more steps than columns) returns every point as it is."""
+    conn = session.connection()
     probe_ids = _id_list([series[0].id, series[-1].id])
     lo = conn.exec_driver_sql(
         f"SELECT MIN(step) FROM points WHERE series_id IN ({probe_ids})"
     ).scalar()
     hi = last_step
     if lo is None or hi is None:
-        return read_lines(session, series, max_points=2 * columns)
+        rows = read_lines(session, series, max_points=2 * columns)
+        return HeatmapRows(rows, 1)
     lo = int(lo)
     width = max(1, -(-(int(hi) - lo + 1) // columns))
     by_id = {s.id: s for s in series}
@@ -185,7 +291,7 @@ def read_heatmap(
                 steps = np.concatenate([steps, steps[extra]])
                 values = np.concatenate([values, np.full(int(extra.sum()), np.nan)])
             out.append(_as_dict(by_id[int(sid)], steps, values))
-    return out
+    return HeatmapRows(out, width)
 
 
 # --- histograms -------------------------------------------------------------------------
@@ -368,8 +474,8 @@ def build_figures(
         return _with_note(build(read_lines(session, kept), markers), len(kept), len(every))
 
     def heatmap(quantity: str, build: Callable[..., go.Figure]) -> go.Figure:
-        rows = read_heatmap(session, by_quantity.get(quantity, []), last_step=run.last_step)
-        return build(rows, markers, max_columns=HEATMAP_COLUMNS)
+        read = heatmap_rows(session, by_quantity.get(quantity, []), last_step=run.last_step)
+        return label_bins(build(read.series, markers, max_columns=HEATMAP_COLUMNS), read.width)
 
     # Jacobian panels: the block pairs with the largest a·M (else a), the same pairs in both.
     gain_all = by_quantity.get(jacobian_alignment.GAIN_QUANTITY, [])

@@ -384,7 +384,9 @@ class HttpTransport:
                 return
 
     def _drained(self) -> bool:
-        return self._server_is_down() or (not self._spill.has_pending() and not self._acks)
+        # While closing, a server in its backoff window is retried until the deadline: it
+        # may have just come back (a restart), and close() promised to try for `timeout`.
+        return not self._spill.has_pending() and not self._acks
 
     def _tick(self, *, stopping: bool) -> None:
         batches = self._take_queued(timeout=0.05 if stopping else 0.2)

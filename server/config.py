@@ -54,6 +54,22 @@ class Settings(BaseSettings):
     migrate_on_start: bool = True
     retry_after_s: int = Field(default=1, ge=1)
 
+    # --- alerting (server/alerting.py, server/delivery.py) ---
+    # false: rules are still installed and editable, but ingest evaluates none of them.
+    alerts_enabled: bool = True
+    # The dashboard's public address (https://rg.example); alert payloads link to it.
+    public_base_url: str | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=5, ge=1)
+    webhook_max_total_s: float = Field(default=60.0, gt=0)
+    # Concurrent deliveries: one slow receiver must not hold back the others.
+    webhook_workers: int = Field(default=4, ge=1)
+    # Pending deliveries are also picked up on this period (e.g. written by another worker).
+    delivery_poll_s: float = Field(default=2.0, gt=0)
+    # /metrics is open by default (Prometheus scrapes it without a token, as docker compose
+    # does); set this to require 'Authorization: Bearer <metrics_token>' on it.
+    metrics_token: SecretStr | None = None
+
     @model_validator(mode="after")
     def _no_auth_needs_loopback(self) -> Settings:
         if self.no_auth and not self.force_no_auth and not is_loopback_host(self.host):

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Double,
     ForeignKey,
     Index,
@@ -194,3 +195,120 @@ class Command(Base):
     created_by: Mapped[str] = mapped_column(String(NAME_LEN))
 
     __table_args__ = (Index(None, "run_id", "state"),)
+
+
+# --- alerting (server/alerting.py) ---------------------------------------------------------
+
+
+class AlertState(str, Enum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class DeliveryOutcome(str, Enum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class AlertRule(Base):
+    """One alert rule (``alert_engine.Rule.to_dict()`` in ``rule``). ``run_id`` NULL: a
+    project-level rule, copied into each new run of the project; otherwise the rule of one
+    run, with the engine's state for that (rule, run) in ``state``."""
+
+    __tablename__ = "alert_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    # Copied from rule["quantity"]: ingest loads only the rules of the batch's quantities.
+    quantity: Mapped[str] = mapped_column(String(64))
+    rule: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index(None, "run_id", "quantity"),
+        Index(None, "project_id", "run_id"),
+    )
+
+
+class Alert(Base):
+    """One firing episode of a (rule, run): created when it fires, updated when it resolves."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    # NULL once the rule is deleted: the alert stays in the history.
+    rule_id: Mapped[int | None] = mapped_column(ForeignKey("alert_rules.id", ondelete="SET NULL"))
+    rule_name: Mapped[str] = mapped_column(String(NAME_LEN))
+    episode: Mapped[int] = mapped_column(Integer)
+    quantity: Mapped[str] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=AlertState.FIRING.value)
+    first_step: Mapped[int] = mapped_column(BigInteger)
+    fired_step: Mapped[int] = mapped_column(BigInteger)
+    resolved_step: Mapped[int | None] = mapped_column(BigInteger)
+    targets: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    message: Mapped[str] = mapped_column(Text)
+    resolved_message: Mapped[str | None] = mapped_column(Text)
+    suggested_action: Mapped[str] = mapped_column(Text)
+    command_id: Mapped[str | None] = mapped_column(String(36))
+    command_suppressed: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("rule_id", "episode"),
+        Index(None, "run_id", "created_at"),
+        Index(None, "state"),
+    )
+
+
+class Webhook(Base):
+    """An outbound webhook of a project. ``secret`` signs the bodies (HMAC), so it is kept
+    as given (a hash could not sign); the API never returns it."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(String(2048))
+    format: Mapped[str] = mapped_column(String(16))
+    secret: Mapped[str | None] = mapped_column(String(255))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Notify only for alerts of at least this severity (info < warning < critical).
+    min_severity: Mapped[str] = mapped_column(String(16), default="info")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Delivery(Base):
+    """One notification of one alert transition to one webhook: the outbox row the delivery
+    worker picks up (``pending``) and, once sent, the log of its attempts."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(
+        ForeignKey("webhooks.id", ondelete="CASCADE"), index=True
+    )
+    alert_id: Mapped[str] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # the alert transition: firing | resolved
+    format: Mapped[str] = mapped_column(String(16))
+    body: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(String(16), default=DeliveryOutcome.PENDING.value)
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index(None, "outcome", "id"),)

@@ -280,6 +280,169 @@ class CommandAck(WireModel):
     error: Text | None = None
 
 
+# --- alerting: rules, alerts, webhooks, inbound -----------------------------------------
+
+
+class AlertRuleCreate(WireModel):
+    """A rule (the fields of ``alert_engine.Rule``: name, quantity, condition, threshold,
+    targets, aggregation, ...; validated by the engine) for a project or one of its runs."""
+
+    rule: dict[str, Any]
+    run_id: str | None = Field(
+        default=None, description="attach to this run; null: a project rule, copied to new runs"
+    )
+    project: ProjectName | None = Field(
+        default=None, description="project name; defaults to the token's project"
+    )
+
+
+class AlertRuleUpdate(WireModel):
+    """Fields of the rule to change (PATCH); a change of its condition resets its state."""
+
+    rule: dict[str, Any]
+
+
+class AlertRulePublic(WireModel):
+    id: int
+    project: str
+    run_id: str | None
+    name: str
+    quantity: str
+    rule: dict[str, Any]
+    firing: bool
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class AlertRulesPublic(WireModel):
+    data: list[AlertRulePublic]
+    count: int
+
+
+class AlertPublic(WireModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    run_id: str
+    rule_id: int | None
+    rule_name: str
+    episode: int
+    quantity: str
+    severity: str
+    state: Literal["firing", "resolved"]
+    first_step: int
+    fired_step: int
+    resolved_step: int | None
+    targets: list[dict[str, Any]]
+    message: str
+    resolved_message: str | None
+    suggested_action: str
+    command_id: str | None
+    command_suppressed: bool
+    created_at: dt.datetime
+    resolved_at: dt.datetime | None
+
+
+class AlertsPublic(WireModel):
+    data: list[AlertPublic]
+    count: int
+
+
+class WebhookFormat(str, Enum):
+    JSON = "json"
+    SLACK = "slack"
+    ALERTMANAGER = "alertmanager"
+
+
+class AlertSeverity(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+WebhookUrl = Annotated[
+    str, StringConstraints(min_length=8, max_length=2048, pattern=r"^https?://[^\s\x00]+$")
+]
+WebhookSecret = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+
+
+class WebhookCreate(WireModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
+    url: WebhookUrl
+    format: WebhookFormat = WebhookFormat.JSON
+    secret: WebhookSecret | None = Field(
+        default=None, description="signs each body (HMAC-SHA256); write-only"
+    )
+    enabled: bool = True
+    min_severity: AlertSeverity = AlertSeverity.INFO
+    project: ProjectName | None = Field(
+        default=None, description="project name; defaults to the token's project"
+    )
+
+
+class WebhookUpdate(WireModel):
+    name: (
+        Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
+        | None
+    ) = None
+    url: WebhookUrl | None = None
+    format: WebhookFormat | None = None
+    secret: WebhookSecret | None = Field(default=None, description="write-only")
+    clear_secret: bool = False
+    enabled: bool | None = None
+    min_severity: AlertSeverity | None = None
+
+
+class WebhookPublic(WireModel):
+    id: int
+    project: str
+    name: str
+    url: str
+    format: WebhookFormat
+    has_secret: bool
+    enabled: bool
+    min_severity: AlertSeverity
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class WebhooksPublic(WireModel):
+    data: list[WebhookPublic]
+    count: int
+
+
+class DeliveryPublic(WireModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    webhook_id: int
+    alert_id: str
+    status: str
+    format: str
+    outcome: Literal["pending", "sending", "delivered", "failed"]
+    attempts: list[dict[str, Any]]
+    status_code: int | None
+    error: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+class DeliveriesPublic(WireModel):
+    data: list[DeliveryPublic]
+    count: int
+
+
+class InboundIgnored(WireModel):
+    alertname: str
+    reason: str
+
+
+class InboundResult(WireModel):
+    received: int = Field(description="alerts in the payload")
+    commands: list[CommandPublic] = Field(description="commands queued by this payload")
+    ignored: list[InboundIgnored]
+
+
 # --- errors and health ------------------------------------------------------------------
 
 

@@ -208,3 +208,18 @@ def _flag_text(label: str, grid: StepGrid, col: int, flags: int) -> str:
     where = f"step {start}" if grid.width == 0 else f"steps {start}-{start + grid.width - 1}"
     kinds = [name for bit, name, _ in _FLAG_STYLE if flags & bit]
     return f"{label}<br>{where}: {', '.join(kinds)}"
+
+
+def label_bins(figure: go.Figure, width: int) -> go.Figure:
+    """Names the column width of a heatmap built from series binned beforehand (one point per
+    column, at its first step; e.g. read from a rollup), in place; also returned. The builder
+    sees distinct steps only and cannot know how wide a column is."""
+    if width <= 1 or not figure.data:
+        return figure
+    figure.layout.xaxis.title.text = f"step (bins of {width})"
+    for trace in figure.data:
+        if trace.type == "heatmap" and trace.hovertemplate:
+            trace.hovertemplate = trace.hovertemplate.replace(
+                "step %{x}", f"steps %{{x}} + {width - 1}"
+            )
+    return figure

@@ -1,0 +1,119 @@
+"""Instability detectors compared by the lead-time benchmark, each returning its first firing step.
+
+Baselines (what trainers without rankguard have; /work/shared/reference/peers.md):
+
+- :func:`olmo_loss_spike`: OLMo-core's loss-spike detector: the loss is more than ``sigmas``
+  (6) standard deviations above the mean of the previous ``window`` (128) losses.
+- :func:`megatron_spiky_loss`: Megatron-LM's spiky-loss check: the loss is more than ``factor``
+  (10) times the largest of the previous ``window`` (100) losses.
+- :func:`grad_norm_threshold`: the gradient norm is more than ``factor`` (10) times the median of
+  the previous ``window`` (100) norms.
+
+All three also fire on a non-finite value (every trainer checks for NaN) and need
+``min_history`` finite earlier values before they can fire on a finite one.
+
+rankguard: :func:`rule_first_firings` runs rules of the alert engine
+(``rankguard.server.alert_engine``) offline over recorded probe series, in step order, and
+returns each rule's first ``firing`` step (the step at which the engine decided).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from rankguard.server.alert_engine import Rule, TransitionKind, evaluate, flush
+
+__all__ = [
+    "grad_norm_threshold",
+    "megatron_spiky_loss",
+    "olmo_loss_spike",
+    "rule_first_firing",
+    "rule_first_firings",
+]
+
+
+def _check(name: str, value: float, minimum: float) -> None:
+    if not value >= minimum:
+        raise ValueError(f"{name}={value!r} is not valid; use a number >= {minimum}")
+
+
+def _finite_history(values: Sequence[float], i: int, window: int) -> list[float]:
+    return [v for v in values[max(0, i - window) : i] if math.isfinite(v)]
+
+
+def olmo_loss_spike(
+    losses: Sequence[float], *, window: int = 128, sigmas: float = 6.0, min_history: int = 20
+) -> int | None:
+    """First step whose loss > mean + ``sigmas`` x std of the previous ``window`` losses."""
+    _check("window", window, 2)
+    _check("sigmas", sigmas, 0.0)
+    _check("min_history", min_history, 2)
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            return i
+        history = _finite_history(losses, i, window)
+        if len(history) < min_history:
+            continue
+        mean = statistics.fmean(history)
+        std = statistics.pstdev(history, mean)
+        if loss > mean + sigmas * std:
+            return i
+    return None
+
+
+def megatron_spiky_loss(
+    losses: Sequence[float], *, window: int = 100, factor: float = 10.0, min_history: int = 1
+) -> int | None:
+    """First step whose loss > ``factor`` x the max of the previous ``window`` losses."""
+    _check("window", window, 1)
+    _check("factor", factor, 1.0)
+    _check("min_history", min_history, 1)
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            return i
+        history = _finite_history(losses, i, window)
+        if len(history) >= min_history and loss > factor * max(history):
+            return i
+    return None
+
+
+def grad_norm_threshold(
+    grad_norms: Sequence[float], *, window: int = 100, factor: float = 10.0, min_history: int = 20
+) -> int | None:
+    """First step whose gradient norm > ``factor`` x the median of the previous ``window``."""
+    _check("window", window, 1)
+    _check("factor", factor, 1.0)
+    _check("min_history", min_history, 1)
+    for i, g in enumerate(grad_norms):
+        if not math.isfinite(g):
+            return i
+        history = _finite_history(grad_norms, i, window)
+        if len(history) >= min_history and g > factor * statistics.median(history):
+            return i
+    return None
+
+
+def rule_first_firing(rule: Rule, samples: Iterable[Sequence[Any]]) -> int | None:
+    """First step at which ``rule`` fires over ``samples`` ((target, step, value) of its
+    quantity), evaluated in step order as a live run would feed the engine, then flushed."""
+    ordered = sorted(((str(t), int(s), v) for t, s, v in samples), key=lambda x: x[1])
+    state, transitions = evaluate(rule, None, ordered)
+    _, tail = flush(rule, state)
+    for transition in [*transitions, *tail]:
+        if transition.kind is TransitionKind.FIRING:
+            return transition.step
+    return None
+
+
+def rule_first_firings(
+    rules: Sequence[Rule], points: Mapping[str, Sequence[Sequence[Any]]]
+) -> dict[str, int | None]:
+    """``{rule.name: first firing step}`` for each enabled rule over ``{quantity: samples}``."""
+    return {
+        rule.name: rule_first_firing(rule, points.get(rule.quantity, ()))
+        for rule in rules
+        if rule.enabled
+    }

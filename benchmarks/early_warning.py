@@ -1,0 +1,525 @@
+"""Claim (issue 7): rankguard's spectral alerts fire well before the loss moves, and stay quiet
+on healthy runs.
+
+Every scenario of ``benchmarks/scenarios/catalog.py`` is trained with a probe attached
+(``every=5``, Jacobian every 25) and its series are recorded: the probe's points, and the
+per-step loss and pre-clip gradient norm of the training loop. The detectors of
+``benchmarks/detectors.py`` then run offline over the recorded series:
+
+- the peers' baselines: OLMo-core's loss spike (mean + 6 sigma over the last 128 steps),
+  Megatron's spiky loss (> 10x the max of the last 100) and a gradient-norm threshold (> 10x
+  the running median of the last 100);
+- every rule of rankguard's default pack (``server/rule_pack.py``), through the alert engine.
+
+Failure step (``failure_step``): an explosion's step from ``failure.find_explosion``; for a
+silent degradation, the first step from which the run's trailing-25 mean loss stays above
+1.15x its healthy control's trailing-25 mean at the same step until the end of the run
+(``degradation_step``). Lead time = failure step - first firing step (negative: late; None:
+never fired). False alert = a detector firing at all on a healthy control run.
+
+Calibration is honest: the rule thresholds were chosen on seeds 0-1 (``CALIBRATION_SEEDS``)
+and the table is reported on seeds 3-6 (``HELDOUT_SEEDS``), which were not looked at while
+choosing them. Recording and analysis are separate commands, so the analysis of the
+held-out seeds is one call after the thresholds are frozen::
+
+    python -m benchmarks.early_warning record --seeds 0,1,3,4,5,6 --workers 2
+    python -m benchmarks.early_warning analyse --seeds 0,1 --tag calibration
+    python -m benchmarks.early_warning analyse --seeds 3,4,5,6 --tag heldout --plots
+
+Recorded runs are cached as ``benchmarks/results/runs/<scenario>_seed<k>.json.gz``; ``record``
+skips runs already there unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+RESULTS = _ROOT / "benchmarks" / "results"
+RUNS = RESULTS / "runs"
+CALIBRATION_SEEDS = (0, 1)
+HELDOUT_SEEDS = (3, 4, 5, 6)
+PROBE_EVERY = 5
+JACOBIAN_EVERY = 25
+STOP_AFTER_EXPLOSION = 15  # steps recorded past an explosion (enough to see the aftermath)
+DEGRADATION_MARGIN = 0.15  # = failure.DEGRADATION_MARGIN, here for the per-step definition
+SMOOTH = 25  # = failure.SMOOTH_WINDOW
+
+
+# --- recording ---------------------------------------------------------------------------------
+
+
+class ProbeCallback:
+    """Attaches a rankguard probe to the scenario's model at step 0 (after its backward).
+
+    ``train()`` builds the model itself, so the probe is created lazily; step 0's forward is
+    therefore unobserved and the probe's first full sample is at step ``every``. ``on_batch``
+    (optional) is called with each new probe batch: the rescue benchmark runs the alert engine
+    there and pushes MSign commands into ``transport``.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        *,
+        every: int = PROBE_EVERY,
+        jacobian_every: int = JACOBIAN_EVERY,
+        on_batch: Any = None,
+    ) -> None:
+        from rankguard.probe import MemoryTransport
+
+        self.run = run
+        self.every = every
+        self.jacobian_every = jacobian_every
+        self.transport = MemoryTransport()
+        self.probe: Any = None
+        self.on_batch = on_batch
+        self._seen = 0
+
+    def on_before_step(self, step: int, model: Any, optimizer: Any) -> None:
+        if self.probe is None:
+            from rankguard.probe import Probe
+
+            self.probe = Probe(
+                model,
+                optimizer,
+                run=self.run,
+                every=self.every,
+                jacobian_every=self.jacobian_every,
+                transport=self.transport,
+            )
+
+    def on_step(self, step: int, model: Any, optimizer: Any, loss: Any) -> None:
+        if step == 0:
+            return  # the probe was armed after this step's forward
+        self.probe.step(loss, step=step)
+        if self.on_batch is not None:
+            new = self.transport.batches[self._seen :]
+            self._seen = len(self.transport.batches)
+            if new:
+                self.on_batch(step, new, self.transport)
+
+    def close(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+
+
+def points_by_quantity(batches: Sequence[Mapping[str, Any]]) -> dict[str, list[list[Any]]]:
+    """``{quantity: [[target, step, value], ...]}`` in emission order (values as floats)."""
+    from rankguard.probe.sink import iter_points
+
+    out: dict[str, list[list[Any]]] = {}
+    for p in iter_points(batches):
+        out.setdefault(p.quantity, []).append([p.target, p.step, p.value])
+    return out
+
+
+def run_path(scenario: str, seed: int, folder: Path = RUNS) -> Path:
+    return folder / f"{scenario}_seed{seed}.json.gz"
+
+
+def _encode(value: float) -> float | str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _decode(value: Any) -> float:
+    return float(value) if isinstance(value, str) else value
+
+
+def save_run(record: Mapping[str, Any], path: Path) -> None:
+    """Writes ``record`` as gzip'd JSON; non-finite floats as the contract's strings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def enc(obj: Any) -> Any:
+        if isinstance(obj, float):
+            return _encode(obj)
+        if isinstance(obj, Mapping):
+            return {k: enc(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [enc(v) for v in obj]
+        return obj
+
+    tmp = path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt") as f:
+        json.dump(enc(record), f, allow_nan=False)
+    tmp.replace(path)
+
+
+def load_run(path: Path) -> dict[str, Any]:
+    with gzip.open(path, "rt") as f:
+        record = json.load(f)
+    for key in ("losses", "grad_norms", "attn_logit_max"):
+        record[key] = [_decode(v) for v in record[key]]
+    record["points"] = {
+        q: [[t, s, _decode(v)] for t, s, v in rows] for q, rows in record["points"].items()
+    }
+    return record
+
+
+def record_run(scenario_name: str, seed: int) -> dict[str, Any]:
+    """Trains one scenario/seed with the probe attached; returns its curves and probe points."""
+    import torch
+
+    from benchmarks.scenarios import catalog
+    from benchmarks.scenarios.train import train
+
+    torch.set_num_threads(1)
+    scenario = catalog.get(scenario_name)
+    cb = ProbeCallback(f"{scenario_name}-seed{seed}")
+    stop = STOP_AFTER_EXPLOSION if scenario.role == "failing" else None
+    result = train(scenario, seed, callbacks=[cb], stop_after_explosion=stop)
+    cb.close()
+    return {
+        "scenario": scenario_name,
+        "seed": seed,
+        "role": scenario.role,
+        "control": scenario.control,
+        "steps_run": result.steps_run,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "probe_every": cb.every,
+        "jacobian_every": cb.jacobian_every,
+        "weight_targets": [t.name for t in cb.probe.targets],
+        "losses": result.losses,
+        "grad_norms": result.grad_norms,
+        "attn_logit_max": result.attn_logit_max,
+        "points": points_by_quantity(cb.transport.batches),
+    }
+
+
+def _record_job(job: tuple[str, int, str]) -> str:
+    scenario, seed, folder = job
+    t0 = time.perf_counter()
+    record = record_run(scenario, seed)
+    save_run(record, run_path(scenario, seed, Path(folder)))
+    return f"{scenario} seed {seed}: {record['steps_run']} steps, {time.perf_counter() - t0:.0f} s"
+
+
+def record_all(
+    scenarios: Sequence[str], seeds: Sequence[int], *, workers: int, force: bool, folder: Path
+) -> None:
+    from benchmarks.scenarios import catalog
+
+    # Longest runs first (healthy and silent-degradation runs go the full 400 steps).
+    order = sorted(scenarios, key=lambda n: catalog.get(n).expected is not None)
+    jobs = [
+        (name, seed, str(folder))
+        for seed in seeds
+        for name in order
+        if force or not run_path(name, seed, folder).exists()
+    ]
+    print(f"recording {len(jobs)} runs with {workers} worker(s)", flush=True)
+    if workers <= 1:
+        for job in jobs:
+            print(_record_job(job), flush=True)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        for line in pool.imap_unordered(_record_job, jobs):
+            print(line, flush=True)
+
+
+# --- failure step ------------------------------------------------------------------------------
+
+
+def trailing_mean(values: Sequence[float], window: int = SMOOTH) -> list[float]:
+    """Mean of the last ``window`` values at each step (fewer at the start); inf if non-finite."""
+    out: list[float] = []
+    for i in range(len(values)):
+        tail = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(tail) / len(tail) if all(math.isfinite(v) for v in tail) else math.inf)
+    return out
+
+
+def degradation_step(
+    losses: Sequence[float],
+    control_losses: Sequence[float],
+    *,
+    margin: float = DEGRADATION_MARGIN,
+    window: int = SMOOTH,
+    start: int = 50,
+) -> int | None:
+    """First step >= ``start`` from which the trailing mean stays > (1+margin) x the control's.
+
+    "Stays" means through the last step both runs have; None if the run ends below the bound.
+    """
+    ours, ref = trailing_mean(losses, window), trailing_mean(control_losses, window)
+    n = min(len(ours), len(ref))
+    first: int | None = None
+    for i in range(start, n):
+        if ours[i] > (1.0 + margin) * ref[i]:
+            if first is None:
+                first = i
+        else:
+            first = None
+    return first
+
+
+def failure_of(record: Mapping[str, Any], control: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{"kind", "step"}`` under the one definition (failure.py), with the per-step onset."""
+    from benchmarks.scenarios.failure import classify
+
+    losses = record["losses"]
+    fail = classify(losses, None if control is None else control["losses"])
+    if fail is None:
+        return {"kind": None, "step": None}
+    step = fail.step
+    if fail.kind.value == "silent_degradation" and control is not None:
+        onset = degradation_step(losses, control["losses"])
+        step = onset if onset is not None else fail.step
+    return {"kind": fail.kind.value, "step": step}
+
+
+# --- analysis ----------------------------------------------------------------------------------
+
+# Rule-pack rules grouped for the headline comparison: rankguard's precursor detectors versus
+# the loss/gradient detectors any trainer has.
+SPECTRAL_RULES = (
+    "sa_sign_diversity_collapse",
+    "stable_rank_collapse",
+    "jacobian_alignment_gain_above_one",
+    "attention_logit_high",
+    "attention_logit_divergence",
+)
+BASELINES = ("olmo_loss_spike", "megatron_spiky_loss", "grad_norm_10x_median")
+
+
+def detect(record: Mapping[str, Any], rules: Sequence[Any]) -> dict[str, int | None]:
+    """First firing step of every detector on one recorded run."""
+    from benchmarks import detectors
+
+    out: dict[str, int | None] = {
+        "olmo_loss_spike": detectors.olmo_loss_spike(record["losses"]),
+        "megatron_spiky_loss": detectors.megatron_spiky_loss(record["losses"]),
+        "grad_norm_10x_median": detectors.grad_norm_threshold(record["grad_norms"]),
+    }
+    out.update(detectors.rule_first_firings(rules, record["points"]))
+    spectral = [out[name] for name in SPECTRAL_RULES if out.get(name) is not None]
+    out["rankguard_spectral_any"] = min(spectral) if spectral else None  # type: ignore[type-var]
+    base = [out[name] for name in BASELINES if out[name] is not None]
+    out["baseline_any"] = min(base) if base else None  # type: ignore[type-var]
+    return out
+
+
+def load_records(seeds: Sequence[int], folder: Path = RUNS) -> dict[tuple[str, int], Any]:
+    from benchmarks.scenarios import catalog
+
+    out = {}
+    for name in catalog.SCENARIOS:
+        for seed in seeds:
+            path = run_path(name, seed, folder)
+            if path.exists():
+                out[(name, seed)] = load_run(path)
+            else:
+                print(f"missing run {path.name}", file=sys.stderr)
+    return out
+
+
+def analyse(seeds: Sequence[int], folder: Path = RUNS) -> dict[str, Any]:
+    """Per-run detector firings, failure steps and lead times, plus the summary tables."""
+    from rankguard.server.rule_pack import default_rules, specialise
+
+    records = load_records(seeds, folder)
+    runs: list[dict[str, Any]] = []
+    for (name, seed), record in sorted(records.items()):
+        control = records.get((record["control"], seed)) if record["control"] else None
+        rules = specialise(default_rules(), record["weight_targets"])
+        fired = detect(record, rules)
+        failure = failure_of(record, control)
+        lead = {
+            det: (None if step is None or failure["step"] is None else failure["step"] - step)
+            for det, step in fired.items()
+        }
+        runs.append(
+            {
+                "scenario": name,
+                "seed": seed,
+                "role": record["role"],
+                "steps_run": record["steps_run"],
+                "wall_time_s": record["wall_time_s"],
+                "failure": failure,
+                "first_firing": fired,
+                "lead_time": lead,
+            }
+        )
+    return {"seeds": list(seeds), "runs": runs, "summary": summarise(runs)}
+
+
+def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per detector: median lead on failing runs, detections before failure, false alerts."""
+    detectors_ = list(runs[0]["first_firing"]) if runs else []
+    failing = [r for r in runs if r["role"] == "failing" and r["failure"]["step"] is not None]
+    healthy = [r for r in runs if r["role"] == "healthy"]
+    out: dict[str, Any] = {}
+    for det in detectors_:
+        leads = [r["lead_time"][det] for r in failing if r["lead_time"][det] is not None]
+        early = [v for v in leads if v > 0]
+        out[det] = {
+            "failing_runs": len(failing),
+            "fired_before_failure": len(early),
+            "fired_at_all": len(leads),
+            "median_lead": _median(leads),
+            "leads": {f"{r['scenario']}/{r['seed']}": r["lead_time"][det] for r in failing},
+            "healthy_runs": len(healthy),
+            "false_alerts": sum(1 for r in healthy if r["first_firing"][det] is not None),
+        }
+    return out
+
+
+def _median(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    mid = len(s) // 2
+    return float(s[mid]) if len(s) % 2 else (s[mid - 1] + s[mid]) / 2.0
+
+
+def markdown_tables(result: Mapping[str, Any]) -> str:
+    """The per-run lead-time table and the per-detector summary, as Markdown."""
+    cols = (*BASELINES, *SPECTRAL_RULES, "grad_norm_spike", "rankguard_spectral_any")
+    short = {
+        "olmo_loss_spike": "OLMo 6σ",
+        "megatron_spiky_loss": "Megatron 10x",
+        "grad_norm_10x_median": "gnorm 10x med",
+        "sa_sign_diversity_collapse": "SA D",
+        "stable_rank_collapse": "stable rank",
+        "jacobian_alignment_gain_above_one": "a·M > 1",
+        "attention_logit_high": "logit > 1e3",
+        "attention_logit_divergence": "logit > 1e4",
+        "grad_norm_spike": "PSS gnorm",
+        "rankguard_spectral_any": "rankguard (any precursor)",
+    }
+    lines = [
+        "| scenario / seed | failure (step) | " + " | ".join(short[c] for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for r in result["runs"]:
+        f = r["failure"]
+        fail = "none" if f["kind"] is None else f"{f['kind']} ({f['step']})"
+        cells = []
+        for c in cols:
+            step = r["first_firing"][c]
+            if step is None:
+                cells.append("–")
+            elif f["step"] is None:
+                cells.append(f"@{step}")
+            else:
+                cells.append(f"{f['step'] - step:+d} (@{step})")
+        lines.append(f"| {r['scenario']} / {r['seed']} | {fail} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| detector | fired before failure | median lead (steps) | false alerts (healthy) |",
+        "|---|---|---|---|",
+    ]
+    for det, s in result["summary"].items():
+        med = "–" if s["median_lead"] is None else f"{s['median_lead']:+.0f}"
+        lines.append(
+            f"| {short.get(det, det)} | {s['fired_before_failure']}/{s['failing_runs']} | {med} | "
+            f"{s['false_alerts']}/{s['healthy_runs']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULTS) -> list[Path]:
+    """One PNG per failing scenario: loss (each seed), the attention-logit and stable-rank
+    precursors, the first rankguard alert and the failure step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    by_scenario: dict[str, list[Mapping[str, Any]]] = {}
+    for r in result["runs"]:
+        by_scenario.setdefault(r["scenario"], []).append(r)
+    for name, rows in by_scenario.items():
+        fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+        for i, r in enumerate(rows):
+            rec = load_run(run_path(name, r["seed"], folder))
+            color = f"C{i}"
+            axes[0].plot(rec["losses"], color=color, lw=0.8, label=f"seed {r['seed']}")
+            logit = [(s, v) for _, s, v in rec["points"].get("attention_logit_max", [])]
+            if logit:
+                steps = sorted({s for s, _ in logit})
+                peak = {s: max(v for t, v in logit if t == s) for s in steps}
+                axes[1].semilogy(steps, [peak[s] for s in steps], color=color, lw=0.8)
+            sr = _gmean_by_step(rec["points"].get("stable_rank", []))
+            if sr:
+                axes[2].plot(*zip(*sr, strict=True), color=color, lw=0.8)
+            fire = r["first_firing"]["rankguard_spectral_any"]
+            fail = r["failure"]["step"]
+            for ax in axes:
+                if fire is not None:
+                    ax.axvline(fire, color=color, ls="--", lw=0.8)
+                if fail is not None:
+                    ax.axvline(fail, color=color, ls=":", lw=1.2)
+        axes[0].set_ylabel("loss")
+        axes[0].set_title(f"{name}: dashed = first rankguard precursor alert, dotted = failure")
+        axes[0].legend(fontsize=7)
+        axes[1].set_ylabel("max attention logit")
+        axes[2].set_ylabel("stable rank (gmean)")
+        axes[2].set_xlabel("step")
+        fig.tight_layout()
+        path = out / f"lead_time_{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _gmean_by_step(rows: Sequence[Sequence[Any]]) -> list[tuple[int, float]]:
+    acc: dict[int, list[float]] = {}
+    for _, step, value in rows:
+        if math.isfinite(value) and value > 0:
+            acc.setdefault(int(step), []).append(math.log(value))
+    return [(s, math.exp(sum(v) / len(v))) for s, v in sorted(acc.items())]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="train and record the scenarios with the probe")
+    rec.add_argument("--seeds", default="0,1,3,4,5,6")
+    rec.add_argument("--scenarios", default=None, help="comma-separated; default: all")
+    rec.add_argument("--workers", type=int, default=2)
+    rec.add_argument("--force", action="store_true")
+    ana = sub.add_parser("analyse", help="run the detectors over recorded runs")
+    ana.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
+    ana.add_argument("--tag", default="heldout", help="results file: lead_time_<tag>.json")
+    ana.add_argument("--plots", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.command == "record":
+        from benchmarks.scenarios import catalog
+
+        names = list(catalog.SCENARIOS) if args.scenarios is None else args.scenarios.split(",")
+        record_all(names, seeds, workers=args.workers, force=args.force, folder=RUNS)
+        return
+    result = analyse(seeds)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"lead_time_{args.tag}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown_tables(result))
+    print(f"\nwrote {path.relative_to(_ROOT)}")
+    if args.plots:
+        for p in plot_runs(result):
+            print(f"wrote {p.relative_to(_ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

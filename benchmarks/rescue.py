@@ -1,0 +1,346 @@
+"""Claim (issue 7): with the default rules ordering MSign automatically, >= 80% of the failing
+runs avoid failure.
+
+Each failing scenario of ``benchmarks/scenarios/catalog.py`` is trained again with the probe
+attached (as in ``benchmarks/early_warning.py``) and the alert engine running in-process: after
+every probe batch the new points go through the rules of ``default_rules(remediate=True)``
+(specialised to the run's weight names); a ``firing`` transition that carries an MSign command
+is pushed into the probe's ``MemoryTransport``, and the probe applies it at the next step, as a
+live run would get it from the server. Healthy scenarios can be run the same way to see what
+MSign does to a run that did not need it (``--scenarios``).
+
+Outcome per run, under the one failure definition (``benchmarks/scenarios/failure.py``):
+explosion (incl. non-finite), silent degradation (final trailing-25 loss > 1.15x the healthy
+control's, same seed), or none; plus the final loss relative to the control. The controls and
+the unprotected runs are the recordings of ``early_warning record`` (run that first)::
+
+    python -m benchmarks.early_warning record --seeds 0,1,3,4,5,6 --workers 2
+    python -m benchmarks.rescue run --seeds 3,4,5,6 --workers 2
+    python -m benchmarks.rescue report --seeds 3,4,5,6 --plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from benchmarks.early_warning import (  # noqa: E402
+    HELDOUT_SEEDS,
+    RESULTS,
+    RUNS,
+    ProbeCallback,
+    load_run,
+    run_path,
+    save_run,
+)
+
+RESCUE_RUNS = RESULTS / "rescue_runs"
+
+
+class AlertLoop:
+    """The server's alert loop in-process: rules over each new probe batch, MSign pushed back."""
+
+    def __init__(self, rules: Sequence[Any]) -> None:
+        self.rules = list(rules)
+        self.states: dict[str, Any] = {rule.name: None for rule in self.rules}
+        self.alerts: list[dict[str, Any]] = []  # every firing transition, with its command
+        self.orders: list[dict[str, Any]] = []  # MSign commands pushed (id, step, rule)
+
+    def __call__(self, step: int, batches: Sequence[Mapping[str, Any]], transport: Any) -> None:
+        from rankguard.probe.sink import iter_points
+        from rankguard.server.alert_engine import TransitionKind, evaluate
+
+        by_quantity: dict[str, list[tuple[str, int, float]]] = {}
+        for p in iter_points(batches):
+            by_quantity.setdefault(p.quantity, []).append((p.target, p.step, p.value))
+        for rule in self.rules:
+            samples = by_quantity.get(rule.quantity)
+            if not samples:
+                continue
+            self.states[rule.name], transitions = evaluate(rule, self.states[rule.name], samples)
+            for t in transitions:
+                if t.kind is not TransitionKind.FIRING:
+                    continue
+                self.alerts.append(
+                    {
+                        "rule": t.rule,
+                        "step": t.step,
+                        "command": t.command is not None,
+                        "suppressed": t.command_suppressed,
+                    }
+                )
+                if t.command is not None:
+                    command = {"id": f"{t.rule}-{t.episode}", **t.command}
+                    transport.push_command(command)
+                    self.orders.append({"id": command["id"], "step": step, "rule": t.rule})
+
+
+def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
+    """Trains one scenario/seed with automatic MSign; returns its curves, alerts and MSigns."""
+    import torch
+
+    from benchmarks.scenarios import catalog
+    from benchmarks.scenarios.train import train
+    from rankguard.server.rule_pack import default_rules, specialise
+
+    torch.set_num_threads(1)
+    scenario = catalog.get(scenario_name)
+    loop: AlertLoop | None = None
+    cb = ProbeCallback(f"{scenario_name}-seed{seed}-rescue")
+
+    def on_batch(step: int, batches: Sequence[Mapping[str, Any]], transport: Any) -> None:
+        nonlocal loop
+        if loop is None:
+            names = [t.name for t in cb.probe.targets]
+            loop = AlertLoop(specialise(default_rules(remediate=True), names))
+        loop(step, batches, transport)
+
+    cb.on_batch = on_batch
+    result = train(scenario, seed, callbacks=[cb])
+    cb.close()
+    acks = [
+        {"id": cid, "state": ack.get("state"), "step": ack.get("step")}
+        for cid, ack in cb.transport.acks
+    ]
+    return {
+        "scenario": scenario_name,
+        "seed": seed,
+        "role": scenario.role,
+        "control": scenario.control,
+        "steps_run": result.steps_run,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "losses": result.losses,
+        "grad_norms": result.grad_norms,
+        "attn_logit_max": result.attn_logit_max,
+        "alerts": [] if loop is None else loop.alerts,
+        "orders": [] if loop is None else loop.orders,
+        "acks": acks,
+        "points": {},  # not kept: the lead-time recordings hold the unprotected series
+    }
+
+
+def _job(job: tuple[str, int, str]) -> str:
+    scenario, seed, folder = job
+    t0 = time.perf_counter()
+    record = rescue_run(scenario, seed)
+    save_run(record, run_path(scenario, seed, Path(folder)))
+    return (
+        f"{scenario} seed {seed}: {record['steps_run']} steps, {len(record['orders'])} MSign, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+
+
+def run_all(
+    scenarios: Sequence[str], seeds: Sequence[int], *, workers: int, force: bool, folder: Path
+) -> None:
+    jobs = [
+        (name, seed, str(folder))
+        for seed in seeds
+        for name in scenarios
+        if force or not run_path(name, seed, folder).exists()
+    ]
+    print(f"rescue: {len(jobs)} runs with {workers} worker(s)", flush=True)
+    if workers <= 1:
+        for job in jobs:
+            print(_job(job), flush=True)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for line in pool.imap_unordered(_job, jobs):
+            print(line, flush=True)
+
+
+def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[str, Any]:
+    """Failure kind (or None), final trailing-25 loss and its ratio to the control's."""
+    from benchmarks.scenarios.failure import classify, smoothed_final_loss
+
+    fail = classify(losses, control_losses)
+    final = smoothed_final_loss(losses)
+    ref = smoothed_final_loss(control_losses)
+    return {
+        "failure": None if fail is None else fail.kind.value,
+        "failure_step": None if fail is None else fail.step,
+        "final_loss": final if math.isfinite(final) else None,
+        "control_final_loss": ref,
+        "ratio_to_control": final / ref if math.isfinite(final) else None,
+    }
+
+
+def report(seeds: Sequence[int], scenarios: Sequence[str] | None = None) -> dict[str, Any]:
+    from benchmarks.scenarios import catalog
+
+    names = scenarios or [s.name for s in catalog.SCENARIOS.values()]
+    runs = []
+    for name in names:
+        scenario = catalog.get(name)
+        for seed in seeds:
+            path = run_path(name, seed, RESCUE_RUNS)
+            if not path.exists():
+                continue
+            rescued = load_run(path)
+            control_name = scenario.control or name
+            control = load_run(run_path(control_name, seed, RUNS))
+            unprotected = load_run(run_path(name, seed, RUNS))
+            runs.append(
+                {
+                    "scenario": name,
+                    "seed": seed,
+                    "role": scenario.role,
+                    "unprotected": outcome(unprotected["losses"], control["losses"]),
+                    "rescued": outcome(rescued["losses"], control["losses"]),
+                    "msign_steps": [o["step"] for o in rescued["orders"]],
+                    "msign_applied": sum(1 for a in rescued["acks"] if a["state"] == "applied"),
+                    "alerts": rescued["alerts"],
+                }
+            )
+    return {"seeds": list(seeds), "runs": runs, "summary": summarise(runs)}
+
+
+def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    failing = [r for r in runs if r["role"] == "failing"]
+    counts: dict[str, int] = {"explosion": 0, "silent_degradation": 0, "none": 0}
+    for r in failing:
+        counts[r["rescued"]["failure"] or "none"] += 1
+    failed_unprotected = [r for r in failing if r["unprotected"]["failure"] is not None]
+    avoided = [r for r in failed_unprotected if r["rescued"]["failure"] is None]
+    return {
+        "failing_runs": len(failing),
+        "failed_unprotected": len(failed_unprotected),
+        "avoided_failure": len(avoided),
+        "avoided_fraction": len(avoided) / len(failed_unprotected) if failed_unprotected else None,
+        "rescued_outcomes": counts,
+        "healthy_runs_with_msign": sum(
+            1 for r in runs if r["role"] == "healthy" and r["msign_steps"]
+        ),
+        "healthy_runs": sum(1 for r in runs if r["role"] == "healthy"),
+    }
+
+
+def markdown_table(result: Mapping[str, Any]) -> str:
+    def fmt(o: Mapping[str, Any]) -> str:
+        kind = o["failure"] or "ok"
+        ratio = "NaN" if o["ratio_to_control"] is None else f"{o['ratio_to_control']:.2f}x"
+        return f"{kind} ({ratio})"
+
+    lines = [
+        "| scenario / seed | unprotected (final loss / control) | with auto-MSign | MSign steps |",
+        "|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        steps = ", ".join(map(str, r["msign_steps"])) or "–"
+        lines.append(
+            f"| {r['scenario']} / {r['seed']} | {fmt(r['unprotected'])} | {fmt(r['rescued'])} "
+            f"| {steps} |"
+        )
+    s = result["summary"]
+    lines += [
+        "",
+        f"Failing runs: {s['failing_runs']}; failed unprotected: {s['failed_unprotected']}; "
+        f"avoided failure with auto-MSign: {s['avoided_failure']}"
+        + (f" ({s['avoided_fraction']:.0%})" if s["avoided_fraction"] is not None else "")
+        + f"; outcomes with auto-MSign: {s['rescued_outcomes']}; healthy runs that got an "
+        f"MSign: {s['healthy_runs_with_msign']}/{s['healthy_runs']}.",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: Mapping[str, Any], out: Path = RESULTS) -> list[Path]:
+    """One PNG per scenario: unprotected vs auto-MSign loss (each seed) and the control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.scenarios import catalog
+
+    paths = []
+    by_scenario: dict[str, list[Mapping[str, Any]]] = {}
+    for r in result["runs"]:
+        by_scenario.setdefault(r["scenario"], []).append(r)
+    for name, rows in by_scenario.items():
+        control_name = catalog.get(name).control or name
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, r in enumerate(rows):
+            color = f"C{i}"
+            seed = r["seed"]
+            ctrl = load_run(run_path(control_name, seed, RUNS))["losses"]
+            unp = load_run(run_path(name, seed, RUNS))["losses"]
+            res = load_run(run_path(name, seed, RESCUE_RUNS))["losses"]
+            ax.plot(_smooth(ctrl), color="0.6", lw=0.8)
+            ax.plot(_smooth(unp), color=color, lw=0.8, ls=":")
+            ax.plot(_smooth(res), color=color, lw=1.0, label=f"seed {seed}")
+            for s in r["msign_steps"]:
+                ax.axvline(s, color=color, lw=0.5, alpha=0.5)
+        ax.set_ylim(1.5, 6.0)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (trailing mean of 10)")
+        ax.set_title(
+            f"{name}: solid = auto-MSign, dotted = unprotected, grey = control, "
+            "vertical = MSign",
+            fontsize=9,
+        )
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"rescue_{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _smooth(values: Sequence[float], window: int = 10) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        tail = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(tail) / len(tail) if tail else math.nan)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from benchmarks.scenarios import catalog
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the scenarios with automatic MSign")
+    run.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
+    run.add_argument("--scenarios", default=None, help="comma-separated; default: the failing")
+    run.add_argument("--workers", type=int, default=2)
+    run.add_argument("--force", action="store_true")
+    rep = sub.add_parser("report", help="tabulate the outcomes")
+    rep.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
+    rep.add_argument("--tag", default="heldout", help="results file: rescue_<tag>.json")
+    rep.add_argument("--plots", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.command == "run":
+        names = (
+            [s.name for s in catalog.failing()]
+            if args.scenarios is None
+            else args.scenarios.split(",")
+        )
+        run_all(names, seeds, workers=args.workers, force=args.force, folder=RESCUE_RUNS)
+        return
+    result = report(seeds)
+    path = RESULTS / f"rescue_{args.tag}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown_table(result))
+    print(f"\nwrote {path.relative_to(_ROOT)}")
+    if args.plots:
+        for p in plot(result):
+            print(f"wrote {p.relative_to(_ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The webhook delivery worker: a background thread that sends the pending rows of
+``webhook_deliveries`` (the outbox the ingest transaction wrote) and records each attempt.
+
+Ingest never waits on a receiver: it commits the pending rows and calls ``wake()``. The
+dispatcher thread claims pending rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several
+server processes share the outbox without sending a row twice), marks them ``sending`` and
+hands each to a small thread pool, where ``notifications.deliver`` retries with backoff; the
+outcome and every attempt are written back. Rows left ``sending`` by a crash are sent again
+at the next start (at-least-once: receivers dedupe on the alert id and status).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy import select, update
+
+from rankguard.server import notifications
+from rankguard.server.config import Settings
+from rankguard.server.db import Database, utcnow
+from rankguard.server.models import Delivery, DeliveryOutcome, Webhook
+
+logger = logging.getLogger("rankguard.server.delivery")
+
+
+@dataclass(frozen=True)
+class _Job:
+    delivery_id: int
+    url: str
+    secret: str | None
+    body: bytes
+
+
+class _Stopping(Exception):
+    """Raised inside a backoff sleep when the worker shuts down."""
+
+
+class DeliveryWorker:
+    """Sends pending deliveries; ``start()``/``stop()`` from the app's lifespan."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        client_factory: Callable[[], httpx.Client] = httpx.Client,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.policy = notifications.RetryPolicy(
+            max_attempts=settings.webhook_max_attempts,
+            max_total_s=settings.webhook_max_total_s,
+            timeout_s=settings.webhook_timeout_s,
+        )
+        self._client_factory = client_factory
+        self._client: httpx.Client | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots = threading.Semaphore(settings.webhook_workers * 4)
+
+    def start(self) -> None:
+        self._requeue_stale()
+        self._client = self._client_factory()
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.settings.webhook_workers, thread_name_prefix="rankguard-webhook"
+        )
+        self._thread = threading.Thread(
+            target=self._loop, name="rankguard-delivery", daemon=True
+        )
+        self._thread.start()
+        self.wake()  # rows left pending by the previous process
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+    # -- dispatcher ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.delivery_poll_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._dispatch()
+            except Exception:  # the database may be briefly away; try again on the next tick
+                logger.exception("webhook dispatch failed")
+
+    def _requeue_stale(self) -> None:
+        with self.db.write() as session:
+            session.execute(
+                update(Delivery)
+                .where(Delivery.outcome == DeliveryOutcome.SENDING.value)
+                .values(outcome=DeliveryOutcome.PENDING.value)
+            )
+
+    def _dispatch(self) -> None:
+        while not self._stop.is_set():
+            free = 0
+            while free < 64 and self._slots.acquire(blocking=False):
+                free += 1
+            if free == 0:
+                return  # every slot busy; a finishing job wakes us
+            jobs = self._claim(free)
+            for _ in range(free - len(jobs)):
+                self._slots.release()
+            assert self._pool is not None
+            for job in jobs:
+                self._pool.submit(self._send, job)
+            if len(jobs) < free:
+                return
+
+    def _claim(self, limit: int) -> list[_Job]:
+        with self.db.write() as session:
+            rows = session.execute(
+                select(Delivery.id, Delivery.body, Webhook.url, Webhook.secret)
+                .join(Webhook, Webhook.id == Delivery.webhook_id)
+                .where(Delivery.outcome == DeliveryOutcome.PENDING.value)
+                .order_by(Delivery.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=Delivery)
+            ).all()
+            if not rows:
+                return []
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_([r[0] for r in rows]))
+                .values(outcome=DeliveryOutcome.SENDING.value)
+            )
+            return [_Job(r[0], r[2], r[3], r[1].encode()) for r in rows]
+
+    # -- one delivery ----------------------------------------------------------------------
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopping
+
+    def _send(self, job: _Job) -> None:
+        try:
+            assert self._client is not None
+            result = notifications.deliver(
+                self._client,
+                job.url,
+                job.body,
+                secret=job.secret,
+                policy=self.policy,
+                sleep=self._sleep,
+            )
+            last = result.attempts[-1]
+            values = {
+                "outcome": (
+                    DeliveryOutcome.DELIVERED if result.delivered else DeliveryOutcome.FAILED
+                ).value,
+                "attempts": [a.to_dict() for a in result.attempts],
+                "status_code": last.status_code,
+                "error": last.error,
+                "finished_at": utcnow(),
+            }
+        except _Stopping:
+            values = {"outcome": DeliveryOutcome.PENDING.value}  # sent again at the next start
+        except Exception as exc:  # never let one delivery kill the pool
+            logger.exception("webhook delivery %s failed", job.delivery_id)
+            values = {
+                "outcome": DeliveryOutcome.FAILED.value,
+                "error": f"{type(exc).__name__}: {exc}",
+                "finished_at": utcnow(),
+            }
+        try:
+            with self.db.write() as session:
+                session.execute(
+                    update(Delivery).where(Delivery.id == job.delivery_id).values(**values)
+                )
+        except Exception:
+            logger.exception("could not record webhook delivery %s", job.delivery_id)
+        finally:
+            self._slots.release()
+            self._wake.set()  # more may be waiting

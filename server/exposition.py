@@ -1,0 +1,309 @@
+"""Prometheus ``/metrics``: the app's own ``CollectorRegistry`` (never the global one, so two
+apps in one process -- tests -- do not collide).
+
+- ``RunCollector`` reads the database at scrape time: per ACTIVE (running) run the latest
+  sample of each quantity aggregated over its targets (``rankguard_run_quantity``), the k
+  worst targets (``rankguard_run_quantity_top``), ``rankguard_run_last_step`` and the firing
+  alerts per severity; plus the counters whose truth is in the database, so they agree across
+  server processes and survive restarts (alerts fired, commands per kind and state,
+  notifications per format and outcome).
+- ``Metrics`` holds the in-process counters: points ingested, HTTP requests and their
+  latency (``MetricsMiddleware``, labelled with the route *template*, never the raw path).
+
+Label sets are bounded (docs/contract.md): active runs, quantities, aggregates, top-k targets;
+never a step, a command id or free text.
+
+``/metrics`` needs no token by default, because Prometheus (the docker compose one included)
+scrapes without one; set ``RANKGUARD_METRICS_TOKEN`` to require
+``Authorization: Bearer <token>`` (Prometheus: ``authorization: {credentials: ...}``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rankguard.server.config import Settings
+from rankguard.server.db import Database
+
+logger = logging.getLogger("rankguard.server.exposition")
+
+TOP_K = 5
+AGGREGATES = ("min", "mean", "max")
+SEVERITIES = ("info", "warning", "critical")
+# Quantities where a LOW value is the bad one (top-k picks the lowest).
+LOW_IS_WORSE = frozenset({"stable_rank", "sa_sign_diversity", "representation_stable_rank"})
+# Commands counted as having reached a state: every command was queued; delivered covers
+# those that went on to be acked.
+_DELIVERED_OR_LATER = ("delivered", "applied", "failed")
+
+
+def aggregate(values: list[float]) -> dict[str, float]:
+    """min/mean/max of one step's values over targets. NaN is data: ``mean`` is NaN when any
+    value is, ``min``/``max`` skip NaN (so a finite collapse in one layer still shows) and are
+    NaN only when every value is."""
+    finite_or_inf = [v for v in values if not math.isnan(v)]
+    if not finite_or_inf:
+        return dict.fromkeys(AGGREGATES, math.nan)
+    if len(finite_or_inf) < len(values):
+        mean = math.nan
+    elif math.inf in finite_or_inf and -math.inf in finite_or_inf:
+        mean = math.nan
+    else:
+        mean = math.fsum(finite_or_inf) / len(finite_or_inf)
+    return {"min": min(finite_or_inf), "mean": mean, "max": max(finite_or_inf)}
+
+
+def top_targets(quantity: str, by_target: dict[str, float], k: int = TOP_K) -> list[str]:
+    """The k worst targets: lowest for LOW_IS_WORSE quantities, highest otherwise; NaN
+    counts as the worst of all."""
+    low = quantity in LOW_IS_WORSE
+
+    def badness(item: tuple[str, float]) -> tuple[int, float, str]:
+        target, v = item
+        if math.isnan(v):
+            return (0, 0.0, target)
+        return (1, v if low else -v, target)
+
+    return [t for t, _ in sorted(by_target.items(), key=badness)[:k]]
+
+
+# Latest point of every series of the running runs: one PK seek per series.
+_LATEST_SQL = """
+SELECT r.id, p.name, r.last_step, s.quantity, s.target,
+       (SELECT pt.value FROM points pt WHERE pt.series_id = s.id
+        ORDER BY pt.step DESC LIMIT 1) AS value,
+       (SELECT MAX(pt.step) FROM points pt WHERE pt.series_id = s.id) AS step
+FROM runs r
+JOIN projects p ON p.id = r.project_id
+LEFT JOIN series s ON s.run_id = r.id
+WHERE r.status = 'running'
+ORDER BY r.id
+"""
+
+
+class RunCollector(Collector):
+    """Gauges of the active runs and the database-backed counters, read at scrape time."""
+
+    def __init__(self, get_db: Callable[[], Database | None]) -> None:
+        self._get_db = get_db
+
+    def collect(self) -> Iterable[Metric]:
+        db = self._get_db()
+        if db is None:  # before the lifespan started
+            return []
+        try:
+            with db.read() as session:
+                conn = session.connection()
+                latest = conn.execute(text(_LATEST_SQL)).all()
+                firing = conn.execute(
+                    text(
+                        "SELECT a.run_id, a.severity, COUNT(*) FROM alerts a JOIN runs r ON "
+                        "r.id = a.run_id WHERE r.status = 'running' AND a.state = 'firing' "
+                        "GROUP BY a.run_id, a.severity"
+                    )
+                ).all()
+                fired = conn.execute(
+                    text("SELECT severity, COUNT(*) FROM alerts GROUP BY severity")
+                ).all()
+                commands = conn.execute(
+                    text("SELECT kind, state, COUNT(*) FROM commands GROUP BY kind, state")
+                ).all()
+                notes = conn.execute(
+                    text(
+                        "SELECT format, outcome, COUNT(*) FROM webhook_deliveries "
+                        "WHERE outcome IN ('delivered', 'failed') GROUP BY format, outcome"
+                    )
+                ).all()
+        except Exception:
+            logger.exception("metrics scrape could not read the database")
+            return []
+        return self._families(latest, firing, fired, commands, notes)
+
+    def _families(
+        self,
+        latest: list[Any],
+        firing: list[Any],
+        fired: list[Any],
+        commands: list[Any],
+        notes: list[Any],
+    ) -> list[Metric]:
+        quantity = GaugeMetricFamily(
+            "rankguard_run_quantity",
+            "Latest sample of a run's quantity aggregated over its targets (active runs).",
+            labels=["project", "run", "quantity", "aggregate"],
+        )
+        top = GaugeMetricFamily(
+            "rankguard_run_quantity_top",
+            f"Latest value of the {TOP_K} worst targets of a run's quantity (active runs).",
+            labels=["project", "run", "quantity", "target"],
+        )
+        last_step = GaugeMetricFamily(
+            "rankguard_run_last_step", "Highest step ingested for the run.", labels=["project", "run"]
+        )
+        alerts_firing = GaugeMetricFamily(
+            "rankguard_alerts_firing",
+            "Alerts currently firing per run and severity (active runs).",
+            labels=["project", "run", "severity"],
+        )
+        runs: dict[str, str] = {}
+        values: dict[tuple[str, str], dict[str, float]] = {}
+        for run_id, project, run_last, q, target, value, _step in latest:
+            if run_id not in runs:
+                runs[run_id] = project
+                if run_last is not None:
+                    last_step.add_metric([project, run_id], float(run_last))
+            if q is None or _step is None:
+                continue  # a run without series, or a histogram-only series
+            v = math.nan if value is None else float(value)  # SQLite keeps NaN as NULL
+            by_target = values.setdefault((run_id, q), {})
+            # Several ranks of one target: keep the worst-looking (NaN first) as the value.
+            if target not in by_target or math.isnan(v):
+                by_target[target] = v
+        for (run_id, q), by_target in sorted(values.items()):
+            project = runs[run_id]
+            for agg, v in aggregate(list(by_target.values())).items():
+                quantity.add_metric([project, run_id, q, agg], v)
+            for target in top_targets(q, by_target):
+                top.add_metric([project, run_id, q, target], by_target[target])
+        counts = {(r, s): int(n) for r, s, n in firing}
+        for run_id, project in sorted(runs.items()):
+            for severity in SEVERITIES:
+                alerts_firing.add_metric(
+                    [project, run_id, severity], float(counts.get((run_id, severity), 0))
+                )
+
+        fired_total = CounterMetricFamily(
+            "rankguard_alerts_fired",
+            "Alerts that fired, per severity (from the database).",
+            labels=["severity"],
+        )
+        by_severity = {s: int(n) for s, n in fired}
+        for severity in sorted(set(SEVERITIES) | set(by_severity)):
+            fired_total.add_metric([severity], float(by_severity.get(severity, 0)))
+
+        commands_total = CounterMetricFamily(
+            "rankguard_commands",
+            "Commands that reached a state, per kind (from the database).",
+            labels=["kind", "state"],
+        )
+        reached: dict[tuple[str, str], int] = {}
+        for kind, state, n in commands:
+            reached[(kind, "queued")] = reached.get((kind, "queued"), 0) + int(n)
+            if state in _DELIVERED_OR_LATER:
+                reached[(kind, "delivered")] = reached.get((kind, "delivered"), 0) + int(n)
+            if state not in ("queued", "delivered"):
+                reached[(kind, state)] = reached.get((kind, state), 0) + int(n)
+        for (kind, state), n in sorted(reached.items()):
+            commands_total.add_metric([kind, state], float(n))
+
+        notifications_total = CounterMetricFamily(
+            "rankguard_notifications",
+            "Webhook notifications sent, per payload format and outcome (from the database).",
+            labels=["format", "outcome"],
+        )
+        for fmt, outcome, n in sorted(notes):
+            notifications_total.add_metric([fmt, outcome], float(n))
+        return [
+            quantity,
+            top,
+            last_step,
+            alerts_firing,
+            fired_total,
+            commands_total,
+            notifications_total,
+        ]
+
+
+class Metrics:
+    """The app's registry and its in-process instruments."""
+
+    def __init__(self, get_db: Callable[[], Database | None]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.points_ingested = Counter(
+            "rankguard_points_ingested",
+            "Points stored by ingest (replayed points are not counted).",
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "rankguard_http_requests",
+            "HTTP requests by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "rankguard_http_request_duration_seconds",
+            "HTTP request latency by method and route template.",
+            ["method", "route"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self.registry.register(RunCollector(get_db))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts requests and times them, labelled by the matched route's path template
+    (``/api/v1/runs/{run_id}/points``); unmatched paths share the label ``unmatched``."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path_format", None) or getattr(route, "path", None)
+            label = str(template) if template else "unmatched"
+            method = str(scope.get("method", "GET"))
+            self.metrics.http_requests.labels(method, label, str(status)).inc()
+            self.metrics.http_duration.labels(method, label).observe(time.perf_counter() - start)
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", include_in_schema=True, response_class=Response)
+def metrics_endpoint(request: Request) -> Response:
+    """Prometheus exposition (text format 0.0.4). Open unless RANKGUARD_METRICS_TOKEN is set."""
+    settings: Settings = request.app.state.settings
+    if settings.metrics_token is not None:
+        expected = f"Bearer {settings.metrics_token.get_secret_value()}"
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return Response(
+                "metrics need 'Authorization: Bearer <RANKGUARD_METRICS_TOKEN>'\n",
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+                media_type="text/plain",
+            )
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
