@@ -226,21 +226,43 @@ def serve(db_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.2)
 
 
-def endpoint_time(url: str, run_id: str, repeats: int) -> tuple[float, float, int]:
+def endpoint_time(url: str, run_id: str, repeats: int) -> tuple[float, float, int, float]:
     """(first request: figures built, median of the repeats: served from the payload cache,
-    payload bytes)."""
-    times, size = [], 0
+    payload bytes, median of a live poll of the unchanged run: If-None-Match -> 304)."""
+    times, size, etag = [], 0, ""
     for _ in range(repeats):
         start = time.perf_counter()
         resp = httpx.get(f"{url}/api/v1/runs/{run_id}/figures", timeout=120)
         times.append(time.perf_counter() - start)
         resp.raise_for_status()
-        size = len(resp.content)
-    return times[0], statistics.median(times[1:]), size
+        size, etag = len(resp.content), resp.headers["etag"]
+    polls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        resp = httpx.get(
+            f"{url}/api/v1/runs/{run_id}/figures", headers={"If-None-Match": etag}, timeout=120
+        )
+        polls.append(time.perf_counter() - start)
+        if resp.status_code != 304:
+            raise RuntimeError(f"poll of an unchanged run: {resp.status_code}, expected 304")
+    return times[0], statistics.median(times[1:]), size, statistics.median(polls)
 
 
-def page_times(browser: Any, url: str, run_id: str, loads: int) -> tuple[list[float], list[float]]:
-    """(cold, warm) seconds from navigation start to every figure drawn."""
+# Where a load's time went (ms from navigation start): scripts run (plotly.js compiled), the
+# figures' response in, their JSON parsed, everything drawn. run.js sets the rg: marks.
+PHASES_JS = """() => {
+  const mark = (n) => (performance.getEntriesByName(n)[0] || {}).startTime;
+  const nav = performance.getEntriesByType("navigation")[0];
+  return {scripts: nav.domContentLoadedEventEnd, response: mark("rg:response"),
+          parsed: mark("rg:parsed"), drawn: window.__rankguardRenderedAt};
+}"""
+
+
+def page_times(
+    browser: Any, url: str, run_id: str, loads: int
+) -> tuple[list[float], list[float], dict[str, float]]:
+    """(cold, warm) seconds from navigation start to every figure drawn, and the phases of
+    the last cold load."""
     page_url = f"{url}/runs/{run_id}"
 
     def load(page: Any) -> float:
@@ -250,16 +272,19 @@ def page_times(browser: Any, url: str, run_id: str, loads: int) -> tuple[list[fl
         return ms / 1000
 
     cold = []
+    phases: dict[str, float] = {}
     for _ in range(loads):
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        cold.append(load(context.new_page()))
+        page = context.new_page()
+        cold.append(load(page))
+        phases = page.evaluate(PHASES_JS)
         context.close()
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     load(page)  # fills the HTTP cache (plotly.js)
     warm = [load(page) for _ in range(loads)]
     context.close()
-    return cold, warm
+    return cold, warm, phases
 
 
 def measure(browser: Any, workdir: Path, targets: int, steps: int, loads: int) -> dict[str, float]:
@@ -267,8 +292,8 @@ def measure(browser: Any, workdir: Path, targets: int, steps: int, loads: int) -
     run_id, seed_s, points = seed(db_url, targets=targets, steps=steps)
     proc, url = serve(db_url, workdir)
     try:
-        build_s, endpoint_s, size = endpoint_time(url, run_id, max(4, loads))
-        cold, warm = page_times(browser, url, run_id, loads)
+        build_s, endpoint_s, size, poll_s = endpoint_time(url, run_id, max(4, loads))
+        cold, warm, phases = page_times(browser, url, run_id, loads)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -285,9 +310,11 @@ def measure(browser: Any, workdir: Path, targets: int, steps: int, loads: int) -
     print(
         f"{targets:>5} targets x {steps:>5} steps ({points / 1e6:.2f}M points, seeded in "
         f"{seed_s:.1f} s): figures endpoint first (build) {build_s:.3f} s, cached "
-        f"{endpoint_s:.3f} s ({size / 1e6:.1f} MB); page "
+        f"{endpoint_s:.3f} s ({size / 1e6:.2f} MB), unchanged-run poll (304) {poll_s:.3f} s; page "
         f"rendered cold {result['cold_s']:.3f} s (loads: {', '.join(f'{c:.2f}' for c in cold)}), "
-        f"warm {result['warm_s']:.3f} s (loads: {', '.join(f'{w:.2f}' for w in warm)})",
+        f"warm {result['warm_s']:.3f} s (loads: {', '.join(f'{w:.2f}' for w in warm)}); "
+        "last cold load, ms from navigation: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in phases.items() if v is not None),
         flush=True,
     )
     return result
@@ -304,11 +331,13 @@ def main(argv: list[str] | None = None) -> None:
         args.targets, args.steps = 100, 500
     from playwright.sync_api import sync_playwright
 
+    print("load before:", os.getloadavg(), flush=True)
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         small = measure(browser, Path(tmp), 12, 200, args.loads)
         big = measure(browser, Path(tmp), args.targets, args.steps, args.loads)
         browser.close()
+    print("load after:", os.getloadavg())
     print(
         f"big/small render time: cold {big['cold_s'] / small['cold_s']:.2f}x, "
         f"warm {big['warm_s'] / small['warm_s']:.2f}x; "

@@ -286,8 +286,7 @@ def plot(result: Mapping[str, Any], out: Path = RESULTS) -> list[Path]:
         ax.set_xlabel("step")
         ax.set_ylabel("loss (trailing mean of 10)")
         ax.set_title(
-            f"{name}: solid = auto-MSign, dotted = unprotected, grey = control, "
-            "vertical = MSign",
+            f"{name}: solid = auto-MSign, dotted = unprotected, grey = control, vertical = MSign",
             fontsize=9,
         )
         ax.legend(fontsize=7)

@@ -104,7 +104,9 @@ def _install_run_rules(_mapper: Mapper[Run], connection: Connection, run: Run) -
     try:
         rules = run_rule_rows(project_rules, names)
     except RuleError:  # a stored project rule no longer validates: fall back to the pack
-        logger.exception("project %s has an invalid rule; run %s gets the defaults", run.project_id, run.id)
+        logger.exception(
+            "project %s has an invalid rule; run %s gets the defaults", run.project_id, run.id
+        )
         rules = run_rule_rows([], names)
     now = utcnow()
     rows = [
@@ -147,9 +149,7 @@ def get_rule(*, session: Session, rule_id: int, project_id: int | None) -> Alert
     return row
 
 
-def create_rule(
-    *, session: Session, project_id: int, run_id: str | None, rule: Rule
-) -> AlertRule:
+def create_rule(*, session: Session, project_id: int, run_id: str | None, rule: Rule) -> AlertRule:
     now = utcnow()
     row = AlertRule(
         project_id=project_id,
@@ -467,4 +467,3 @@ def firing_counts(*, session: Session, run_ids: Sequence[str]) -> dict[tuple[str
         .group_by(Alert.run_id, Alert.severity)
     )
     return {(r, s): int(n) for r, s, n in rows}
-

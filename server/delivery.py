@@ -71,9 +71,7 @@ class DeliveryWorker:
         self._pool = ThreadPoolExecutor(
             max_workers=self.settings.webhook_workers, thread_name_prefix="rankguard-webhook"
         )
-        self._thread = threading.Thread(
-            target=self._loop, name="rankguard-delivery", daemon=True
-        )
+        self._thread = threading.Thread(target=self._loop, name="rankguard-delivery", daemon=True)
         self._thread.start()
         self.wake()  # rows left pending by the previous process
 

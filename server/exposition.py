@@ -23,6 +23,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,9 +58,8 @@ def aggregate(values: list[float]) -> dict[str, float]:
     finite_or_inf = [v for v in values if not math.isnan(v)]
     if not finite_or_inf:
         return dict.fromkeys(AGGREGATES, math.nan)
-    if len(finite_or_inf) < len(values):
-        mean = math.nan
-    elif math.inf in finite_or_inf and -math.inf in finite_or_inf:
+    both_infinities = math.inf in finite_or_inf and -math.inf in finite_or_inf
+    if len(finite_or_inf) < len(values) or both_infinities:
         mean = math.nan
     else:
         mean = math.fsum(finite_or_inf) / len(finite_or_inf)
@@ -151,7 +151,9 @@ class RunCollector(Collector):
             labels=["project", "run", "quantity", "target"],
         )
         last_step = GaugeMetricFamily(
-            "rankguard_run_last_step", "Highest step ingested for the run.", labels=["project", "run"]
+            "rankguard_run_last_step",
+            "Highest step ingested for the run.",
+            labels=["project", "run"],
         )
         alerts_firing = GaugeMetricFamily(
             "rankguard_alerts_firing",
@@ -260,9 +262,27 @@ class MetricsMiddleware:
     """Counts requests and times them, labelled by the matched route's path template
     (``/api/v1/runs/{run_id}/points``); unmatched paths share the label ``unmatched``."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, templates: Callable[[], list[str]]) -> None:
         self.app = app
         self.metrics = metrics
+        self._templates = templates
+        self._table: list[tuple[re.Pattern[str], str]] | None = None
+
+    def _template(self, scope: Scope) -> str:
+        # The router's match is not visible from here (included routers and the body-limit
+        # middleware work on copies of the scope), so match the path against the app's
+        # route templates once more: a few dozen anchored regexes.
+        if self._table is None:
+            table = []
+            for template in sorted(set(self._templates()), key=lambda t: (t.count("{"), t)):
+                pattern = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template))
+                table.append((re.compile(f"^{pattern}$"), template))
+            self._table = table
+        path = str(scope.get("path", ""))
+        for pattern, template in self._table:
+            if pattern.match(path):
+                return template
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -280,9 +300,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path_format", None) or getattr(route, "path", None)
-            label = str(template) if template else "unmatched"
+            label = self._template(scope)
             method = str(scope.get("method", "GET"))
             self.metrics.http_requests.labels(method, label, str(status)).inc()
             self.metrics.http_duration.labels(method, label).observe(time.perf_counter() - start)
@@ -307,3 +325,14 @@ def metrics_endpoint(request: Request) -> Response:
             )
     metrics: Metrics = request.app.state.metrics
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def route_templates(app: Any) -> list[str]:
+    """Every path template the app serves: the OpenAPI paths plus routes outside the schema
+    mounted directly on the app."""
+    templates = list(app.openapi().get("paths", {}))
+    for route in app.router.routes:
+        template = getattr(route, "path_format", None)
+        if isinstance(template, str):
+            templates.append(template)
+    return templates

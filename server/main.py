@@ -14,20 +14,26 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
 from rankguard.dashboard import routes as dashboard_routes
-from rankguard.server import storage
+from rankguard.server import exposition, storage
+from rankguard.server.alerting import Alerting
 from rankguard.server.config import Settings
 from rankguard.server.db import Database, WriteBusyError, make_engine, upgrade_schema
+from rankguard.server.delivery import DeliveryWorker
 from rankguard.server.deps import SeriesCache
 from rankguard.server.routes import (
+    alert_rules,
+    alerts,
     commands,
     events,
     health,
     histograms,
+    inbound,
     points,
     projects,
     runs,
     series,
     tokens,
+    webhooks,
 )
 from rankguard.server.wire import BodyLimitMiddleware, WireJSONResponse
 
@@ -50,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings)
         db = Database(engine, lock_timeout_s=settings.pool_timeout_s)
+        worker: DeliveryWorker | None = None
         try:
             if settings.migrate_on_start:
                 upgrade_schema(engine)
@@ -63,8 +70,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             app.state.db = db
             app.state.series_cache = SeriesCache()
+            # Alerting: webhooks go out from a background worker, never from the request.
+            worker = DeliveryWorker(db, settings)
+            worker.start()
+            app.state.alerting = Alerting(settings, worker=worker, metrics=app.state.metrics)
             yield
         finally:
+            if worker is not None:
+                worker.stop()
             db.dispose()
 
     app = FastAPI(
@@ -75,7 +88,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_response_class=WireJSONResponse,
     )
     app.state.settings = settings
+    app.state.metrics = exposition.Metrics(lambda: getattr(app.state, "db", None))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost: times every request, including those the body limit refuses.
+    app.add_middleware(
+        exposition.MetricsMiddleware,
+        metrics=app.state.metrics,
+        templates=lambda: exposition.route_templates(app),
+    )
 
     retry_after = {"Retry-After": str(settings.retry_after_s)}
 
@@ -101,7 +121,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(health.router)
+    app.include_router(exposition.router)  # /metrics: see exposition.py about its token
     for module in (projects, tokens, runs, points, histograms, series, events, commands):
+        app.include_router(module.router, prefix=API_PREFIX)
+    for module in (alert_rules, alerts, webhooks, inbound):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(dashboard_routes.router)
     return app

@@ -8,6 +8,12 @@ dashboard/prometheus/rules.yml carries the Prometheus equivalents; keep the two 
 
 The MSign action of the critical spectral rules is present but off: a user turns it on per
 rule, or installs ``default_rules(remediate=True)``.
+
+Calibration (benchmarks/early_warning.py, BENCHMARKS.md "Early warning"): thresholds marked
+"calibrated" were chosen on the scenario catalog's seeds 0-1 (4-layer d=64 GPTs, 400 steps) so
+that no healthy control fires after step 50, and evaluated on held-out seeds. The absolute
+attention-logit bounds depend on the model (head dim, scale); re-check them on a healthy run
+of your own model.
 """
 
 from __future__ import annotations
@@ -37,9 +43,14 @@ ATTENTION_LOGIT_DIVERGENCE = "attention_logit_divergence"
 # Rules whose firing may order MSign (the critical spectral ones).
 REMEDIABLE = (SA_COLLAPSE, STABLE_RANK_COLLAPSE)
 
+# Periodic while the trouble lasts: one MSign restores the stable rank, the alert resolves, and
+# if the rank collapses again the rule re-fires after its cooldown and orders another MSign,
+# at most 5 per 100 steps (benchmarks/rescue.py: one MSign alone did not hold).
 _MSIGN_OFF = MSignAction(
-    enabled=False, targets="all_2d", engine="svd", max_orders=1, window_steps=1000
+    enabled=False, targets="all_2d", engine="svd", max_orders=5, window_steps=100
 )
+# Cooldown of the remediable rules: short, so the MSign above can repeat.
+_REMEDY_COOLDOWN = 20
 
 
 def default_rules(*, remediate: bool = False) -> list[Rule]:
@@ -50,17 +61,23 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             name=SA_COLLAPSE,
             quantity="sa_sign_diversity",
             condition=Condition.BELOW,
-            threshold=0.1,
+            # calibrated: 0 (papers: 0.1). On the benchmark models some layer has D < 0.1 at
+            # most probes of healthy runs; every threshold 0.005-0.1 with 3-20 consecutive
+            # probes fired on 6/6 healthy calibration runs, so no threshold separates them. At 0
+            # the rule trips only on a non-finite D until it gets a better aggregation.
+            threshold=0.0,
             aggregation=Aggregation.ANY,
             consecutive=3,
             clear_after=3,
             severity=Severity.CRITICAL,
-            cooldown=200,
+            min_step=50,
+            cooldown=_REMEDY_COOLDOWN,
             msign=msign,
             description=(
-                "Spectral-alignment sign diversity D < 0.1 in some layer for 3 consecutive "
-                "probes (papers.md §6.3; the SA paper's exact rule is not published, calibrate "
-                "on a healthy run)."
+                "Spectral-alignment sign diversity D below the threshold in some layer for 3 "
+                "consecutive probes after step 50 (papers.md §6.3 suggests 0.1; the SA paper's "
+                "exact rule is not published, and 0.1 fired on every healthy benchmark run, so "
+                "the calibrated pack trips only on a non-finite D)."
             ),
             runbook=(
                 "The inputs of the named layers have nearly all moved to one side of the weight's "
@@ -75,21 +92,25 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             name=STABLE_RANK_COLLAPSE,
             quantity="stable_rank",
             condition=Condition.DROP_FROM_BASELINE,
-            threshold=0.5,
+            # calibrated: 0.17 (papers: 0.5). Healthy runs fall to 0.20-0.33 of their early
+            # baseline as they learn; the failing logit-growth runs to ~0.10.
+            threshold=0.17,
             # Early-layer selection needs the run's block names; see early_block_globs() and
             # specialise(). Until then the geometric mean runs over every weight target.
             targets=("*",),
             aggregation=Aggregation.GMEAN,
             baseline_samples=5,
             consecutive=2,
-            clear_threshold=0.6,
+            clear_threshold=0.2,
             clear_after=2,
             severity=Severity.CRITICAL,
-            cooldown=200,
+            min_step=50,  # the first steps' fall of the stable rank is learning, not collapse
+            cooldown=_REMEDY_COOLDOWN,
             msign=msign,
             description=(
-                "Geometric-mean stable rank fell below half of the run's own baseline (mean of "
-                "its first 5 samples; MSign Fig. 1 watches the early layers, papers.md §6.1)."
+                "Geometric-mean stable rank fell below 0.17x the run's own baseline (mean of "
+                "its first 5 samples) after step 50 (calibrated; MSign Fig. 1 watches the early "
+                "layers, papers.md §6.1)."
             ),
             runbook=(
                 "Stable rank ||W||_F^2/sigma_1^2 collapsing means a few directions dominate the "
@@ -103,15 +124,18 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             name=JACOBIAN_GAIN,
             quantity="jacobian_alignment_gain",
             condition=Condition.ABOVE,
-            threshold=1.0,
+            # calibrated: 50 (papers: 1, sufficient not necessary). a*M exceeds 1 on every
+            # healthy run here (up to ~35 after step 50); failing runs reach 1e2-1e4.
+            threshold=50.0,
             aggregation=Aggregation.ANY,
-            consecutive=2,
+            consecutive=1,
             severity=Severity.WARNING,
+            min_step=50,
             cooldown=200,
             description=(
-                "Adjacent-block Jacobian alignment times spectral norm a*M > 1 for 2 consecutive "
-                "probes: MSign Thm 4.2's exponential-growth zone (papers.md §1.4; sufficient, "
-                "not necessary)."
+                "Adjacent-block Jacobian alignment times spectral norm a*M > 50 after step 50 "
+                "(calibrated; MSign Thm 4.2's exponential-growth zone starts at a*M > 1, "
+                "papers.md §1.4, which healthy runs pass all the time)."
             ),
             runbook=(
                 "When a*M > 1 across blocks the product of block Jacobians can grow exponentially "
@@ -175,11 +199,13 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             name=ATTENTION_LOGIT_HIGH,
             quantity="attention_logit_max",
             condition=Condition.ABOVE,
-            threshold=1e3,
+            # calibrated: 50 (papers: 1e3). Healthy runs here peak at ~15; 1e3 came after the
+            # loss had already degraded in the logit-growth runs.
+            threshold=50.0,
             aggregation=Aggregation.ANY,
             severity=Severity.WARNING,
             cooldown=200,
-            description="Max attention logit above 1e3: loss degradation (Wortsman et al., "
+            description="Max attention logit above 50 (calibrated; Wortsman et al. use 1e3, "
             "papers.md §6.7).",
             runbook=(
                 "Attention logits this large saturate the softmax (one-hot attention) and "
@@ -192,12 +218,12 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             name=ATTENTION_LOGIT_DIVERGENCE,
             quantity="attention_logit_max",
             condition=Condition.ABOVE,
-            threshold=1e4,
+            threshold=1e3,  # calibrated: 1e3 (papers: 1e4, reached only after the failure here)
             aggregation=Aggregation.ANY,
             severity=Severity.CRITICAL,
             cooldown=200,
-            description="Max attention logit above 1e4: divergence zone (Wortsman et al., "
-            "papers.md §6.7).",
+            description="Max attention logit above 1e3 (calibrated; Wortsman et al. see divergence "
+            "at 1e4, papers.md §6.7).",
             runbook=(
                 "Wortsman et al. observe divergence above 1e4. Roll back to a checkpoint before "
                 "the rise, enable qk-layernorm, or apply MSign to the attention weights. "

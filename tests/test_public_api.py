@@ -7,7 +7,6 @@ import sys
 
 import rankguard.probe as probe
 
-
 PUBLIC = {
     "QUANTITIES",
     "CloseReport",

@@ -1,6 +1,12 @@
 /* The run page: draws the figures the server built (Plotly.react, so a refresh keeps zoom),
  * the alerts and the timeline; polls while the run trains (ETag: an unchanged run costs a
- * 304); and the MSign control (confirm, queue, follow the command until it is final). */
+ * 304); and the MSign control (confirm, queue, follow the command until it is final).
+ *
+ * Load order: this script runs before plotly.js (see run.html) and asks for the figures at
+ * once, so the server builds them while the browser compiles plotly.js; drawing waits for
+ * DOMContentLoaded (every script has run). Refreshes redraw only the figures whose revision
+ * changed, and the poll interval grows with the cost of a refresh and stops while the tab is
+ * hidden, so a large run cannot keep the page busy. */
 "use strict";
 
 (() => {
@@ -9,19 +15,36 @@
   const LIVE_MS = 3000;   // while the run is running
   const IDLE_MS = 30000;  // finished or failed: only alerts/commands can still change
   const COMMAND_MS = 1000;
+  // A refresh may take at most this share of the page's time (fetch, parse and draw).
+  const BUSY_SHARE = 0.2;
   const FINAL = new Set(["applied", "failed", "expired", "cancelled"]);
+  // The layer heatmaps are what a large model's page is opened for: they are drawn first.
+  const DRAW_FIRST = ["fig-stable-rank", "fig-sa-sign-diversity"];
   const plotConfig = { responsive: true, displaylogo: false };
   let etag = null;
   let runStatus = "running";
   let cosineTarget = "";
   let timer = null;
+  let lastCostMs = 0;
+  const drawn = new Map(); // figure id -> revision on screen
   const $ = (id) => document.getElementById(id);
+  const domReady = new Promise((resolve) => {
+    if (document.readyState !== "loading") resolve();
+    else document.addEventListener("DOMContentLoaded", resolve);
+  });
 
   async function draw(figures) {
-    for (const f of figures) {
+    const rank = (f) => {
+      const i = DRAW_FIRST.indexOf(f.id);
+      return i < 0 ? DRAW_FIRST.length : i;
+    };
+    const ordered = [...figures].sort((a, b) => rank(a) - rank(b));
+    for (const f of ordered) {
       const div = $(f.id);
-      if (!div) continue;
+      if (!div || (f.rev && drawn.get(f.id) === f.rev)) continue;
       await Plotly.react(div, f.figure.data || [], f.figure.layout || {}, plotConfig);
+      drawn.set(f.id, f.rev);
+      performance.mark("rg:drawn:" + f.id);
     }
   }
 
@@ -77,35 +100,52 @@
     select.value = cosineTarget;
   }
 
-  async function load() {
+  function fetchFigures() {
     const query = cosineTarget ? "?cosine_target=" + encodeURIComponent(cosineTarget) : "";
     const headers = etag ? { "If-None-Match": etag } : {};
-    const resp = await RG.api(base + "/figures" + query, { headers });
+    performance.mark("rg:fetch");
+    return RG.api(base + "/figures" + query, { headers });
+  }
+
+  async function load(pending) {
+    const started = performance.now();
+    const resp = await (pending || fetchFigures());
+    performance.mark("rg:response");
     if (resp.status === 304) return;
+    await domReady; // plotly.js and the page's other scripts have run
     if (!resp.ok) {
       $("run-updated").textContent = await RG.errorText(resp);
       return;
     }
     etag = resp.headers.get("ETag");
     const page = await resp.json();
+    performance.mark("rg:parsed");
     renderRun(page.run);
     renderAlerts(page.alerts);
     renderTimeline(page.timeline);
     renderCosineTargets(page.cosine_targets);
     await draw(page.figures);
+    lastCostMs = performance.now() - started;
     window.__rankguardRenderedAt = performance.now();
     window.__rankguardRendered = true;
     document.body.dataset.rendered = "1";
   }
 
-  async function poll() {
+  async function poll(pending) {
     clearTimeout(timer);
     try {
-      await load();
+      await load(pending);
     } catch (e) {
       $("run-updated").textContent = "refresh failed: " + e;
     }
-    timer = setTimeout(poll, runStatus === "running" ? LIVE_MS : IDLE_MS);
+    schedule();
+  }
+
+  function schedule() {
+    clearTimeout(timer);
+    if (document.hidden) return; // resumed by visibilitychange
+    const every = runStatus === "running" ? LIVE_MS : IDLE_MS;
+    timer = setTimeout(poll, Math.max(every, lastCostMs / BUSY_SHARE));
   }
 
   // --- MSign -------------------------------------------------------------------------
@@ -200,7 +240,16 @@
     poll(); // the intervention marker appears with the next data
   }
 
-  document.addEventListener("DOMContentLoaded", () => {
+  // The first request goes out now, before plotly.js is even compiled.
+  const first = fetchFigures();
+  first.catch(() => {}); // reported by poll()
+
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) clearTimeout(timer);
+    else if (etag !== null) poll();
+  });
+
+  domReady.then(() => {
     $("msign-targets").addEventListener("change", () => {
       $("msign-globs").hidden = $("msign-targets").value !== "globs";
     });
@@ -217,6 +266,6 @@
         poll();
       });
     }
-    poll();
   });
+  poll(first);
 })();

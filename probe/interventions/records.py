@@ -7,20 +7,12 @@ command with them). Non-finite floats become the strings ``"NaN"``, ``"Infinity"
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["InterventionResult", "MatrixResult", "json_float"]
+from ..sink import encode_float
 
-
-def json_float(value: float) -> float | str:
-    """``value`` as JSON can carry it: finite floats as they are, the others as strings."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return value
+__all__ = ["InterventionResult", "MatrixResult"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +41,12 @@ class MatrixResult:
             "name": self.name,
             "shape": list(self.shape),
             "rank": self.rank,
-            "stable_rank_before": json_float(self.stable_rank_before),
-            "stable_rank_after": json_float(self.stable_rank_after),
-            "frobenius_before": json_float(self.frobenius_before),
-            "frobenius_after": json_float(self.frobenius_after),
-            "spectral_norm_before": json_float(self.spectral_norm_before),
-            "spectral_norm_after": json_float(self.spectral_norm_after),
+            "stable_rank_before": encode_float(self.stable_rank_before),
+            "stable_rank_after": encode_float(self.stable_rank_after),
+            "frobenius_before": encode_float(self.frobenius_before),
+            "frobenius_after": encode_float(self.frobenius_after),
+            "spectral_norm_before": encode_float(self.spectral_norm_before),
+            "spectral_norm_after": encode_float(self.spectral_norm_after),
             "exact_stats": self.exact_stats,
         }
 

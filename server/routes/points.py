@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from rankguard.server import storage
+from rankguard.server.alerting import Alerting
 from rankguard.server.auth import Principal
 from rankguard.server.db import Database
 from rankguard.server.deps import DbDep, IngestPrincipal, SeriesCache, SeriesCacheDep, run_or_404
@@ -79,13 +80,17 @@ def _ingest(
     principal: Principal,
     run_id: str,
     points: storage.ColumnarPoints,
+    alerts: Alerting,
 ) -> IngestResult:
     with db.write() as session:
-        run_or_404(session, principal, run_id)
+        run = run_or_404(session, principal, run_id)
         inserted, new_ids = storage.insert_points(
             session=session, run_id=run_id, points=points, known=cache.for_run(run_id)
         )
+        # Alert rules see the batch in the same transaction (state and points commit together).
+        outcome = alerts.on_ingest(session=session, run=run, points=points)
     cache.add(run_id, new_ids)  # after the commit: a rollback leaves no stale id behind
+    alerts.after_commit(outcome, inserted=inserted)  # wakes the webhook worker; never waits
     return IngestResult(received=len(points.step), inserted=inserted)
 
 
@@ -109,4 +114,5 @@ async def create_points(
 ) -> IngestResult:
     """Ingest a columnar batch of points (gzip allowed); a replay inserts nothing."""
     points = parse_points(await request.body())
-    return await run_in_threadpool(_ingest, db, cache, principal, run_id, points)
+    alerts: Alerting = request.app.state.alerting
+    return await run_in_threadpool(_ingest, db, cache, principal, run_id, points, alerts)

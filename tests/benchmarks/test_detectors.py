@@ -31,7 +31,7 @@ def noisy(n: int, level: float = 2.5, sd: float = 0.05, seed: int = 0) -> list[f
 def test_olmo_fires_on_six_sigma_spike_not_on_noise() -> None:
     losses = noisy(300)
     assert detectors.olmo_loss_spike(losses) is None
-    spiked = losses[:200] + [3.5] + losses[201:]  # 1.0 above a mean of 2.5 with sd 0.05: 20 sd
+    spiked = [*losses[:200], 3.5, *losses[201:]]  # 1.0 above mean 2.5, sd 0.05: 20 sd
     assert detectors.olmo_loss_spike(spiked) == 200
 
 

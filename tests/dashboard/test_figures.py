@@ -406,3 +406,14 @@ def test_sa_cosine_rebins_other_edges_and_sums_targets() -> None:
 def test_sa_cosine_bad_edges_name_the_histogram() -> None:
     with pytest.raises(ValueError, match=r"histograms\[0\]: 3 edges for 4 counts"):
         sa_cosine.figure([hist(0, [1, 2, 3, 4], edges=[-1, 0, 1])])
+
+
+def test_label_bins_names_the_column_width_of_prebinned_series() -> None:
+    from rankguard.dashboard.figures.heatmap import label_bins
+
+    series = [{"quantity": "stable_rank", "target": "a", "steps": [0, 64], "values": [1.0, 2.0]}]
+    fig = label_bins(stable_rank.figure(series), 64)
+    assert fig.layout.xaxis.title.text == "step (bins of 64)"
+    assert "steps %{x} + 63" in fig.data[0].hovertemplate
+    plain = label_bins(stable_rank.figure(series), 1)
+    assert plain.layout.xaxis.title.text == "step"

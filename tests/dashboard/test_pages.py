@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +15,19 @@ import plotly
 import pytest
 
 from rankguard.dashboard import data, synthetic
-from rankguard.dashboard.routes import PLOTLY_JS, PLOTLY_URL
+from rankguard.dashboard.routes import (
+    CARTESIAN_TRACES,
+    PAGE_PLOTLY_JS,
+    PAGE_PLOTLY_URL,
+    PLOTLY_JS,
+    PLOTLY_URL,
+    Payload,
+    PayloadCache,
+    plotly_js_version,
+)
 from rankguard.server.config import Settings
 from rankguard.server.main import create_app
+from rankguard.server.models import BLOCK as BLOCK_STEPS
 from rankguard.server.models import Run
 
 with warnings.catch_warnings():
@@ -50,7 +61,11 @@ def seed_run(client: TestClient, token: str, *, nan_every: int = 0) -> str:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'rg.db'}", admin_token=ADMIN)
+    # The server's own alert rules would add alerts of their own to the synthetic run; these
+    # tests count the alert events they seed.
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'rg.db'}", admin_token=ADMIN, alerts_enabled=False
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -85,7 +100,22 @@ def test_run_page_has_a_div_per_figure(client: TestClient) -> None:
     html = client.get("/runs/some-run").text
     for fid in data.FIGURE_IDS:
         assert f'id="{fid}"' in html
-    assert PLOTLY_URL in html
+    assert PAGE_PLOTLY_URL in html
+    # run.js comes first: it asks for the figures while plotly.js compiles.
+    assert html.index("/run.js") < html.index(PAGE_PLOTLY_URL)
+
+
+def test_run_page_loads_the_vendored_cartesian_bundle_of_the_same_version(
+    client: TestClient,
+) -> None:
+    version = plotly_js_version(PLOTLY_JS)
+    assert version is not None
+    assert PAGE_PLOTLY_JS.name == f"plotly-cartesian-{version}.min.js"
+    assert plotly_js_version(PAGE_PLOTLY_JS) == version
+    resp = client.get(PAGE_PLOTLY_URL)
+    assert resp.status_code == 200
+    assert resp.content == PAGE_PLOTLY_JS.read_bytes()
+    assert "immutable" in resp.headers["cache-control"]
 
 
 def test_token_input_cannot_leak_into_a_url(client: TestClient) -> None:
@@ -132,6 +162,11 @@ def test_figures_endpoint_returns_every_figure_with_data(client: TestClient, run
         assert {"event-alert", "event-intervention"} <= shapes, fid
     heat = figs["fig-stable-rank"]["data"][0]
     assert heat["type"] == "heatmap"
+    # The page's plotly.js is the cartesian bundle: every trace must be one it draws.
+    types = {t.get("type", "scatter") for fig in figs.values() for t in fig["data"]}
+    assert types <= CARTESIAN_TRACES, types
+    revs = [f["rev"] for f in body["figures"]]
+    assert len(set(revs)) == len(revs)
     assert len(heat["y"]) == BLOCKS * 6
     assert body["run"]["id"] == run_id
     [alert] = body["alerts"]
@@ -144,7 +179,14 @@ def test_figures_endpoint_returns_every_figure_with_data(client: TestClient, run
     assert sorted(body["cosine_targets"]) == sorted(synthetic.weight_targets(BLOCKS)[:2])
 
 
+def no_throttle(client: TestClient) -> None:
+    """Every data change rebuilds at once (a slow machine could make a tiny build look slow
+    enough to be throttled)."""
+    client.app.state.dashboard_payload_cache = PayloadCache(throttle_factor=0.0)  # type: ignore[attr-defined]
+
+
 def test_figures_etag_gives_304_until_data_changes(client: TestClient, run_id: str) -> None:
+    no_throttle(client)
     token = make_token(client, "ingest", "read")
     url = f"/api/v1/runs/{run_id}/figures"
     etag = client.get(url, headers=auth(token)).headers["etag"]
@@ -189,6 +231,130 @@ def test_a_resolved_alert_is_not_counted_as_firing(client: TestClient, run_id: s
     client.post(f"/api/v1/runs/{run_id}/events", json=resolved, headers=auth(token))
     [row] = client.get("/api/v1/dashboard/runs", headers=auth(token)).json()["data"]
     assert row["alerts_firing"] == 0
+
+
+def test_figure_revisions_are_stable_and_follow_the_data(client: TestClient, run_id: str) -> None:
+    no_throttle(client)
+    token = make_token(client, "ingest", "read")
+    url = f"/api/v1/runs/{run_id}/figures"
+    first = {f["id"]: f["rev"] for f in client.get(url, headers=auth(token)).json()["figures"]}
+    db = client.app.state.db  # type: ignore[attr-defined]
+    with db.read() as session:
+        run = session.get(Run, run_id)
+        rebuilt = json.loads(data.figure_payload(data.build_figures(session, run, [])))
+    # Same data, same JSON: a refresh that changes nothing redraws nothing.
+    with db.read() as session:
+        run = session.get(Run, run_id)
+        again = json.loads(data.figure_payload(data.build_figures(session, run, [])))
+    assert [f["rev"] for f in rebuilt] == [f["rev"] for f in again]
+    more = synthetic.points(blocks=BLOCKS, steps=1, start=STEPS)
+    assert client.post(f"{url[: -len('/figures')]}/points", json=more, headers=auth(token))
+    later = {f["id"]: f["rev"] for f in client.get(url, headers=auth(token)).json()["figures"]}
+    assert later["fig-stable-rank"] != first["fig-stable-rank"]
+    assert later["fig-sa-cosine"] == first["fig-sa-cosine"]  # no new histogram
+
+
+def test_payload_cache_throttles_only_slow_rebuilds() -> None:
+    cache = PayloadCache()
+    now = time.monotonic()
+    cache.put("r|", Payload('"a"', "A", now, build_s=10.0))
+    assert cache.get("r|", '"a"') is not None
+    stale = cache.get("r|", '"b"')  # newer data, but the last build was slow and recent
+    assert stale is not None and stale.body == "A"
+    assert cache.get("other|", '"b"') is None
+    cache.put("r|", Payload('"c"', "C", now - 100.0, build_s=10.0))
+    assert cache.get("r|", '"d"').body == "A"  # type: ignore[union-attr]  # the newest build
+    fast = PayloadCache()
+    fast.put("r|", Payload('"a"', "A", now, build_s=0.01))
+    assert fast.get("r|", '"b"') is None  # cheap builds are never served stale
+    off = PayloadCache(throttle_factor=0.0)
+    off.put("r|", Payload('"a"', "A", now, build_s=10.0))
+    assert off.get("r|", '"b"') is None
+    old = PayloadCache()
+    old.put("r|", Payload('"a"', "A", now - 100.0, build_s=1.0))
+    assert old.get("r|", '"b"') is None
+
+
+def _post_points(client: TestClient, token: str, run_id: str, values: np.ndarray) -> None:
+    targets, steps = values.shape
+    batch = {
+        "quantity": ["stable_rank"] * values.size,
+        "target": [f"t{i}" for i in range(targets) for _ in range(steps)],
+        "step": list(range(steps)) * targets,
+        "value": [str(v) if not np.isfinite(v) else float(v) for v in values.ravel()],
+    }
+    batch["value"] = [
+        {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(v, v) if isinstance(v, str)
+        else v
+        for v in batch["value"]
+    ]  # fmt: skip
+    resp = client.post(f"/api/v1/runs/{run_id}/points", json=batch, headers=auth(token))
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("columns", [500, 2])
+def test_heatmap_from_the_rollup_is_the_block_minimum_with_flags(
+    client: TestClient, columns: int
+) -> None:
+    """Beyond raw_limit points a column is k whole BLOCKs (k a power of two) and holds their
+    minimum (numpy reference); a NaN or +Inf in a column with finite values adds a flag."""
+    token = make_token(client, "ingest", "read")
+    run_id = client.post("/api/v1/runs", json={"name": "big"}, headers=auth(token)).json()["id"]
+    steps = 5 * BLOCK_STEPS - 20
+    values = np.random.default_rng(2).random((2, steps))
+    values[1, 70] = np.nan
+    values[1, 200] = np.inf
+    _post_points(client, token, run_id, values)
+    db = client.app.state.db  # type: ignore[attr-defined]
+    with db.read() as session:
+        run = session.get(Run, run_id)
+        read = data.heatmap_rows(
+            session, data.run_series(session, run_id), last_step=run.last_step,
+            columns=columns, raw_limit=0,
+        )  # fmt: skip
+    k = 1 if columns == 500 else 4  # 5 blocks into <= 2 columns: 4 blocks per column
+    width = k * BLOCK_STEPS
+    assert read.width == width
+    by_target = {s["target"]: s for s in read.series}
+    for i in range(2):
+        s = by_target[f"t{i}"]
+        finite = np.isfinite(s["values"])
+        got = dict(zip(s["steps"][finite].tolist(), s["values"][finite].tolist(), strict=True))
+        row = np.where(np.isfinite(values[i]), values[i], np.nan)
+        expect = {
+            c * width: float(np.nanmin(row[c * width : (c + 1) * width]))
+            for c in range(-(-steps // width))
+        }
+        assert got == pytest.approx(expect)
+    b = by_target["t1"]
+    assert b["steps"][np.isnan(b["values"])].tolist() == [70 // width * width]
+    assert b["steps"][np.isposinf(b["values"])].tolist() == [200 // width * width]
+    assert np.isfinite(by_target["t0"]["values"]).all()
+
+
+def test_downsample_keeps_bucket_extremes_and_first_nan() -> None:
+    rng = np.random.default_rng(3)
+    steps = np.arange(0, 5000, 3, dtype=np.int64)
+    values = rng.normal(size=steps.size)
+    values[[10, 11, 500]] = np.nan
+    values[700] = np.inf
+    out_steps, out_values = data.downsample(steps, values, 100)
+    buckets = 50
+    bucket = (steps - steps[0]) * buckets // (steps[-1] - steps[0] + 1)
+    expect: set[int] = set()
+    for b in range(buckets):
+        idx = np.flatnonzero(bucket == b)
+        vals = values[idx]
+        ok = idx[~np.isnan(vals)]
+        if ok.size:
+            expect |= {int(ok[np.argmin(values[ok])]), int(ok[np.argmax(values[ok])])}
+        nan = idx[np.isnan(vals)]
+        if nan.size:
+            expect.add(int(nan[0]))
+    assert out_steps.tolist() == steps[sorted(expect)].tolist()
+    np.testing.assert_array_equal(out_values, values[sorted(expect)])
+    same = data.downsample(steps[:50], values[:50], 100)
+    assert same[0] is not None and same[0].size == 50
 
 
 def test_nan_laden_run_still_draws(client: TestClient) -> None:

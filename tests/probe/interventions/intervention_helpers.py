@@ -4,6 +4,7 @@ and a tiny model with a fused QKV Linear and a Hugging-Face-style Conv1D (weight
 from __future__ import annotations
 
 import torch
+from helpers.models import Conv1D
 from torch import Tensor, nn
 
 from rankguard.probe.targets import WeightTarget
@@ -22,19 +23,6 @@ def make_matrix(
     V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     s = torch.logspace(0.0, -torch.log10(torch.tensor(cond)).item(), k, dtype=torch.float64)
     return ((U * s) @ V.T).to(torch.float32)
-
-
-class Conv1D(nn.Module):
-    """Stand-in for transformers' Conv1D: weight stored (in, out), y = x W + b."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight + self.bias
 
 
 class Attn(nn.Module):

@@ -1,0 +1,170 @@
+"""/alert-rules: the rules of a project (templates copied into each new run) and of its
+runs (each with its engine state). Reads need the read scope, edits the operate scope."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
+
+from rankguard.server import alerting, storage
+from rankguard.server.alert_engine import Rule, RuleError
+from rankguard.server.auth import Principal
+from rankguard.server.deps import DbDep, OperatePrincipal, ReadPrincipal, SettingsDep, run_or_404
+from rankguard.server.models import AlertRule, Project
+from rankguard.server.schemas import (
+    AlertRuleCreate,
+    AlertRulePublic,
+    AlertRulesPublic,
+    AlertRuleUpdate,
+    ProjectName,
+)
+
+# Integer primary keys (32-bit on PostgreSQL): larger ids cannot exist.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+router = APIRouter(prefix="/alert-rules", tags=["alert rules"])
+
+RULE_NOT_FOUND = "Alert rule not found"
+
+
+def scoped_project(
+    session: Session, principal: Principal, name: str | None, default: str
+) -> Project:
+    """The project a project-level request is about: the named one (if the token may see
+    it), else the token's, else (unbound token) the default project."""
+    if name is None and principal.project_id is not None:
+        project = session.get(Project, principal.project_id)
+    else:
+        project = storage.get_project(session=session, name=name or default)
+    if project is None or not principal.can_access(project.id):
+        raise HTTPException(404, detail=f"project {name or default!r} not found")
+    return project
+
+
+def _public(row: AlertRule, project: str) -> AlertRulePublic:
+    return AlertRulePublic(
+        id=row.id,
+        project=project,
+        run_id=row.run_id,
+        name=row.name,
+        quantity=row.quantity,
+        rule=row.rule,
+        firing=alerting.rule_firing(row),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def unprocessable(field: str, message: str, value: Any) -> RequestValidationError:
+    """A 422 in FastAPI's own shape (``detail`` a list with ``loc`` naming the field)."""
+    return RequestValidationError(
+        [{"loc": ("body", field), "msg": message, "type": "value_error", "input": value}]
+    )
+
+
+def _rule_or_422(data: dict[str, Any]) -> Rule:
+    try:
+        return Rule.from_dict(data)
+    except (RuleError, TypeError) as exc:
+        raise unprocessable("rule", str(exc), data) from exc
+
+
+def _row_or_404(session: Session, principal: Principal, rule_id: int) -> AlertRule:
+    row = alerting.get_rule(session=session, rule_id=rule_id, project_id=principal.project_id)
+    if row is None:
+        raise HTTPException(404, detail=RULE_NOT_FOUND)
+    return row
+
+
+@router.get("", response_model=AlertRulesPublic)
+def read_alert_rules(
+    db: DbDep,
+    settings: SettingsDep,
+    principal: ReadPrincipal,
+    run_id: Annotated[str | None, Query(description="this run's rules")] = None,
+    project: ProjectName | None = None,
+) -> AlertRulesPublic:
+    """A run's rules (``run_id``), or the project's rules (copied into each new run; when a
+    project has none, new runs get the default pack)."""
+    with db.read() as session:
+        if run_id is not None:
+            run = run_or_404(session, principal, run_id)
+            found = session.get(Project, run.project_id)
+        else:
+            found = scoped_project(session, principal, project, settings.default_project)
+        assert found is not None
+        rows = alerting.list_rules(
+            session=session, project_id=found.id, run_id=run_id, project_level=run_id is None
+        )
+        data = [_public(r, found.name) for r in rows]
+    return AlertRulesPublic(data=data, count=len(data))
+
+
+@router.post("", response_model=AlertRulePublic, status_code=status.HTTP_201_CREATED)
+def create_alert_rule(
+    body: AlertRuleCreate, db: DbDep, settings: SettingsDep, principal: OperatePrincipal
+) -> AlertRulePublic:
+    """Add a rule to a run (``run_id``) or to the project (applies to runs created later)."""
+    rule = _rule_or_422(body.rule)
+    with db.write() as session:
+        if body.run_id is not None:
+            run = run_or_404(session, principal, body.run_id)
+            project = session.get(Project, run.project_id)
+        else:
+            project = scoped_project(session, principal, body.project, settings.default_project)
+        assert project is not None
+        row = alerting.create_rule(
+            session=session, project_id=project.id, run_id=body.run_id, rule=rule
+        )
+        return _public(row, project.name)
+
+
+@router.get("/{rule_id}", response_model=AlertRulePublic)
+def read_alert_rule(rule_id: RowId, db: DbDep, principal: ReadPrincipal) -> AlertRulePublic:
+    """Get a rule by ID."""
+    with db.read() as session:
+        row = _row_or_404(session, principal, rule_id)
+        names = storage.project_names(session=session, ids={row.project_id})
+        return _public(row, names[row.project_id])
+
+
+def _save(session: Session, row: AlertRule, rule: Rule) -> AlertRulePublic:
+    alerting.update_rule(session=session, row=row, rule=rule)
+    names = storage.project_names(session=session, ids={row.project_id})
+    return _public(row, names[row.project_id])
+
+
+@router.put("/{rule_id}", response_model=AlertRulePublic)
+def replace_alert_rule(
+    rule_id: RowId, body: AlertRuleUpdate, db: DbDep, principal: OperatePrincipal
+) -> AlertRulePublic:
+    """Replace a rule; a changed condition restarts its state (episodes keep counting)."""
+    rule = _rule_or_422(body.rule)
+    with db.write() as session:
+        return _save(session, _row_or_404(session, principal, rule_id), rule)
+
+
+@router.patch("/{rule_id}", response_model=AlertRulePublic)
+def update_alert_rule(
+    rule_id: RowId, body: AlertRuleUpdate, db: DbDep, principal: OperatePrincipal
+) -> AlertRulePublic:
+    """Change some fields of a rule (e.g. ``{"rule": {"msign": {"enabled": true}}}``;
+    ``msign`` is merged field by field)."""
+    with db.write() as session:
+        row = _row_or_404(session, principal, rule_id)
+        changes = dict(body.rule)
+        if isinstance(changes.get("msign"), dict):
+            changes["msign"] = {**row.rule.get("msign", {}), **changes["msign"]}
+        rule = _rule_or_422({**row.rule, **changes})
+        return _save(session, row, rule)
+
+
+@router.delete("/{rule_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_alert_rule(rule_id: RowId, db: DbDep, principal: OperatePrincipal) -> Response:
+    """Delete a rule (its past alerts stay, with ``rule_id`` null)."""
+    with db.write() as session:
+        session.delete(_row_or_404(session, principal, rule_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

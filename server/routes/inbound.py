@@ -1,0 +1,125 @@
+"""Inbound alert webhooks: POST /inbound/alertmanager and /inbound/grafana (operate scope).
+
+A firing alert that names a run (label ``rankguard_run`` or ``run``) and asks for MSign
+(label or annotation ``rankguard_action: msign``) queues an MSign command for that run
+(``notifications.inbound_command``). Alertmanager re-sends a firing alert at every
+``repeat_interval``; a command already queued or delivered for the same alert (same
+``created_by``) is not queued twice. Alerts that order nothing are listed as ignored, with
+the reason, and never fail the request (a receiver that errors makes Alertmanager retry)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from rankguard.server import notifications, storage
+from rankguard.server.auth import Principal
+from rankguard.server.db import Database
+from rankguard.server.deps import DbDep, OperatePrincipal, SettingsDep
+from rankguard.server.models import Command, RunStatus
+from rankguard.server.routes.alert_rules import unprocessable
+from rankguard.server.schemas import CommandPublic, InboundIgnored, InboundResult
+
+router = APIRouter(prefix="/inbound", tags=["inbound"])
+
+
+def _handle(
+    db: Database, principal: Principal, source: str, payload: Any, ttl_s: float
+) -> InboundResult:
+    try:
+        alerts = notifications.parse_inbound(payload)
+    except notifications.InboundPayloadError as exc:
+        raise unprocessable("payload", str(exc), None) from exc
+    queued: list[CommandPublic] = []
+    ignored: list[InboundIgnored] = []
+    with db.write() as session:
+        for alert in alerts:
+            try:
+                body = notifications.inbound_command(alert)
+            except notifications.InboundPayloadError as exc:
+                ignored.append(InboundIgnored(alertname=alert.alertname, reason=str(exc)))
+                continue
+            if body is None:
+                reason = (
+                    f"status is {alert.status!r}"
+                    if alert.status != "firing"
+                    else "no run label (rankguard_run or run)"
+                    if not alert.run_id
+                    else "no rankguard_action=msign label or annotation"
+                )
+                ignored.append(InboundIgnored(alertname=alert.alertname, reason=reason))
+                continue
+            run = storage.get_run(
+                session=session, run_id=body["run_id"], project_id=principal.project_id
+            )
+            if run is None:
+                ignored.append(
+                    InboundIgnored(
+                        alertname=alert.alertname, reason=f"run {body['run_id']!r} not found"
+                    )
+                )
+                continue
+            if run.status != RunStatus.RUNNING.value:
+                ignored.append(
+                    InboundIgnored(alertname=alert.alertname, reason=f"run is {run.status}")
+                )
+                continue
+            key = alert.fingerprint or notifications.fingerprint(dict(alert.labels))
+            created_by = f"inbound:{source}:{key}"[:255]
+            open_one = session.scalars(
+                select(Command.id).where(
+                    Command.run_id == run.id,
+                    Command.created_by == created_by,
+                    Command.state.in_(storage.OPEN_STATES),
+                )
+            ).first()
+            if open_one is not None:
+                ignored.append(
+                    InboundIgnored(
+                        alertname=alert.alertname,
+                        reason=f"command {open_one} for this alert is already queued",
+                    )
+                )
+                continue
+            command = storage.enqueue_command(
+                session=session,
+                run_id=run.id,
+                kind=body["kind"],
+                args=body["args"],
+                created_by=created_by,
+                ttl_s=ttl_s,
+            )
+            queued.append(CommandPublic.model_validate(command))
+    return InboundResult(received=len(alerts), commands=queued, ignored=ignored)
+
+
+async def _payload(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError as exc:
+        raise unprocessable("payload", f"body is not JSON: {exc}", None) from exc
+
+
+@router.post("/alertmanager", response_model=InboundResult)
+async def inbound_alertmanager(
+    request: Request, db: DbDep, settings: SettingsDep, principal: OperatePrincipal
+) -> InboundResult:
+    """Alertmanager webhook receiver (payload version 4)."""
+    payload = await _payload(request)
+    return await run_in_threadpool(
+        _handle, db, principal, "alertmanager", payload, settings.command_ttl_s
+    )
+
+
+@router.post("/grafana", response_model=InboundResult)
+async def inbound_grafana(
+    request: Request, db: DbDep, settings: SettingsDep, principal: OperatePrincipal
+) -> InboundResult:
+    """Grafana contact point (unified alerting webhook, or a legacy alert notification)."""
+    payload = await _payload(request)
+    return await run_in_threadpool(
+        _handle, db, principal, "grafana", payload, settings.command_ttl_s
+    )

@@ -1,0 +1,162 @@
+"""/webhooks: a project's outbound alert webhooks (format json | slack | alertmanager, an
+optional HMAC secret that is write-only) and their delivery log. Reads need the read scope,
+edits the operate scope."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from rankguard.server import storage
+from rankguard.server.auth import Principal
+from rankguard.server.db import utcnow
+from rankguard.server.deps import DbDep, OperatePrincipal, ReadPrincipal, SettingsDep
+from rankguard.server.models import Delivery, DeliveryOutcome, Webhook
+from rankguard.server.routes.alert_rules import scoped_project
+from rankguard.server.schemas import (
+    AlertSeverity,
+    DeliveriesPublic,
+    DeliveryPublic,
+    ProjectName,
+    WebhookCreate,
+    WebhookFormat,
+    WebhookPublic,
+    WebhooksPublic,
+    WebhookUpdate,
+)
+
+# Integer primary keys (32-bit on PostgreSQL): larger ids cannot exist.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+WEBHOOK_NOT_FOUND = "Webhook not found"
+
+
+def _public(hook: Webhook, project: str) -> WebhookPublic:
+    return WebhookPublic(
+        id=hook.id,
+        project=project,
+        name=hook.name,
+        url=hook.url,
+        format=WebhookFormat(hook.format),
+        has_secret=hook.secret is not None,
+        enabled=hook.enabled,
+        min_severity=AlertSeverity(hook.min_severity),
+        created_at=hook.created_at,
+        updated_at=hook.updated_at,
+    )
+
+
+def _hook_or_404(session: Session, principal: Principal, webhook_id: int) -> Webhook:
+    hook = session.get(Webhook, webhook_id)
+    if hook is None or not principal.can_access(hook.project_id):
+        raise HTTPException(404, detail=WEBHOOK_NOT_FOUND)
+    return hook
+
+
+def _name(session: Session, hook: Webhook) -> str:
+    return storage.project_names(session=session, ids={hook.project_id})[hook.project_id]
+
+
+@router.get("", response_model=WebhooksPublic)
+def read_webhooks(
+    db: DbDep, settings: SettingsDep, principal: ReadPrincipal, project: ProjectName | None = None
+) -> WebhooksPublic:
+    """A project's webhooks (secrets are never returned)."""
+    with db.read() as session:
+        found = scoped_project(session, principal, project, settings.default_project)
+        hooks = session.scalars(
+            select(Webhook).where(Webhook.project_id == found.id).order_by(Webhook.id)
+        )
+        data = [_public(h, found.name) for h in hooks]
+    return WebhooksPublic(data=data, count=len(data))
+
+
+@router.post("", response_model=WebhookPublic, status_code=status.HTTP_201_CREATED)
+def create_webhook(
+    body: WebhookCreate, db: DbDep, settings: SettingsDep, principal: OperatePrincipal
+) -> WebhookPublic:
+    """Add a webhook: every alert of the project at or above ``min_severity`` is POSTed to
+    it, firing and resolved, in ``format``; with a ``secret`` each body is signed
+    (X-Rankguard-Timestamp, X-Rankguard-Signature: sha256=HMAC(secret, "<ts>." + body))."""
+    with db.write() as session:
+        project = scoped_project(session, principal, body.project, settings.default_project)
+        now = utcnow()
+        hook = Webhook(
+            project_id=project.id,
+            name=body.name,
+            url=body.url,
+            format=body.format.value,
+            secret=body.secret,
+            enabled=body.enabled,
+            min_severity=body.min_severity.value,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(hook)
+        session.flush()
+        return _public(hook, project.name)
+
+
+@router.get("/{webhook_id}", response_model=WebhookPublic)
+def read_webhook(webhook_id: RowId, db: DbDep, principal: ReadPrincipal) -> WebhookPublic:
+    """Get a webhook by ID."""
+    with db.read() as session:
+        hook = _hook_or_404(session, principal, webhook_id)
+        return _public(hook, _name(session, hook))
+
+
+@router.patch("/{webhook_id}", response_model=WebhookPublic)
+def update_webhook(
+    webhook_id: RowId, body: WebhookUpdate, db: DbDep, principal: OperatePrincipal
+) -> WebhookPublic:
+    """Change a webhook; ``secret`` sets a new secret, ``clear_secret`` removes it."""
+    with db.write() as session:
+        hook = _hook_or_404(session, principal, webhook_id)
+        if body.name is not None:
+            hook.name = body.name
+        if body.url is not None:
+            hook.url = body.url
+        if body.format is not None:
+            hook.format = body.format.value
+        if body.enabled is not None:
+            hook.enabled = body.enabled
+        if body.min_severity is not None:
+            hook.min_severity = body.min_severity.value
+        if body.clear_secret:
+            hook.secret = None
+        if body.secret is not None:
+            hook.secret = body.secret
+        hook.updated_at = utcnow()
+        return _public(hook, _name(session, hook))
+
+
+@router.delete("/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_webhook(webhook_id: RowId, db: DbDep, principal: OperatePrincipal) -> Response:
+    """Delete a webhook and its delivery log."""
+    with db.write() as session:
+        session.delete(_hook_or_404(session, principal, webhook_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{webhook_id}/deliveries", response_model=DeliveriesPublic)
+def read_deliveries(
+    webhook_id: RowId,
+    db: DbDep,
+    principal: ReadPrincipal,
+    outcome: DeliveryOutcome | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> DeliveriesPublic:
+    """The webhook's delivery log, newest first, each with its attempts."""
+    with db.read() as session:
+        _hook_or_404(session, principal, webhook_id)
+        query = select(Delivery).where(Delivery.webhook_id == webhook_id)
+        if outcome is not None:
+            query = query.where(Delivery.outcome == outcome.value)
+        rows = session.scalars(query.order_by(Delivery.id.desc()).limit(limit))
+        data = [DeliveryPublic.model_validate(d) for d in rows]
+    return DeliveriesPublic(data=data, count=len(data))
