@@ -158,7 +158,42 @@ def _add_upload(subparsers: Subparsers) -> None:
     p.set_defaults(func=_run_upload)
 
 
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_serve, _add_report, _add_upload]
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    # The demo trains a scenario from the repository's benchmarks/ (not installed): it
+    # needs a source checkout, which is where the README runs it from.
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "scenarios").is_dir():
+        print("rankguard demo: needs a source checkout of rankguard (benchmarks/)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from benchmarks.demo import run_demo
+
+    run_demo(port=args.port, seed=args.seed, max_steps=args.steps)
+    return 0
+
+
+def _add_demo(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="train a failing run with the probe attached and watch rankguard rescue it",
+        description="Starts the server on ./rankguard.db in the background (left running), "
+        "trains the fp16_attn_overflow scenario with the probe attached and automatic MSign "
+        "allowed, and prints the alerts and a summary table.",
+    )
+    p.add_argument("--port", type=int, default=8000, help="server port (default 8000)")
+    p.add_argument("--seed", type=int, default=0, help="scenario seed (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    p.set_defaults(func=_run_demo)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
+    _add_serve,
+    _add_report,
+    _add_upload,
+    _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

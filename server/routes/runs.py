@@ -97,7 +97,7 @@ def read_runs(
     project: str | None = None,
     run_status: Annotated[RunStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> RunsPublic:
     """List runs (newest first) of the projects the token can see."""
     with db.read() as session:
