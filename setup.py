@@ -7,7 +7,6 @@ TOP_LEVEL = ("probe", "server", "dashboard")
 
 setup(
     packages=[
-        f"rankguard.{name}"
-        for name in find_packages(include=[f"{top}*" for top in TOP_LEVEL])
+        f"rankguard.{name}" for name in find_packages(include=[f"{top}*" for top in TOP_LEVEL])
     ],
 )
