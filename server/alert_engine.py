@@ -75,6 +75,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from fnmatch import fnmatchcase
+from math import isfinite
 from typing import Any
 
 STATE_VERSION = 1
@@ -599,6 +600,23 @@ def _new_series() -> dict[str, Any]:
     }
 
 
+def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A private copy that evaluation may change, sharing what it only ever replaces.
+
+    Evaluation mutates the top-level dict, ``alert`` and the per-series dicts in place; it
+    replaces ``expected``, ``pending``, ``msign_steps``, ``alert["targets"]`` and each series'
+    ``window`` by new lists and never edits them. So one level of copying per dict is enough,
+    which costs a fraction of ``copy.deepcopy`` (the hot path of ingest: one call per rule and
+    batch over O(targets) series).
+    """
+    new = dict(state)
+    new["alert"] = dict(state["alert"])
+    new["series"] = {t: dict(s) for t, s in state["series"].items()}
+    if state["aggregate"] is not None:
+        new["aggregate"] = dict(state["aggregate"])
+    return new
+
+
 def _checked_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
     if state is None:
         return new_state()
@@ -608,134 +626,140 @@ def _checked_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
             f"state version {version!r} is not valid; use a state from new_state() "
             f"(version {STATE_VERSION})"
         )
-    return copy.deepcopy(dict(state))
+    try:
+        return _copy_state(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuleError(
+            f"state is malformed ({type(exc).__name__}: {exc}); use a state from new_state()"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
+# The verdict on one value of one series, taken before its statistics absorb it:
+# (trips, clean, bound, why). ``why`` is a str.format template and its arguments; the text is
+# built only when a transition reports it (``_detail``), since almost no sample trips. A plain
+# tuple, as one is made per (rule, target, step) on ingest.
+_Check = tuple[bool, bool, float | None, tuple[Any, ...]]
 
-@dataclass
-class _Check:
-    """The verdict on one value of one series, taken before its statistics absorb it."""
-
-    trips: bool
-    clean: bool
-    bound: float | None
-    detail: str
+_NOT_FINITE = "{0:.4g} is not finite"
+_FINITE = ("finite",)
+_NO_BASELINE = ("baseline not yet known",)
+_NO_EMA = ("EMA not yet positive",)
+_NO_WINDOW = ("window not yet full",)
+_ABOVE = "{0:.4g} > {1:.4g}"
+_BELOW = "{0:.4g} < {1:.4g}"
+_DROP = "{0:.4g} < {1:.4g} x baseline {2:.4g} = {3:.4g}"
+_RATIO = "{0:.4g} = {1:.4g} x EMA {2:.4g} > {3:.4g} x EMA"
+_ZSCORE = "{0:.4g} has |z| = {1:.4g} > {2:.4g} (mean {3:.4g}, std {4:.4g} over {5} samples)"
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _detail(check: _Check) -> str:
+    """The human-readable verdict of a check (``{:.4g}`` numbers, like ``_fmt``)."""
+    why = check[3]
+    return why[0].format(*why[1:])
+
+
 def _check(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
     cond = rule.condition
-    if not math.isfinite(value):
-        return _Check(True, False, None, f"{_fmt(value)} is not finite")
+    if not isfinite(value):
+        return (True, False, None, (_NOT_FINITE, value))
     if cond is Condition.NON_FINITE:
-        return _Check(False, True, None, "finite")
-    thr = float(rule.threshold)  # type: ignore[arg-type]
+        return (False, True, None, _FINITE)
+    thr: float = rule.threshold  # type: ignore[assignment]  # a float: validated by Rule
     clear = thr if rule.clear_threshold is None else rule.clear_threshold
     warm = series["n"] >= rule.warmup and step >= rule.min_step
     if cond is Condition.ABOVE:
-        trips = warm and value > thr
-        return _Check(trips, value <= clear, thr, f"{_fmt(value)} > {_fmt(thr)}")
+        return (warm and value > thr, value <= clear, thr, (_ABOVE, value, thr))
     if cond is Condition.BELOW:
-        trips = warm and value < thr
-        return _Check(trips, value >= clear, thr, f"{_fmt(value)} < {_fmt(thr)}")
+        return (warm and value < thr, value >= clear, thr, (_BELOW, value, thr))
     if cond is Condition.DROP_FROM_BASELINE:
         if series["b_n"] < rule.baseline_samples:
-            return _Check(False, True, None, "baseline not yet known")
+            return (False, True, None, _NO_BASELINE)
         base = series["b_sum"] / series["b_n"]
         bound = thr * base
-        return _Check(
+        return (
             warm and value < bound,
             value >= clear * base,
             bound,
-            f"{_fmt(value)} < {_fmt(thr)} x baseline {_fmt(base)} = {_fmt(bound)}",
+            (_DROP, value, thr, base, bound),
         )
     if cond is Condition.RATIO_TO_EMA:
         ema = series["ema"]
         if ema is None or ema <= 0:
             # A ratio to a zero or negative EMA has no meaning for norms; stay quiet.
-            return _Check(False, True, None, "EMA not yet positive")
+            return (False, True, None, _NO_EMA)
         ratio = value / ema
-        return _Check(
-            warm and ratio > thr,
-            ratio <= clear,
-            thr * ema,
-            f"{_fmt(value)} = {_fmt(ratio)} x EMA {_fmt(ema)} > {_fmt(thr)} x EMA",
-        )
+        return (warm and ratio > thr, ratio <= clear, thr * ema, (_RATIO, value, ratio, ema, thr))
     # ZSCORE over the trailing window of previous finite values (population std).
     window = series["window"]
     if len(window) < rule.window:
-        return _Check(False, True, None, "window not yet full")
+        return (False, True, None, _NO_WINDOW)
     mean = math.fsum(window) / len(window)
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in window) / len(window))
     # A constant window has std 0: any different value is an infinite z-score.
     z = abs(value - mean) / std if std > 0 else (0.0 if value == mean else math.inf)
-    return _Check(
+    return (
         warm and z > thr,
         z <= clear,
         mean + math.copysign(thr * std, value - mean),
-        f"{_fmt(value)} has |z| = {_fmt(z)} > {_fmt(thr)} (mean {_fmt(mean)}, std {_fmt(std)} "
-        f"over {len(window)} samples)",
+        (_ZSCORE, value, z, thr, mean, std, len(window)),
     )
 
 
-def _absorb(rule: Rule, series: dict[str, Any], value: float) -> None:
-    """Fold a finite value into the statistics the rule's condition needs (after the check)."""
-    if not math.isfinite(value):
-        return
-    series["n"] += 1
-    cond = rule.condition
-    if cond is Condition.DROP_FROM_BASELINE and series["b_n"] < rule.baseline_samples:
-        series["b_sum"] += value
-        series["b_n"] += 1
-    elif cond is Condition.RATIO_TO_EMA:
-        ema = series["ema"]
-        # The EMA always follows the run, tripping samples included: PSS skips the update
-        # because it also discards the step; a monitor watches a run that goes on.
-        series["ema"] = (
-            value if ema is None else rule.ema_alpha * value + (1 - rule.ema_alpha) * ema
-        )
-    elif cond is Condition.ZSCORE:
-        series["window"].append(value)
-        del series["window"][: -rule.window]
-
-
-def _latch(rule: Rule, series: dict[str, Any], step: int, check: _Check) -> None:
-    """Advance one series' trip/clear latch by one sample."""
-    if check.trips:
+def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
+    """Check one sample of a series, advance its trip/clear latch, absorb it in the statistics."""
+    check = _check(rule, series, step, value)
+    # -- latch
+    if check[0]:
         if series["since"] is None:
             series["since"] = step
-        series["run"] += 1
+        run = series["run"] + 1
+        series["run"] = run
         series["clean"] = 0
-        if series["run"] >= rule.consecutive:
+        if run >= rule.consecutive:
             series["tripped"] = True
-        return
-    series["run"] = 0
-    if not series["tripped"]:
-        series["since"] = None
-        return
-    if check.clean:
-        series["clean"] += 1
-        if series["clean"] >= rule.clear_after:
-            series["tripped"] = False
-            series["clean"] = 0
+    else:
+        series["run"] = 0
+        if not series["tripped"]:
             series["since"] = None
-    else:  # between the clear and trip bounds: hold the latch, restart the clean count
-        series["clean"] = 0
-
-
-def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
-    check = _check(rule, series, step, value)
-    _latch(rule, series, step, check)
-    _absorb(rule, series, value)
+        elif check[1]:
+            clean = series["clean"] + 1
+            if clean >= rule.clear_after:
+                series["tripped"] = False
+                series["since"] = None
+                clean = 0
+            series["clean"] = clean
+        else:  # between the clear and trip bounds: hold the latch, restart the clean count
+            series["clean"] = 0
+    # -- statistics: only finite values, after the check, and only those the condition needs
     series["last_step"] = step
-    series["value"] = encode_float(value)
+    if isfinite(value):
+        series["value"] = value
+        series["n"] += 1
+        cond = rule.condition
+        if cond is Condition.DROP_FROM_BASELINE:
+            if series["b_n"] < rule.baseline_samples:
+                series["b_sum"] += value
+                series["b_n"] += 1
+        elif cond is Condition.RATIO_TO_EMA:
+            ema = series["ema"]
+            # The EMA always follows the run, tripping samples included: PSS skips the update
+            # because it also discards the step; a monitor watches a run that goes on.
+            series["ema"] = (
+                value if ema is None else rule.ema_alpha * value + (1 - rule.ema_alpha) * ema
+            )
+        elif cond is Condition.ZSCORE:
+            # A new list, never an in-place edit: the copy of the state shares the old one.
+            series["window"] = [*series["window"], value][-rule.window :]
+    else:
+        series["value"] = encode_float(value)
     return check
 
 
@@ -805,18 +829,24 @@ def _evaluate_step(
     state: dict[str, Any],
     step: int,
     values: dict[str, float],
+    members: list[str],
 ) -> list[Transition]:
-    """Evaluate one complete step: per-target series, aggregation, alert latch, actions."""
+    """Evaluate one complete step: per-target series, aggregation, alert latch, actions.
+
+    ``members`` is ``sorted(values)``. Messages and target lists are built only on a transition.
+    """
+    all_series = state["series"]
     checks: dict[str, _Check] = {}
-    for target in sorted(values):
-        series = state["series"].setdefault(target, _new_series())
+    for target in members:
+        series = all_series.get(target)
+        if series is None:
+            series = all_series[target] = _new_series()
         checks[target] = _step_series(rule, series, step, values[target])
 
-    members = sorted(values)
     agg_value: float | None = None
     agg_check: _Check | None = None
     if rule.aggregation in BOOLEAN_AGGREGATIONS:
-        tripped = [t for t in members if state["series"][t]["tripped"]]
+        tripped = [t for t in members if all_series[t]["tripped"]]
         if rule.aggregation is Aggregation.ANY:
             active = len(tripped) >= 1
         elif rule.aggregation is Aggregation.ALL:
@@ -824,8 +854,9 @@ def _evaluate_step(
         else:
             active = len(tripped) >= int(rule.k)  # type: ignore[arg-type]
         reported = tripped
-        since_all = [state["series"][t]["since"] for t in tripped]
-        first_step = min((s for s in since_all if s is not None), default=step)
+        first_step = min(
+            (s for s in (all_series[t]["since"] for t in tripped) if s is not None), default=step
+        )
     else:
         agg_value = _aggregate(rule.aggregation, [values[t] for t in members])
         if state["aggregate"] is None:
@@ -834,8 +865,8 @@ def _evaluate_step(
         agg_check = _step_series(rule, agg_series, step, agg_value)
         active = bool(agg_series["tripped"])
         # The layers that moved: those crossing the condition on their own series.
-        reported = [t for t in members if state["series"][t]["since"] is not None] or members
-        starts = [state["series"][t]["since"] for t in reported]
+        reported = [t for t in members if all_series[t]["since"] is not None] or members
+        starts = [all_series[t]["since"] for t in reported]
         starts.append(agg_series["since"])
         first_step = min((s for s in starts if s is not None), default=step)
 
@@ -849,8 +880,8 @@ def _evaluate_step(
         for t in names:
             if t not in values:
                 continue
-            since = state["series"][t]["since"]
-            out.append(TargetHit(t, values[t], since, checks[t].bound))
+            since = all_series[t]["since"]
+            out.append(TargetHit(t, values[t], since, checks[t][2]))
         # Ordered by how early each target itself started to trip; never-tripped ones last.
         out.sort(key=lambda h: (h.since is None, h.since if h.since is not None else 0, h.target))
         return tuple(out)
@@ -867,7 +898,7 @@ def _evaluate_step(
             if agg_check is not None:
                 what = (
                     f"{rule.aggregation.value}({rule.quantity}) over {len(members)} target(s) "
-                    f"= {agg_check.detail}"
+                    f"= {_detail(agg_check)}"
                 )
                 moved = ", ".join(
                     f"{h.target} = {_fmt(h.value)}"
@@ -875,10 +906,10 @@ def _evaluate_step(
                     for h in target_hits[:5]
                 )
                 message = f"{what}; layers that moved first: {moved}"
-                bound = agg_check.bound
+                bound = agg_check[2]
             else:
                 parts = [
-                    f"{h.target}: {checks[h.target].detail}"
+                    f"{h.target}: {_detail(checks[h.target])}"
                     + (f" since step {h.since}" if h.since is not None else "")
                     for h in target_hits[:5]
                 ]
@@ -952,47 +983,78 @@ def _evaluate_step(
     return transitions
 
 
-def _buffer(state: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """The pending list as {step: {target: encoded value}} (the stored form is a flat list)."""
-    buffer: dict[int, dict[str, Any]] = {}
-    for step, target, value in state["pending"]:
-        buffer.setdefault(int(step), {})[target] = value
+def _buffer(state: dict[str, Any]) -> dict[int, dict[str, float]]:
+    """The pending list as {step: {target: value}} (the stored form is a flat encoded list)."""
+    buffer: dict[int, dict[str, float]] = {}
+    try:
+        for step, target, value in state["pending"]:
+            buffer.setdefault(int(step), {})[target] = decode_float(value)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RuleError(
+            f"state is malformed (pending: {type(exc).__name__}: {exc}); "
+            "use a state from new_state()"
+        ) from None
     return buffer
 
 
+# Selector verdicts per target-glob tuple, shared by calls: a run's target names recur in every
+# batch, and fnmatch costs more than the rest of a sample's ingest. Bounded, as target names
+# come from clients.
+_SELECTIONS: dict[tuple[str, ...], dict[str, bool]] = {}
+_SELECTIONS_MAX_GLOBS = 1024
+_SELECTIONS_MAX_TARGETS = 65536
+
+
+def _selection(rule: Rule) -> dict[str, bool]:
+    selection = _SELECTIONS.get(rule.targets)
+    if selection is None or len(selection) > _SELECTIONS_MAX_TARGETS:
+        if len(_SELECTIONS) >= _SELECTIONS_MAX_GLOBS:
+            _SELECTIONS.clear()
+        selection = _SELECTIONS[rule.targets] = {}
+    return selection
+
+
 def _ingest(
-    rule: Rule, state: dict[str, Any], buffer: dict[int, dict[str, Any]], samples: Iterable[Any]
+    rule: Rule, state: dict[str, Any], buffer: dict[int, dict[str, float]], samples: Iterable[Any]
 ) -> None:
     watermark = state["watermark"]
-    selected: dict[str, bool] = {}  # fnmatch once per target name, not once per sample
+    selection = _selection(rule)
     for sample in samples:
         target, raw_step, raw = sample
         if not isinstance(target, str):
             raise RuleError(f"sample target={target!r} is not valid; use a string")
-        if target not in selected:
-            selected[target] = rule.matches_target(target)
-        if not selected[target]:
+        selected = selection.get(target)
+        if selected is None:
+            selected = selection[target] = rule.matches_target(target)
+        if not selected:
             continue
-        try:
-            if isinstance(raw_step, bool):
-                raise TypeError
-            step = operator.index(raw_step)
-            value = decode_float(raw)
-        except (TypeError, ValueError):
-            raise RuleError(
-                f"sample ({target!r}, {raw_step!r}, {raw!r}) is not valid; use an integer step "
-                "and a number or 'NaN'/'Infinity'/'-Infinity'"
-            ) from None
+        if type(raw_step) is int and type(raw) is float:  # what ingest hands over
+            step, value = raw_step, raw
+        else:
+            try:
+                if isinstance(raw_step, bool):
+                    raise TypeError
+                step = operator.index(raw_step)
+                value = decode_float(raw)
+            except (TypeError, ValueError):
+                raise RuleError(
+                    f"sample ({target!r}, {raw_step!r}, {raw!r}) is not valid; use an integer "
+                    "step and a number or 'NaN'/'Infinity'/'-Infinity'"
+                ) from None
         if watermark is not None and step <= watermark:
             continue  # replay or later than the bounded lag: changes nothing
+        at_step = buffer.get(step)
+        if at_step is None:
+            at_step = buffer[step] = {}
         # The first value of a (target, step) wins, as ingest keeps the first.
-        buffer.setdefault(step, {}).setdefault(target, encode_float(value))
+        if target not in at_step:
+            at_step[target] = value
 
 
 def _drain(
     rule: Rule,
     state: dict[str, Any],
-    buffer: dict[int, dict[str, Any]],
+    buffer: dict[int, dict[str, float]],
     max_pending_steps: int,
     force: bool,
 ) -> list[Transition]:
@@ -1001,14 +1063,17 @@ def _drain(
     i = 0
     while i < len(steps) and (force or _ready_step(state, buffer, steps, i, max_pending_steps)):
         step = steps[i]
-        values = {t: decode_float(v) for t, v in buffer.pop(step).items()}
+        values = buffer.pop(step)
+        members = sorted(values)
         if state["watermark"] is not None:
             state["stride"] = step - state["watermark"]
         state["watermark"] = step
-        state["expected"] = sorted(values)
-        transitions.extend(_evaluate_step(rule, state, step, values))
+        state["expected"] = members
+        transitions.extend(_evaluate_step(rule, state, step, values, members))
         i += 1
-    state["pending"] = [[s, t, v] for s in sorted(buffer) for t, v in sorted(buffer[s].items())]
+    state["pending"] = [
+        [s, t, encode_float(v)] for s in sorted(buffer) for t, v in sorted(buffer[s].items())
+    ]
     return transitions
 
 
