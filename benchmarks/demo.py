@@ -34,6 +34,10 @@ from rankguard.probe import Probe
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATION = REPO / "benchmarks" / "scenarios" / "calibration_notes.json"
 SCENARIO = "fp16_attn_overflow"
+# Servers this process started and leaves running: referenced so that no Popen is collected
+# (and warned about) while its server is meant to outlive the demo.
+_DETACHED: list[subprocess.Popen[bytes]] = []
+REMEDY_RULE = "attention_logit_divergence"
 
 
 @dataclass
@@ -77,6 +81,7 @@ def ensure_server(port: int, log_dir: Path) -> tuple[str, int | None]:
             stderr=log,
             start_new_session=True,  # keep serving the dashboard after the demo exits
         )
+    _DETACHED.append(proc)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -114,6 +119,7 @@ class DemoCallback:
                 server=self.url,
                 every=5,
                 log_dir=self.log_dir,
+                command_poll_interval=0.25,  # a small model trains ~20 steps/s here
             )
             self._register_and_allow_msign(self.probe)
         self.probe.step(loss)
@@ -123,15 +129,24 @@ class DemoCallback:
             self._progress(step)
 
     def _register_and_allow_msign(self, probe: Probe) -> None:
-        # Registering here (the probe would do it on its own thread) lets the demo turn on
-        # the critical rules' MSign action before any data arrives.
+        # Registering here (the probe would do it on its own thread) lets the demo arm the
+        # attention-logit rule's MSign action before any data arrives: once the logits pass
+        # its bound, MSign on the attention weights, repeated every 10 steps while the alert
+        # fires (at most 30 per 100 steps) — the MSign paper's periodic restoration.
         self.api.post("/runs", json=probe.registration()).raise_for_status()
         rules = self.api.get("/alert-rules", params={"run_id": probe.run_id}).json()["data"]
-        for rule in rules:
-            if "msign" in rule["rule"]:
-                self.api.patch(
-                    f"/alert-rules/{rule['id']}", json={"rule": {"msign": {"enabled": True}}}
-                ).raise_for_status()
+        (rule,) = [r for r in rules if r["name"] == REMEDY_RULE]
+        msign = {
+            "enabled": True,
+            "targets": "attention",
+            "repeat_every": 10,
+            "max_orders": 30,
+            "window_steps": 100,
+        }
+        # Resolve only after 4 clean samples and re-fire at once: a logit that dips under the
+        # bound right after an MSign is not yet a recovery.
+        changes = {"msign": msign, "cooldown": 0, "clear_after": 4}
+        self.api.patch(f"/alert-rules/{rule['id']}", json={"rule": changes}).raise_for_status()
 
     def _report_alerts(self) -> None:
         assert self.probe is not None
@@ -199,9 +214,12 @@ def run_demo(
     time.sleep(0.5)  # let the last batch's alerts settle before the final read
     callback._report_alerts()
     api = callback.api
-    alerts = api.get(f"/runs/{run_id}/alerts").json()["data"]
-    commands = api.get(f"/runs/{run_id}/commands").json()["data"]
-    api.post(f"/runs/{run_id}/finish", json={"status": "finished"})
+    try:
+        alerts = api.get(f"/runs/{run_id}/alerts").json()["data"]
+        commands = api.get(f"/runs/{run_id}/commands").json()["data"]
+        api.post(f"/runs/{run_id}/finish", json={"status": "finished"})
+    finally:
+        api.close()
     first_alert = min((a["fired_step"] for a in alerts), default=None)
     demo = DemoResult(
         run_id=run_id,

@@ -86,6 +86,8 @@ class Probe:
         command_every: under DDP, the cadence (in steps) at which rank 0's commands are
             broadcast to every rank; each check is one collective, so it defaults to
             ``every``. A single process reads its local inbox on every step (no I/O).
+        command_poll_interval: seconds between the transport thread's command polls (the
+            latency between an order and its arrival in the inbox).
         schedules: per-quantity cadence overrides, name -> every.
         exact: exact SVD for the weight spectra (checks; syncs on CUDA).
         max_rows, max_sequences, jacobian_sequences, power_iterations: bounds and iteration
@@ -115,6 +117,7 @@ class Probe:
         sink: Sink | None = None,
         transport: Transport | None = None,
         command_every: int | None = None,
+        command_poll_interval: float = 1.0,
         schedules: Mapping[str, int] | None = None,
         exact: bool = False,
         max_rows: int = 256,
@@ -240,6 +243,7 @@ class Probe:
         if command_every is not None and command_every <= 0:
             raise ConfigError(f"command_every: expected an integer >= 1, got {command_every!r}")
         self.command_every = command_every or cfg.every
+        self.command_poll_interval = command_poll_interval
         self.run_id = _shared_run_id(self.world_size)
         self._step = 0
         self._losses: list[tuple[int, Tensor | float, float]] = []
@@ -396,7 +400,11 @@ class Probe:
             if sink is not None:
                 raise ConfigError("sink: give either server= or sink=, not both")
             return HttpTransport(
-                self.server, token=self.token, run=self.registration(), spill_path=path
+                self.server,
+                token=self.token,
+                run=self.registration(),
+                spill_path=path,
+                poll_interval=self.command_poll_interval,
             )
         return SinkTransport(sink if sink is not None else FileSink(path, run=self.registration()))
 

@@ -37,14 +37,18 @@ series teach the engine its targets and its stride, so they must arrive complete
 or in order, as the probe sends them); after that, reordering, split steps and late spill
 files that fill a gap of up to ``max_pending_steps`` steps give the in-order result.
 
-State format (version 1)
+State format (version 2)
 ------------------------
-``{"v": 1, "watermark": last evaluated step | null, "stride": int | null, "expected": [targets
-at the last evaluated step], "pending": [[step, target, value], ...], "series": {target: {...}},
-"aggregate": {...} | null, "alert": {"firing", "episode", "first_step", "fired_step", "targets",
-"cooldown_until"}, "msign_steps": [steps at which this rule ordered MSign]}``. Per-series state
-holds the latch (``run``, ``clean``, ``tripped``, ``since``) and only the statistics the
-condition needs (baseline sum/count, EMA, z-score window), so a row stays O(targets x window).
+``{"v": 2, "watermark": last evaluated step | null, "stride": int | null, "expected": [targets
+at the last evaluated step] | "*" (every target of "series", the usual case), "pending": [[step,
+target, value], ...], "series": {target: {...}}, "aggregate": {...} | null, "alert":
+{"firing", "episode", "first_step", "fired_step", "targets", "cooldown_until"}, "msign_steps":
+[steps at which this rule ordered MSign]}``. Per-series state holds ``n`` (finite samples
+seen), the latch (``run``, ``clean``, ``tripped``, ``since``) and only the statistics the
+condition needs (``b_sum``/``b_n`` baseline, ``ema``, z-score ``window``), so a row stays
+O(targets x window) and small: ingest rewrites it on every batch.
+Version 1 (which also kept each series' ``last_step`` and ``value``, and every statistic) is
+still read: ``evaluate`` and ``flush`` return it migrated to version 2.
 Reset the state (``new_state()``) when a rule's condition fields are edited.
 
 Per-target semantics
@@ -78,7 +82,9 @@ from fnmatch import fnmatchcase
 from math import isfinite
 from typing import Any
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+# State "expected" value meaning: the targets at the last evaluated step are all of "series".
+ALL_SERIES = "*"
 DEFAULT_MAX_PENDING_STEPS = 8
 
 MSIGN_ENGINES = ("svd", "newton_schulz")
@@ -121,6 +127,8 @@ class Severity(str, Enum):
 class TransitionKind(str, Enum):
     FIRING = "firing"
     RESOLVED = "resolved"
+    # A firing alert orders MSign again (``MSignAction.repeat_every``); no notification.
+    REPEAT = "repeat"
 
 
 def _valid(enum: type[Enum]) -> str:
@@ -152,8 +160,10 @@ class MSignAction:
     """Order MSign when the rule fires, at most ``max_orders`` times per ``window_steps`` steps.
 
     ``enabled=False`` keeps the action in the rule (visible, one switch to turn on) without
-    acting. ``targets`` is a group of docs/contract.md (``"attention"``, ``"all_2d"``) or a tuple
-    of fnmatch globs over target names.
+    acting. ``repeat_every``: while the alert keeps firing, order MSign again every that many
+    steps (the MSign paper restores periodically; one restoration may not hold), still within
+    the rate limit; None orders once per firing. ``targets`` is a group of docs/contract.md
+    (``"attention"``, ``"all_2d"``) or a tuple of fnmatch globs over target names.
     """
 
     enabled: bool = False
@@ -161,6 +171,7 @@ class MSignAction:
     engine: str = "svd"
     max_orders: int = 1
     window_steps: int = 1000
+    repeat_every: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -191,6 +202,8 @@ class MSignAction:
             )
         _check_int("msign.max_orders", self.max_orders, 1)
         _check_int("msign.window_steps", self.window_steps, 1)
+        if self.repeat_every is not None:
+            _check_int("msign.repeat_every", self.repeat_every, 1)
 
     def command(self) -> dict[str, Any]:
         """The body of ``POST /api/v1/runs/{run_id}/commands`` that this action orders."""
@@ -204,17 +217,18 @@ class MSignAction:
             "engine": self.engine,
             "max_orders": self.max_orders,
             "window_steps": self.window_steps,
+            "repeat_every": self.repeat_every,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MSignAction:
         if not isinstance(data, Mapping):
             raise RuleError(f"msign={data!r} is not valid; use an object or null")
-        unknown = set(data) - {"enabled", "targets", "engine", "max_orders", "window_steps"}
+        valid = {"enabled", "targets", "engine", "max_orders", "window_steps", "repeat_every"}
+        unknown = set(data) - valid
         if unknown:
             raise RuleError(
-                f"msign has unknown field(s) {sorted(unknown)}; valid: enabled, targets, "
-                "engine, max_orders, window_steps"
+                f"msign has unknown field(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}"
             )
         return cls(**dict(data))
 
@@ -584,20 +598,24 @@ def new_state() -> dict[str, Any]:
     }
 
 
-def _new_series() -> dict[str, Any]:
-    return {
-        "last_step": None,
-        "value": None,
+def _new_series(condition: Condition) -> dict[str, Any]:
+    series: dict[str, Any] = {
         "n": 0,  # finite samples absorbed
-        "b_sum": 0.0,
-        "b_n": 0,
-        "ema": None,
-        "window": [],
         "run": 0,  # consecutive tripping samples
         "clean": 0,  # consecutive clean samples while tripped
         "tripped": False,
         "since": None,  # first step of the current crossing
     }
+    # Only the statistics this condition reads: the state is rewritten on every batch, so
+    # unused keys would cost JSON work on each ingest.
+    if condition is Condition.DROP_FROM_BASELINE:
+        series["b_sum"] = 0.0
+        series["b_n"] = 0
+    elif condition is Condition.RATIO_TO_EMA:
+        series["ema"] = None
+    elif condition is Condition.ZSCORE:
+        series["window"] = []
+    return series
 
 
 def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -617,17 +635,31 @@ def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return new
 
 
-def _checked_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
+def _migrate_v1(state: dict[str, Any], condition: Condition) -> dict[str, Any]:
+    """Version 1 -> 2: series lose ``last_step``, ``value`` (never read) and the statistics
+    their condition does not use; the rest is the same."""
+    keep = set(_new_series(condition))
+    state["series"] = {
+        t: {k: v for k, v in s.items() if k in keep} for t, s in state["series"].items()
+    }
+    if state["aggregate"] is not None:
+        state["aggregate"] = {k: v for k, v in state["aggregate"].items() if k in keep}
+    state["v"] = STATE_VERSION
+    return state
+
+
+def _checked_state(state: Mapping[str, Any] | None, rule: Rule) -> dict[str, Any]:
     if state is None:
         return new_state()
-    if not isinstance(state, Mapping) or state.get("v") != STATE_VERSION:
-        version = state.get("v") if isinstance(state, Mapping) else state
+    version = state.get("v") if isinstance(state, Mapping) else state
+    if version not in (1, STATE_VERSION) or isinstance(version, bool):
         raise RuleError(
             f"state version {version!r} is not valid; use a state from new_state() "
-            f"(version {STATE_VERSION})"
+            f"(version {STATE_VERSION}; version 1 is read and migrated)"
         )
     try:
-        return _copy_state(state)
+        new = _copy_state(state)  # TypeError if not a Mapping
+        return new if version == STATE_VERSION else _migrate_v1(new, rule.condition)
     except (KeyError, TypeError, ValueError) as exc:
         raise RuleError(
             f"state is malformed ({type(exc).__name__}: {exc}); use a state from new_state()"
@@ -663,7 +695,8 @@ def _fmt(value: float | None) -> str:
 def _detail(check: _Check) -> str:
     """The human-readable verdict of a check (``{:.4g}`` numbers, like ``_fmt``)."""
     why = check[3]
-    return why[0].format(*why[1:])
+    template: str = why[0]
+    return template.format(*why[1:])
 
 
 def _check(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
@@ -680,9 +713,11 @@ def _check(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Chec
     if cond is Condition.BELOW:
         return (warm and value < thr, value >= clear, thr, (_BELOW, value, thr))
     if cond is Condition.DROP_FROM_BASELINE:
-        if series["b_n"] < rule.baseline_samples:
+        # .get: a statistic this condition has not stored yet starts empty (_new_series)
+        b_n = series.get("b_n", 0)
+        if b_n < rule.baseline_samples:
             return (False, True, None, _NO_BASELINE)
-        base = series["b_sum"] / series["b_n"]
+        base = series["b_sum"] / b_n
         bound = thr * base
         return (
             warm and value < bound,
@@ -691,14 +726,14 @@ def _check(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Chec
             (_DROP, value, thr, base, bound),
         )
     if cond is Condition.RATIO_TO_EMA:
-        ema = series["ema"]
+        ema = series.get("ema")
         if ema is None or ema <= 0:
             # A ratio to a zero or negative EMA has no meaning for norms; stay quiet.
             return (False, True, None, _NO_EMA)
         ratio = value / ema
         return (warm and ratio > thr, ratio <= clear, thr * ema, (_RATIO, value, ratio, ema, thr))
     # ZSCORE over the trailing window of previous finite values (population std).
-    window = series["window"]
+    window = series.get("window", ())
     if len(window) < rule.window:
         return (False, True, None, _NO_WINDOW)
     mean = math.fsum(window) / len(window)
@@ -713,11 +748,9 @@ def _check(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Chec
     )
 
 
-def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
-    """Check one sample of a series, advance its trip/clear latch, absorb it in the statistics."""
-    check = _check(rule, series, step, value)
-    # -- latch
-    if check[0]:
+def _latch(rule: Rule, series: dict[str, Any], step: int, trips: bool, clean: bool) -> None:
+    """Advance one series' trip/clear latch by one sample."""
+    if trips:
         if series["since"] is None:
             series["since"] = step
         run = series["run"] + 1
@@ -725,31 +758,107 @@ def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) ->
         series["clean"] = 0
         if run >= rule.consecutive:
             series["tripped"] = True
-    else:
-        series["run"] = 0
-        if not series["tripped"]:
+        return
+    series["run"] = 0
+    if not series["tripped"]:
+        series["since"] = None
+    elif clean:
+        count = series["clean"] + 1
+        if count >= rule.clear_after:
+            series["tripped"] = False
             series["since"] = None
-        elif check[1]:
-            clean = series["clean"] + 1
-            if clean >= rule.clear_after:
-                series["tripped"] = False
-                series["since"] = None
-                clean = 0
-            series["clean"] = clean
-        else:  # between the clear and trip bounds: hold the latch, restart the clean count
-            series["clean"] = 0
+            count = 0
+        series["clean"] = count
+    else:  # between the clear and trip bounds: hold the latch, restart the clean count
+        series["clean"] = 0
+
+
+# Conditions whose check can be rebuilt after the sample was absorbed (``_check`` on the
+# series as it is now gives the same bound and text): the verdict depends on the value and on
+# statistics the sample does not change. A ``drop_from_baseline`` check is so once the baseline
+# is known (it freezes then); before, ``_step_fused`` keeps the check itself.
+_REBUILDABLE = frozenset(
+    {Condition.ABOVE, Condition.BELOW, Condition.NON_FINITE, Condition.DROP_FROM_BASELINE}
+)
+_NO_BASELINE_CHECK: _Check = (False, True, None, _NO_BASELINE)
+
+
+def _step_fused(
+    rule: Rule,
+    all_series: dict[str, Any],
+    step: int,
+    values: dict[str, float],
+    members: list[str],
+    checks: dict[str, _Check],
+) -> None:
+    """``_step_series`` over a step's targets for a ``_REBUILDABLE`` condition, in one loop.
+
+    The hot path of ingest (the default pack is plain bounds and one baseline rule): one loop
+    with the check and the latch inlined, and no check tuple per target, as ``_check`` on the
+    updated series gives its bound and text again on a transition. Same results as
+    ``_step_series``.
+    """
+    cond = rule.condition
+    finite_ok = cond is Condition.NON_FINITE
+    above = cond is Condition.ABOVE
+    drop = cond is Condition.DROP_FROM_BASELINE
+    thr: float = rule.threshold  # type: ignore[assignment]  # None only for non_finite
+    clear = thr if rule.clear_threshold is None else rule.clear_threshold
+    step_ok = step >= rule.min_step
+    warmup = rule.warmup
+    baseline_samples = rule.baseline_samples
+    for target in members:
+        series = all_series.get(target)
+        if series is None:
+            series = all_series[target] = _new_series(cond)
+        value = values[target]
+        # -- the verdict (as _check), before the statistics absorb the sample
+        if not isfinite(value):
+            trips, clean = True, False
+        else:
+            if finite_ok:
+                trips, clean = False, True
+            elif drop:
+                b_n = series.get("b_n", 0)
+                if b_n < baseline_samples:
+                    trips, clean = False, True
+                    checks[target] = _NO_BASELINE_CHECK
+                    series["b_sum"] = series.get("b_sum", 0.0) + value
+                    series["b_n"] = b_n + 1
+                else:
+                    base = series["b_sum"] / b_n
+                    trips = value < thr * base and step_ok and series["n"] >= warmup
+                    clean = value >= clear * base
+            elif above:
+                trips = value > thr and step_ok and series["n"] >= warmup
+                clean = value <= clear
+            else:
+                trips = value < thr and step_ok and series["n"] >= warmup
+                clean = value >= clear
+            series["n"] += 1
+        # -- the latch (as _latch); the common case first: healthy and not tripped
+        if not trips and not series["tripped"]:
+            series["run"] = 0
+            series["since"] = None
+        else:
+            _latch(rule, series, step, trips, clean)
+
+
+def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
+    """Check one sample of a series, advance its trip/clear latch, absorb it in the statistics."""
+    check = _check(rule, series, step, value)
+    _latch(rule, series, step, check[0], check[1])
     # -- statistics: only finite values, after the check, and only those the condition needs
-    series["last_step"] = step
     if isfinite(value):
-        series["value"] = value
         series["n"] += 1
         cond = rule.condition
         if cond is Condition.DROP_FROM_BASELINE:
-            if series["b_n"] < rule.baseline_samples:
-                series["b_sum"] += value
-                series["b_n"] += 1
+            b_n = series.get("b_n", 0)
+            if b_n < rule.baseline_samples:
+                series["b_sum"] = series.get("b_sum", 0.0) + value
+                series["b_n"] = b_n + 1
         elif cond is Condition.RATIO_TO_EMA:
-            ema = series["ema"]
+            ema = series.get("ema")
             # The EMA always follows the run, tripping samples included: PSS skips the update
             # because it also discards the step; a monitor watches a run that goes on.
             series["ema"] = (
@@ -757,13 +866,24 @@ def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) ->
             )
         elif cond is Condition.ZSCORE:
             # A new list, never an in-place edit: the copy of the state shares the old one.
-            series["window"] = [*series["window"], value][-rule.window :]
-    else:
-        series["value"] = encode_float(value)
+            series["window"] = [*series.get("window", ()), value][-rule.window :]
     return check
 
 
 def _aggregate(aggregation: Aggregation, values: Sequence[float]) -> float:
+    # Fast paths, one pass, for the usual all-finite (and, for gmean, all-positive) step; a
+    # finite sum proves that, and the result is then the general path's.
+    try:
+        if aggregation is Aggregation.GMEAN:
+            log_sum = math.fsum(map(math.log, values))  # ValueError for a value <= 0
+            if isfinite(log_sum):
+                return math.exp(log_sum / len(values))
+        elif aggregation is Aggregation.MEAN:
+            total = math.fsum(values)  # ValueError for inf + -inf
+            if isfinite(total):
+                return total / len(values)
+    except (ValueError, OverflowError):
+        pass
     if any(math.isnan(v) for v in values):
         return math.nan
     if aggregation is Aggregation.MIN:
@@ -800,7 +920,10 @@ def _ready_step(
     expected = state["expected"]
     if not expected:
         return len(steps) - i > 1  # first step: wait until a later step shows its batch is over
-    if not set(expected) <= buffer[first].keys():
+    if expected == ALL_SERIES:
+        if not state["series"].keys() <= buffer[first].keys():
+            return False
+    elif not set(expected) <= buffer[first].keys():
         return False
     stride, watermark = state["stride"], state["watermark"]
     # A step further than one stride ahead seems to follow a missing one; wait for it.
@@ -837,14 +960,25 @@ def _evaluate_step(
     """
     all_series = state["series"]
     checks: dict[str, _Check] = {}
-    for target in members:
-        series = all_series.get(target)
-        if series is None:
-            series = all_series[target] = _new_series()
-        checks[target] = _step_series(rule, series, step, values[target])
+    rebuildable = rule.condition in _REBUILDABLE
+    if rebuildable:
+        _step_fused(rule, all_series, step, values, members, checks)
+    else:
+        for target in members:
+            series = all_series.get(target)
+            if series is None:
+                series = all_series[target] = _new_series(rule.condition)
+            checks[target] = _step_series(rule, series, step, values[target])
+
+    def check_of(target: str) -> _Check:
+        check = checks.get(target)
+        if check is None:  # only for _REBUILDABLE conditions
+            return _check(rule, all_series[target], step, values[target])
+        return check
 
     agg_value: float | None = None
     agg_check: _Check | None = None
+    agg_since: int | None = None
     if rule.aggregation in BOOLEAN_AGGREGATIONS:
         tripped = [t for t in members if all_series[t]["tripped"]]
         if rule.aggregation is Aggregation.ANY:
@@ -853,22 +987,26 @@ def _evaluate_step(
             active = len(tripped) == len(members) > 0
         else:
             active = len(tripped) >= int(rule.k)  # type: ignore[arg-type]
-        reported = tripped
-        first_step = min(
-            (s for s in (all_series[t]["since"] for t in tripped) if s is not None), default=step
-        )
     else:
         agg_value = _aggregate(rule.aggregation, [values[t] for t in members])
         if state["aggregate"] is None:
-            state["aggregate"] = _new_series()
+            state["aggregate"] = _new_series(rule.condition)
         agg_series = state["aggregate"]
         agg_check = _step_series(rule, agg_series, step, agg_value)
         active = bool(agg_series["tripped"])
-        # The layers that moved: those crossing the condition on their own series.
-        reported = [t for t in members if all_series[t]["since"] is not None] or members
-        starts = [all_series[t]["since"] for t in reported]
-        starts.append(agg_series["since"])
-        first_step = min((s for s in starts if s is not None), default=step)
+        agg_since = agg_series["since"]
+
+    def reported_and_first_step() -> tuple[list[str], int]:
+        """The targets a firing names and the step its trouble began (only on firing)."""
+        if agg_check is None:
+            reported = tripped
+            starts = [all_series[t]["since"] for t in tripped]
+        else:
+            # The layers that moved: those crossing the condition on their own series.
+            reported = [t for t in members if all_series[t]["since"] is not None] or members
+            starts = [all_series[t]["since"] for t in reported]
+            starts.append(agg_since)
+        return reported, min((s for s in starts if s is not None), default=step)
 
     if not rule.enabled:
         return []  # statistics stay current; the alert latch waits for the rule to be enabled
@@ -881,7 +1019,7 @@ def _evaluate_step(
             if t not in values:
                 continue
             since = all_series[t]["since"]
-            out.append(TargetHit(t, values[t], since, checks[t][2]))
+            out.append(TargetHit(t, values[t], since, check_of(t)[2]))
         # Ordered by how early each target itself started to trip; never-tripped ones last.
         out.sort(key=lambda h: (h.since is None, h.since if h.since is not None else 0, h.target))
         return tuple(out)
@@ -889,6 +1027,7 @@ def _evaluate_step(
     if not alert["firing"]:
         cooldown_until = alert["cooldown_until"]
         if active and (cooldown_until is None or step >= cooldown_until):
+            reported, first_step = reported_and_first_step()
             alert["firing"] = True
             alert["episode"] += 1
             alert["first_step"] = first_step
@@ -909,7 +1048,7 @@ def _evaluate_step(
                 bound = agg_check[2]
             else:
                 parts = [
-                    f"{h.target}: {_detail(checks[h.target])}"
+                    f"{h.target}: {_detail(check_of(h.target))}"
                     + (f" since step {h.since}" if h.since is not None else "")
                     for h in target_hits[:5]
                 ]
@@ -920,17 +1059,14 @@ def _evaluate_step(
                 )
                 bound = target_hits[0].bound if target_hits else None
             message = f"[{rule.severity.value}] rule {rule.name!r}: {message} (step {step})"
-            command: dict[str, Any] | None = None
-            suppressed = False
-            if rule.msign.enabled:
-                horizon = step - rule.msign.window_steps
-                recent = [s for s in state["msign_steps"] if s > horizon]
-                if len(recent) < rule.msign.max_orders:
-                    command = rule.msign.command()
-                    recent.append(step)
-                else:
-                    suppressed = True
-                state["msign_steps"] = recent
+            command, suppressed = (
+                _order_msign(rule, state, step)
+                if rule.msign.enabled
+                else (
+                    None,
+                    False,
+                )
+            )
             transitions.append(
                 Transition(
                     kind=TransitionKind.FIRING,
@@ -946,6 +1082,29 @@ def _evaluate_step(
                     message=message,
                     suggested_action=_runbook(rule),
                     notify=rule.notify,
+                    command=command,
+                    command_suppressed=suppressed,
+                )
+            )
+    elif active and _repeat_due(rule, state, step):
+        command, suppressed = _order_msign(rule, state, step)
+        if command is not None:
+            transitions.append(
+                Transition(
+                    kind=TransitionKind.REPEAT,
+                    rule=rule.name,
+                    quantity=rule.quantity,
+                    severity=rule.severity,
+                    episode=alert["episode"],
+                    step=step,
+                    first_step=int(alert["first_step"]),
+                    targets=(),
+                    value=agg_value,
+                    bound=None,
+                    message=f"[repeat] rule {rule.name!r} still firing at step {step}: "
+                    "MSign ordered again",
+                    suggested_action=_runbook(rule),
+                    notify=False,
                     command=command,
                     command_suppressed=suppressed,
                 )
@@ -981,6 +1140,29 @@ def _evaluate_step(
             )
         )
     return transitions
+
+
+def _order_msign(
+    rule: Rule, state: dict[str, Any], step: int
+) -> tuple[dict[str, Any] | None, bool]:
+    """The MSign command this step orders, or (None, True) when the rate limit holds it back."""
+    horizon = step - rule.msign.window_steps
+    recent = [s for s in state["msign_steps"] if s > horizon]
+    command: dict[str, Any] | None = None
+    if len(recent) < rule.msign.max_orders:
+        command = rule.msign.command()
+        recent.append(step)
+    state["msign_steps"] = recent
+    return command, command is None
+
+
+def _repeat_due(rule: Rule, state: dict[str, Any], step: int) -> bool:
+    """Whether a firing alert should order MSign again at ``step``."""
+    every = rule.msign.repeat_every
+    if not rule.msign.enabled or every is None:
+        return False
+    last = max(state["msign_steps"], default=None)
+    return last is None or step - last >= every
 
 
 def _buffer(state: dict[str, Any]) -> dict[int, dict[str, float]]:
@@ -1019,12 +1201,15 @@ def _ingest(
 ) -> None:
     watermark = state["watermark"]
     selection = _selection(rule)
+    last_step: Any = None
+    at_step: dict[str, float] = {}
     for sample in samples:
         target, raw_step, raw = sample
-        if not isinstance(target, str):
-            raise RuleError(f"sample target={target!r} is not valid; use a string")
-        selected = selection.get(target)
-        if selected is None:
+        try:
+            selected = selection[target]  # only strings get in
+        except (KeyError, TypeError):
+            if not isinstance(target, str):
+                raise RuleError(f"sample target={target!r} is not valid; use a string") from None
             selected = selection[target] = rule.matches_target(target)
         if not selected:
             continue
@@ -1043,9 +1228,9 @@ def _ingest(
                 ) from None
         if watermark is not None and step <= watermark:
             continue  # replay or later than the bounded lag: changes nothing
-        at_step = buffer.get(step)
-        if at_step is None:
-            at_step = buffer[step] = {}
+        if step != last_step:  # samples come grouped by step: look the step up once a group
+            at_step = buffer.setdefault(step, {})
+            last_step = step
         # The first value of a (target, step) wins, as ingest keeps the first.
         if target not in at_step:
             at_step[target] = value
@@ -1074,6 +1259,10 @@ def _drain(
     state["pending"] = [
         [s, t, encode_float(v)] for s in sorted(buffer) for t, v in sorted(buffer[s].items())
     ]
+    expected = state["expected"]
+    # Every step's targets get a series, so equal sizes mean equal sets: store the short form.
+    if expected and expected != ALL_SERIES and len(expected) == len(state["series"]):
+        state["expected"] = ALL_SERIES
     return transitions
 
 
@@ -1093,7 +1282,7 @@ def evaluate(
     emits no transitions.
     """
     _check_int("max_pending_steps", max_pending_steps, 1)
-    new = _checked_state(state)
+    new = _checked_state(state, rule)
     buffer = _buffer(new)
     _ingest(rule, new, buffer, samples)
     return new, _drain(rule, new, buffer, max_pending_steps, force=False)
@@ -1101,7 +1290,7 @@ def evaluate(
 
 def flush(rule: Rule, state: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[Transition]]:
     """Evaluate every buffered step now, in order (call when a run finishes)."""
-    new = _checked_state(state)
+    new = _checked_state(state, rule)
     return new, _drain(rule, new, _buffer(new), DEFAULT_MAX_PENDING_STEPS, force=True)
 
 

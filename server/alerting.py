@@ -34,8 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, event, func, insert, select
+from sqlalchemy import Connection, bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Mapper, Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from rankguard.server import notifications, rule_pack, storage
 from rankguard.server.alert_engine import (
@@ -306,16 +307,25 @@ class Alerting:
         rows: list[AlertRule],
         points: storage.ColumnarPoints,
     ) -> IngestOutcome:
-        wanted = {row.quantity for row in rows}
-        samples: dict[str, list[tuple[str, int, float]]] = {q: [] for q in wanted}
+        samples: dict[str, list[tuple[str, int, float]]] = {row.quantity: [] for row in rows}
+        wanted = samples.get  # one lookup per point: this loop runs over the whole batch
         # Rank 0 only: under DDP rank 0 ships the weight quantities; other ranks' copies of
         # a (target, step) would be a second opinion on the same sample.
-        for q, t, r, s, v in zip(
-            points.quantity, points.target, points.rank, points.step, points.value, strict=True
-        ):
-            if r == 0 and q in wanted:
-                samples[q].append((t, s, v))
+        if points.rank.count(0) == len(points.rank):  # the usual batch: one rank
+            columns = zip(points.quantity, points.target, points.step, points.value, strict=True)
+            for q, t, s, v in columns:
+                into = wanted(q)
+                if into is not None:
+                    into.append((t, s, v))
+        else:
+            for q, t, r, s, v in zip(
+                points.quantity, points.target, points.rank, points.step, points.value, strict=True
+            ):
+                into = wanted(q)
+                if r == 0 and into is not None:
+                    into.append((t, s, v))
         fired: list[tuple[AlertRule, Transition]] = []
+        changed: list[dict[str, Any]] = []
         for row in rows:
             if not samples[row.quantity]:
                 continue
@@ -326,8 +336,19 @@ class Alerting:
                 logger.exception("rule %s (%s) of run %s skipped", row.id, row.name, run.id)
                 continue
             if state != row.state:
-                row.state = state
+                changed.append({"row_id": row.id, "new_state": state})
+                # The row in the session shows the new state without being marked dirty: the
+                # UPDATE below writes it (one statement for all rules, no unit-of-work pass).
+                set_committed_value(row, "state", state)
             fired.extend((row, t) for t in transitions)
+        if changed:
+            table = AlertRule.__table__
+            session.execute(
+                update(table)
+                .where(table.c.id == bindparam("row_id"))
+                .values(state=bindparam("new_state")),
+                changed,
+            )
         if not fired:
             return IngestOutcome()
         return self._record(session=session, run=run, fired=fired)
@@ -340,6 +361,8 @@ class Alerting:
         project_name: str | None = None
         for row, tr in fired:
             alert = self._apply(session=session, run=run, row=row, tr=tr, outcome=outcome)
+            if tr.kind is TransitionKind.REPEAT:
+                continue  # a repeated order: its command's ack is the event, no notification
             payload = {**tr.to_dict(), "alert_id": alert.id if alert else None}
             if alert is not None and alert.command_id and tr.kind is TransitionKind.FIRING:
                 payload["command_id"] = alert.command_id
@@ -424,17 +447,7 @@ class Alerting:
                 created_at=now,
             )
             session.add(alert)
-            if tr.command is not None and run.status == RunStatus.RUNNING.value:
-                command = storage.enqueue_command(
-                    session=session,
-                    run_id=run.id,
-                    kind=str(tr.command["kind"]),
-                    args=dict(tr.command["args"]),
-                    created_by=f"alert:{alert.id}",
-                    ttl_s=self.settings.command_ttl_s,
-                )
-                alert.command_id = command.id
-                outcome.commands.append(command.id)
+            self._queue_command(session=session, run=run, alert=alert, tr=tr, outcome=outcome)
             session.flush()
             return alert
         alert = session.scalars(
@@ -442,12 +455,32 @@ class Alerting:
         ).one_or_none()
         if alert is None:  # closed by a rule edit, or its rows were removed
             return None
+        if tr.kind is TransitionKind.REPEAT:
+            self._queue_command(session=session, run=run, alert=alert, tr=tr, outcome=outcome)
+            return alert
         if alert.state == AlertState.FIRING.value:
             alert.state = AlertState.RESOLVED.value
             alert.resolved_step = tr.step
             alert.resolved_at = now
             alert.resolved_message = tr.message
         return alert
+
+    def _queue_command(
+        self, *, session: Session, run: Run, alert: Alert, tr: Transition, outcome: IngestOutcome
+    ) -> None:
+        """Queues the MSign command a transition ordered (none for a finished run)."""
+        if tr.command is None or run.status != RunStatus.RUNNING.value:
+            return
+        command = storage.enqueue_command(
+            session=session,
+            run_id=run.id,
+            kind=str(tr.command["kind"]),
+            args=dict(tr.command["args"]),
+            created_by=f"alert:{alert.id}",
+            ttl_s=self.settings.command_ttl_s,
+        )
+        alert.command_id = command.id
+        outcome.commands.append(command.id)
 
     def after_commit(self, outcome: IngestOutcome, *, inserted: int = 0) -> None:
         """After the ingest commit: count the points, wake the delivery worker."""

@@ -74,7 +74,11 @@
         RG.el("td", { text: a.severity }),
         RG.el("td", { text: a.rule }),
         RG.el("td", { text: what }),
-        RG.el("td", { class: "action", text: a.suggested_action })));
+        RG.el("td", { class: "action" },
+          // the runbook is long: one line shown, the rest on demand
+          RG.el("details", {},
+            RG.el("summary", { text: a.suggested_action.split(/(?<=\.)\s+(?=[A-Z])/)[0] }),
+            RG.el("p", { text: a.suggested_action })))));
     }
     table.hidden = rows.length === 0;
     $("alerts-empty").hidden = rows.length !== 0;

@@ -15,6 +15,7 @@ import pytest
 from rankguard.server import alert_engine
 from rankguard.server.alert_engine import (
     Aggregation,
+    Condition,
     MSignAction,
     Rule,
     RuleError,
@@ -757,3 +758,27 @@ def test_malformed_sample_is_a_rule_error(sample: tuple[Any, Any, Any]) -> None:
     r = rule(condition="above", threshold=1.0)
     with pytest.raises(RuleError, match="sample"):
         evaluate(r, None, [sample])
+
+
+def test_repeat_every_reorders_msign_while_firing_within_the_rate_limit() -> None:
+    rule = Rule(
+        name="logit",
+        quantity="attention_logit_max",
+        condition=Condition.ABOVE,
+        threshold=1e3,
+        msign=MSignAction(enabled=True, targets="attention", max_orders=3, window_steps=100,
+                          repeat_every=10),
+    )  # fmt: skip
+    samples = [("h.0.attn", step, 5e3 if step >= 20 else 1.0) for step in range(0, 100, 5)]
+    state, transitions = evaluate(rule, None, samples)
+    state, tail = flush(rule, state)
+    ordered = [(t.kind, t.step) for t in transitions + tail if t.command is not None]
+    # fired at 20, then again every 10 steps while firing, until 3 orders per 100 steps
+    assert ordered == [
+        (TransitionKind.FIRING, 20),
+        (TransitionKind.REPEAT, 30),
+        (TransitionKind.REPEAT, 40),
+    ]
+    assert all(not t.notify for t in transitions if t.kind is TransitionKind.REPEAT)
+    round_trip = Rule.from_dict(rule.to_dict())
+    assert round_trip.msign.repeat_every == 10

@@ -38,6 +38,7 @@ SA_RULE: dict[str, Any] = {
         "engine": "svd",
         "max_orders": 1,
         "window_steps": 1000,
+        "repeat_every": None,
     },
 }
 
