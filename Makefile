@@ -1,13 +1,15 @@
-# The two commands of the README. Both set up what they need first (idempotent).
-.PHONY: demo test setup lint
+# The two commands of the README. Each sets up what it needs first (idempotent).
+.PHONY: demo test lint
 
-setup:
-	./scripts/setup.sh --system
-
-demo: setup
+# Python side only: .venv with torch (CPU build unless one is there) and rankguard[dev].
+demo:
+	./scripts/setup.sh
 	.venv/bin/rankguard demo
 
-test: setup
+# Also Debian's chromium, prometheus and docker-compose for the browser, scrape and
+# compose tests.
+test:
+	./scripts/setup.sh --system
 	./scripts/test.sh
 
 lint:
