@@ -52,6 +52,14 @@ class DemoResult:
     commands: list[dict[str, Any]] = field(default_factory=list)
 
 
+def stop_started_servers() -> None:
+    """Stops the servers this process started (tests; the CLI leaves its server running)."""
+    while _DETACHED:
+        proc = _DETACHED.pop()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def ensure_server(port: int, log_dir: Path) -> tuple[str, int | None]:
     """The URL of a no-auth rankguard server on ``port``: an existing one, or a new one
     started in its own session (it outlives the demo). Returns (url, pid or None)."""

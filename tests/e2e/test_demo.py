@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import httpx
 import pytest
 from helpers.live_server import free_port
 
-from benchmarks.demo import run_demo
+from benchmarks.demo import run_demo, stop_started_servers
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +16,8 @@ pytestmark = pytest.mark.slow
 def test_short_demo_run_alerts_and_applies_msign(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the demo's ./rankguard.db and ./rankguard_logs
     port = free_port()
-    demo = run_demo(port=port, max_steps=200, quiet=True)
     try:
+        demo = run_demo(port=port, max_steps=200, quiet=True)
         assert demo.server_pid is not None
         assert demo.first_alert_step is not None and demo.first_alert_step < 200
         applied = [c for c in demo.commands if c["state"] == "applied"]
@@ -34,5 +32,4 @@ def test_short_demo_run_alerts_and_applies_msign(tmp_path: Path, monkeypatch) ->
         kinds = {e["kind"] for e in events["data"]}
         assert {"alert", "command_applied"} <= kinds
     finally:
-        if demo.server_pid is not None:
-            os.kill(demo.server_pid, signal.SIGTERM)
+        stop_started_servers()
