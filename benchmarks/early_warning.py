@@ -40,7 +40,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,13 +223,18 @@ def record_all(
         if force or not run_path(name, seed, folder).exists()
     ]
     print(f"recording {len(jobs)} runs with {workers} worker(s)", flush=True)
+    run_jobs(_record_job, jobs, workers=workers)
+
+
+def run_jobs(job: Callable[[Any], str], jobs: Sequence[Any], *, workers: int) -> None:
+    """Runs ``job`` over ``jobs`` (in ``workers`` spawned processes when > 1), printing each
+    job's one-line summary as it finishes."""
     if workers <= 1:
-        for job in jobs:
-            print(_record_job(job), flush=True)
+        for item in jobs:
+            print(job(item), flush=True)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
-        for line in pool.imap_unordered(_record_job, jobs):
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for line in pool.imap_unordered(job, jobs):
             print(line, flush=True)
 
 

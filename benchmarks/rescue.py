@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from benchmarks.early_warning import (  # noqa: E402
     RUNS,
     ProbeCallback,
     load_run,
+    run_jobs,
     run_path,
     save_run,
 )
@@ -152,13 +152,7 @@ def run_all(
         if force or not run_path(name, seed, folder).exists()
     ]
     print(f"rescue: {len(jobs)} runs with {workers} worker(s)", flush=True)
-    if workers <= 1:
-        for job in jobs:
-            print(_job(job), flush=True)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        for line in pool.imap_unordered(_job, jobs):
-            print(line, flush=True)
+    run_jobs(_job, jobs, workers=workers)
 
 
 def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[str, Any]:
