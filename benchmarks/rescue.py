@@ -47,6 +47,11 @@ from benchmarks.early_warning import (  # noqa: E402
 )
 
 RESCUE_RUNS = RESULTS / "rescue_runs"
+POLICIES = ("default", "repeat")
+
+
+def runs_folder(policy: str) -> Path:
+    return RESCUE_RUNS if policy == "default" else RESULTS / f"rescue_runs_{policy}"
 
 
 class AlertLoop:
@@ -71,7 +76,7 @@ class AlertLoop:
                 continue
             self.states[rule.name], transitions = evaluate(rule, self.states[rule.name], samples)
             for t in transitions:
-                if t.kind is not TransitionKind.FIRING:
+                if t.kind is TransitionKind.RESOLVED:
                     continue
                 self.alerts.append(
                     {
@@ -82,18 +87,44 @@ class AlertLoop:
                     }
                 )
                 if t.command is not None:
-                    command = {"id": f"{t.rule}-{t.episode}", **t.command}
+                    # one id per order: a repeated order of the same alert is a new command
+                    command = {"id": f"{t.rule}-{t.episode}-{t.step}", **t.command}
                     transport.push_command(command)
                     self.orders.append({"id": command["id"], "step": step, "rule": t.rule})
 
 
-def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
+def rules_for(policy: str, names: Sequence[str]) -> list[Any]:
+    """The alert rules of a remediation policy, specialised to the run's weight names.
+
+    ``default``: the default pack with its MSign actions on (stable-rank and SA rules, once
+    per firing). ``repeat``: what ``rankguard demo`` arms — the default pack without those,
+    plus MSign on the attention weights from the attention-logit divergence rule, repeated
+    every 10 steps while it fires (at most 30 per 100 steps; resolve after 4 clean samples).
+    """
+    from rankguard.server.alert_engine import MSignAction
+    from rankguard.server.rule_pack import ATTENTION_LOGIT_DIVERGENCE, default_rules, specialise
+
+    if policy == "default":
+        return specialise(default_rules(remediate=True), names)
+    if policy != "repeat":
+        raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
+    repeat = MSignAction(
+        enabled=True, targets="attention", repeat_every=10, max_orders=30, window_steps=100
+    )
+    return [
+        r.replace(msign=repeat, cooldown=0, clear_after=4)
+        if r.name == ATTENTION_LOGIT_DIVERGENCE
+        else r
+        for r in specialise(default_rules(remediate=False), names)
+    ]
+
+
+def rescue_run(scenario_name: str, seed: int, policy: str = "default") -> dict[str, Any]:
     """Trains one scenario/seed with automatic MSign; returns its curves, alerts and MSigns."""
     import torch
 
     from benchmarks.scenarios import catalog
     from benchmarks.scenarios.train import train
-    from rankguard.server.rule_pack import default_rules, specialise
 
     torch.set_num_threads(1)
     scenario = catalog.get(scenario_name)
@@ -104,7 +135,7 @@ def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
         nonlocal loop
         if loop is None:
             names = [t.name for t in cb.probe.targets]
-            loop = AlertLoop(specialise(default_rules(remediate=True), names))
+            loop = AlertLoop(rules_for(policy, names))
         loop(step, batches, transport)
 
     cb.on_batch = on_batch
@@ -131,10 +162,10 @@ def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
     }
 
 
-def _job(job: tuple[str, int, str]) -> str:
-    scenario, seed, folder = job
+def _job(job: tuple[str, int, str, str]) -> str:
+    scenario, seed, folder, policy = job
     t0 = time.perf_counter()
-    record = rescue_run(scenario, seed)
+    record = rescue_run(scenario, seed, policy)
     save_run(record, run_path(scenario, seed, Path(folder)))
     return (
         f"{scenario} seed {seed}: {record['steps_run']} steps, {len(record['orders'])} MSign, "
@@ -143,10 +174,16 @@ def _job(job: tuple[str, int, str]) -> str:
 
 
 def run_all(
-    scenarios: Sequence[str], seeds: Sequence[int], *, workers: int, force: bool, folder: Path
+    scenarios: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    workers: int,
+    force: bool,
+    folder: Path,
+    policy: str = "default",
 ) -> None:
     jobs = [
-        (name, seed, str(folder))
+        (name, seed, str(folder), policy)
         for seed in seeds
         for name in scenarios
         if force or not run_path(name, seed, folder).exists()
@@ -171,7 +208,9 @@ def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[st
     }
 
 
-def report(seeds: Sequence[int], scenarios: Sequence[str] | None = None) -> dict[str, Any]:
+def report(
+    seeds: Sequence[int], scenarios: Sequence[str] | None = None, policy: str = "default"
+) -> dict[str, Any]:
     from benchmarks.scenarios import catalog
 
     names = scenarios or [s.name for s in catalog.SCENARIOS.values()]
@@ -179,7 +218,7 @@ def report(seeds: Sequence[int], scenarios: Sequence[str] | None = None) -> dict
     for name in names:
         scenario = catalog.get(name)
         for seed in seeds:
-            path = run_path(name, seed, RESCUE_RUNS)
+            path = run_path(name, seed, runs_folder(policy))
             if not path.exists():
                 continue
             rescued = load_run(path)
@@ -310,10 +349,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--scenarios", default=None, help="comma-separated; default: the failing")
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--force", action="store_true")
+    run.add_argument("--policy", choices=POLICIES, default="default", help="see rules_for()")
     rep = sub.add_parser("report", help="tabulate the outcomes")
     rep.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
     rep.add_argument("--tag", default="heldout", help="results file: rescue_<tag>.json")
     rep.add_argument("--plots", action="store_true")
+    rep.add_argument("--policy", choices=POLICIES, default="default", help="see rules_for()")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -323,9 +364,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.scenarios is None
             else args.scenarios.split(",")
         )
-        run_all(names, seeds, workers=args.workers, force=args.force, folder=RESCUE_RUNS)
+        folder = runs_folder(args.policy)
+        run_all(
+            names, seeds, workers=args.workers, force=args.force, folder=folder, policy=args.policy
+        )
         return
-    result = report(seeds)
+    result = report(seeds, policy=args.policy)
     path = RESULTS / f"rescue_{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_table(result))
