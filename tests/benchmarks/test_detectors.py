@@ -168,5 +168,5 @@ def test_alert_loop_orders_msign_once_per_firing_within_rate_limit() -> None:
     assert [a["step"] for a in loop.alerts] == [5, 30, 55]
     assert [a["command"] for a in loop.alerts] == [True, True, False]
     commands = transport.take_commands()
-    assert [c["id"] for c in commands] == ["collapse-1", "collapse-2"]
+    assert [c["id"] for c in commands] == ["collapse-1-5", "collapse-2-30"]  # rule-episode-step
     assert commands[0]["kind"] == "msign" and commands[0]["args"]["targets"] == "attention"

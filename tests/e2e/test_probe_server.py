@@ -78,9 +78,8 @@ def test_msign_ordered_over_the_api_is_applied_acked_and_recorded(tmp_path: Path
                 queued = response.json()["id"]
             # What the weights were just before this step boundary (when a command may act).
             targets_before = {t.name: t.matrix().detach().clone() for t in probe.targets}
-            received = probe.stats().commands_received
             probe.step()
-            if received:
+            if probe.command_log():  # applied at this step boundary
                 applied_at = step
                 break
             time.sleep(0.01)
