@@ -2,18 +2,18 @@
 
 1. Starts ``rankguard serve`` on the embedded SQLite default (``./rankguard.db``) in the
    background, or reuses one already listening on the port. It is left running.
-2. Trains the ``fp16_attn_overflow`` scenario (benchmarks/scenarios: a small GPT whose fp16
-   attention logits overflow once the learning rate runs hot; unprotected, the loss turns NaN)
-   with the probe attached and the run's default alert rules allowed to order MSign.
+2. Trains the ``qk_lr_overflow`` scenario (benchmarks/scenarios: a small GPT whose query/key
+   projections train at 100x the learning rate of the rest, so its fp16 attention logits grow
+   until they overflow; unprotected, the loss turns NaN) with the probe attached and the
+   default pack's attention-logit divergence rule allowed to order MSign.
 3. Prints each alert as it fires, and ends with a table: first alert step, the failure step of
-   the unprotected twin (from the scenario calibration recorded in
-   ``benchmarks/scenarios/calibration_notes.json``, stated as such), and the final loss with
-   and without rankguard — then the dashboard URL.
+   the unprotected twin (the lead-time benchmark's recording of the same scenario and seed,
+   ``benchmarks/results/runs/``, stated as such), and the final loss with and without
+   rankguard — then the dashboard URL.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -26,14 +26,14 @@ from typing import Any
 import httpx
 import torch
 
+from benchmarks.early_warning import load_run, run_path
 from benchmarks.scenarios import catalog
-from benchmarks.scenarios.failure import smoothed_final_loss
+from benchmarks.scenarios.failure import classify, smoothed_final_loss
 from benchmarks.scenarios.train import train
 from rankguard.probe import Probe
 
 REPO = Path(__file__).resolve().parents[1]
-CALIBRATION = REPO / "benchmarks" / "scenarios" / "calibration_notes.json"
-SCENARIO = "fp16_attn_overflow"
+SCENARIO = "qk_lr_overflow"
 # Servers this process started and leaves running: referenced so that no Popen is collected
 # (and warned about) while its server is meant to outlive the demo.
 _DETACHED: list[subprocess.Popen[bytes]] = []
@@ -137,23 +137,14 @@ class DemoCallback:
             self._progress(step)
 
     def _register_and_allow_msign(self, probe: Probe) -> None:
-        # Registering here (the probe would do it on its own thread) lets the demo arm the
-        # attention-logit rule's MSign action before any data arrives: once the logits pass
-        # its bound, MSign on the attention weights, repeated every 10 steps while the alert
-        # fires (at most 30 per 100 steps) — the MSign paper's periodic restoration.
+        # Registering here (the probe would do it on its own thread) lets the demo turn on the
+        # attention-logit rule's MSign action before any data arrives. The default pack sets
+        # it up (rule_pack): once the logits pass 1e3, MSign on the attention weights every
+        # 10 steps while the alert fires — the MSign paper's periodic restoration.
         self.api.post("/runs", json=probe.registration()).raise_for_status()
         rules = self.api.get("/alert-rules", params={"run_id": probe.run_id}).json()["data"]
         (rule,) = [r for r in rules if r["name"] == REMEDY_RULE]
-        msign = {
-            "enabled": True,
-            "targets": "attention",
-            "repeat_every": 10,
-            "max_orders": 30,
-            "window_steps": 100,
-        }
-        # Resolve only after 4 clean samples and re-fire at once: a logit that dips under the
-        # bound right after an MSign is not yet a recovery.
-        changes = {"msign": msign, "cooldown": 0, "clear_after": 4}
+        changes = {"msign": {"enabled": True}}  # merged into the rule's own msign settings
         self.api.patch(f"/alert-rules/{rule['id']}", json={"rule": changes}).raise_for_status()
 
     def _report_alerts(self) -> None:
@@ -190,13 +181,31 @@ class DemoCallback:
             print(text, end=end, file=sys.stderr, flush=True)
 
 
-def unprotected_twin(seed: int) -> dict[str, Any]:
-    """The recorded unprotected run of the same scenario and seed (calibration data)."""
-    notes = json.loads(CALIBRATION.read_text())
-    for run in notes["scenarios"][SCENARIO]["runs"]:
-        if run["seed"] == seed:
-            return dict(run)
-    raise KeyError(f"no recorded {SCENARIO} run for seed {seed} in {CALIBRATION}")
+@dataclass(frozen=True)
+class Twin:
+    """The unprotected run of the demo's scenario and seed, and its healthy control, as
+    recorded by the lead-time benchmark (``benchmarks/early_warning.py record``)."""
+
+    failure_step: int | None
+    failure_kind: str | None
+    final_loss: float  # trailing-25 mean; inf once the loss went non-finite
+    control: str
+    control_final_loss: float
+
+
+def unprotected_twin(seed: int) -> Twin:
+    scenario = catalog.get(SCENARIO)
+    assert scenario.control is not None
+    run = load_run(run_path(SCENARIO, seed))
+    control = load_run(run_path(scenario.control, seed))
+    failure = classify(run["losses"], control["losses"])
+    return Twin(
+        failure_step=None if failure is None else failure.step,
+        failure_kind=None if failure is None else failure.kind.value,
+        final_loss=smoothed_final_loss(run["losses"]),
+        control=scenario.control,
+        control_final_loss=smoothed_final_loss(control["losses"]),
+    )
 
 
 def run_demo(
@@ -243,29 +252,26 @@ def run_demo(
         print(file=out)
         if not report.delivered_all:
             print(str(report), file=out)
-        print_table(demo, unprotected_twin(seed), scenario.control)
+        print_table(demo, unprotected_twin(seed))
         print(f"\ndashboard: {demo.url}", file=out)
         if pid:
             print(f"the server keeps running (pid {pid}); stop it with: kill {pid}", file=out)
     return demo
 
 
-def print_table(demo: DemoResult, twin: dict[str, Any], control: str | None) -> None:
+def print_table(demo: DemoResult, twin: Twin) -> None:
     applied = [c for c in demo.commands if c["state"] == "applied"]
+    recorded = "recorded by benchmarks/early_warning.py"
     rows = [
         ("first alert step", _fmt(demo.first_alert_step)),
         (
             "failure step of the unprotected twin",
-            f"{twin['failure_step']} ({twin['failure_kind']}; recorded, "
-            "benchmarks/scenarios/calibration_notes.json)",
+            f"{_fmt(twin.failure_step)} ({twin.failure_kind or 'no failure'}; {recorded})",
         ),
         ("MSign applications", f"{len(applied)} (at steps {[c['applied_step'] for c in applied]})"),
         ("final loss with rankguard (mean of last 25)", f"{demo.final_loss:.3f}"),
-        ("final loss without rankguard (recorded)", _loss(twin)),
-        (
-            f"final loss of the healthy control {control} (recorded)",
-            str(twin["control_final_smoothed_loss"]),
-        ),
+        ("final loss without rankguard", _loss(twin)),
+        (f"final loss of the healthy control {twin.control}", f"{twin.control_final_loss:.3f}"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"\n{'':-<{width + 40}}", file=sys.stderr)
@@ -274,11 +280,10 @@ def print_table(demo: DemoResult, twin: dict[str, Any], control: str | None) -> 
     print(f"{'':-<{width + 40}}", file=sys.stderr)
 
 
-def _loss(run: dict[str, Any]) -> str:
-    value = float(run["final_smoothed_loss"])
-    if math.isfinite(value):
-        return f"{value:.3f}"
-    return f"diverged (non-finite loss from step {run['failure_step']})"
+def _loss(twin: Twin) -> str:
+    if math.isfinite(twin.final_loss):
+        return f"{twin.final_loss:.3f}"
+    return f"diverged (non-finite loss from step {twin.failure_step})"
 
 
 def _fmt(value: int | None) -> str:

@@ -2,15 +2,17 @@
 
 Baselines (what trainers without rankguard have; /work/shared/reference/peers.md):
 
-- :func:`olmo_loss_spike`: OLMo-core's loss-spike detector: the loss is more than ``sigmas``
-  (6) standard deviations above the mean of the previous ``window`` (128) losses.
+- :func:`olmo_loss_spike`: OLMo-core's loss-spike detector (``StabilityMonitorCallback``): the
+  loss is more than ``sigmas`` (6) standard deviations above the mean of the previous
+  ``window`` (128) losses. As in OLMo-core, it only judges once the window is full.
 - :func:`megatron_spiky_loss`: Megatron-LM's spiky-loss check: the loss is more than ``factor``
   (10) times the largest of the previous ``window`` (100) losses.
 - :func:`grad_norm_threshold`: the gradient norm is more than ``factor`` (10) times the median of
   the previous ``window`` (100) norms.
 
-All three also fire on a non-finite value (every trainer checks for NaN) and need
-``min_history`` finite earlier values before they can fire on a finite one.
+All of them also fire on a non-finite value (every trainer checks for NaN; OLMo-core's
+callback itself would not, as NaN > threshold is false) and need ``min_history`` finite
+earlier values before they can fire on a finite one.
 
 rankguard: :func:`rule_first_firings` runs rules of the alert engine
 (``rankguard.server.alert_engine``) offline over recorded probe series, in step order, and
@@ -45,9 +47,10 @@ def _finite_history(values: Sequence[float], i: int, window: int) -> list[float]
 
 
 def olmo_loss_spike(
-    losses: Sequence[float], *, window: int = 128, sigmas: float = 6.0, min_history: int = 20
+    losses: Sequence[float], *, window: int = 128, sigmas: float = 6.0, min_history: int = 128
 ) -> int | None:
-    """First step whose loss > mean + ``sigmas`` x std of the previous ``window`` losses."""
+    """First step whose loss > mean + ``sigmas`` x std of the previous ``window`` losses
+    (OLMo-core ``StabilityMonitorCallback._is_spike``: judged only with a full window)."""
     _check("window", window, 2)
     _check("sigmas", sigmas, 0.0)
     _check("min_history", min_history, 2)
@@ -59,7 +62,7 @@ def olmo_loss_spike(
             continue
         mean = statistics.fmean(history)
         std = statistics.pstdev(history, mean)
-        if loss > mean + sigmas * std:
+        if std >= 1e-10 and loss > mean + sigmas * std:
             return i
     return None
 

@@ -6,9 +6,11 @@ Every scenario of ``benchmarks/scenarios/catalog.py`` is trained with a probe at
 per-step loss and pre-clip gradient norm of the training loop. The detectors of
 ``benchmarks/detectors.py`` then run offline over the recorded series:
 
-- the peers' baselines: OLMo-core's loss spike (mean + 6 sigma over the last 128 steps),
-  Megatron's spiky loss (> 10x the max of the last 100) and a gradient-norm threshold (> 10x
-  the running median of the last 100);
+- the peers' baselines: OLMo-core's loss spike (mean + 6 sigma over the last 128 steps, judged
+  once the window is full), Megatron's spiky loss (> 10x the max of the last 100) and a
+  gradient-norm threshold (> 10x the running median of the last 100). (OLMo-core applies its
+  6-sigma rule to the gradient norm too; on these runs it fired on 21 of 24 healthy runs, so
+  it is no comparator and is not in the table);
 - every rule of rankguard's default pack (``server/rule_pack.py``), through the alert engine.
 
 Failure step (``failure_step``): an explosion's step from ``failure.find_explosion``; for a
@@ -17,14 +19,15 @@ silent degradation, the first step from which the run's trailing-25 mean loss st
 (``degradation_step``). Lead time = failure step - first firing step (negative: late; None:
 never fired). False alert = a detector firing at all on a healthy control run.
 
-Calibration is honest: the rule thresholds were chosen on seeds 0-1 (``CALIBRATION_SEEDS``)
-and the table is reported on seeds 3-6 (``HELDOUT_SEEDS``), which were not looked at while
-choosing them. Recording and analysis are separate commands, so the analysis of the
-held-out seeds is one call after the thresholds are frozen::
+Calibration is honest: the rule thresholds were chosen on the development seeds 0, 1, 3-6
+(``CALIBRATION_SEEDS``; 0-1 first, then 3-6, which were a held-out set until the second
+calibration looked at them) and the table is reported on seeds 7-10 (``HELDOUT_SEEDS``),
+which were recorded and analysed once, after the thresholds were frozen::
 
     python -m benchmarks.early_warning record --seeds 0,1,3,4,5,6 --workers 2
-    python -m benchmarks.early_warning analyse --seeds 0,1 --tag calibration
-    python -m benchmarks.early_warning analyse --seeds 3,4,5,6 --tag heldout --plots
+    python -m benchmarks.early_warning analyse --seeds 0,1,3,4,5,6 --tag calibration
+    python -m benchmarks.early_warning record --seeds 7,8,9,10 --workers 2
+    python -m benchmarks.early_warning analyse --seeds 7,8,9,10 --tag heldout --plots
 
 Recorded runs are cached as ``benchmarks/results/runs/<scenario>_seed<k>.json.gz``; ``record``
 skips runs already there unless ``--force``.
@@ -50,8 +53,8 @@ if str(_ROOT) not in sys.path:
 
 RESULTS = _ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "runs"
-CALIBRATION_SEEDS = (0, 1)
-HELDOUT_SEEDS = (3, 4, 5, 6)
+CALIBRATION_SEEDS = (0, 1, 3, 4, 5, 6)
+HELDOUT_SEEDS = (7, 8, 9, 10)
 PROBE_EVERY = 5
 JACOBIAN_EVERY = 25
 STOP_AFTER_EXPLOSION = 15  # steps recorded past an explosion (enough to see the aftermath)
@@ -300,7 +303,11 @@ SPECTRAL_RULES = (
     "attention_logit_high",
     "attention_logit_divergence",
 )
-BASELINES = ("olmo_loss_spike", "megatron_spiky_loss", "grad_norm_10x_median")
+BASELINES = (
+    "olmo_loss_spike",
+    "megatron_spiky_loss",
+    "grad_norm_10x_median",
+)
 
 
 def detect(record: Mapping[str, Any], rules: Sequence[Any]) -> dict[str, int | None]:

@@ -47,11 +47,6 @@ from benchmarks.early_warning import (  # noqa: E402
 )
 
 RESCUE_RUNS = RESULTS / "rescue_runs"
-POLICIES = ("default", "repeat")
-
-
-def runs_folder(policy: str) -> Path:
-    return RESCUE_RUNS if policy == "default" else RESULTS / f"rescue_runs_{policy}"
 
 
 class AlertLoop:
@@ -93,33 +88,16 @@ class AlertLoop:
                     self.orders.append({"id": command["id"], "step": step, "rule": t.rule})
 
 
-def rules_for(policy: str, names: Sequence[str]) -> list[Any]:
-    """The alert rules of a remediation policy, specialised to the run's weight names.
+def rules_for(names: Sequence[str]) -> list[Any]:
+    """The default pack with its MSign actions on, specialised to the run's weight names:
+    MSign on every 2-D weight once per stable-rank (or SA) collapse, and on the attention
+    weights every 10 steps while the attention-logit divergence fires (``rule_pack``)."""
+    from rankguard.server.rule_pack import default_rules, specialise
 
-    ``default``: the default pack with its MSign actions on (stable-rank and SA rules, once
-    per firing). ``repeat``: what ``rankguard demo`` arms — the default pack without those,
-    plus MSign on the attention weights from the attention-logit divergence rule, repeated
-    every 10 steps while it fires (at most 30 per 100 steps; resolve after 4 clean samples).
-    """
-    from rankguard.server.alert_engine import MSignAction
-    from rankguard.server.rule_pack import ATTENTION_LOGIT_DIVERGENCE, default_rules, specialise
-
-    if policy == "default":
-        return specialise(default_rules(remediate=True), names)
-    if policy != "repeat":
-        raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
-    repeat = MSignAction(
-        enabled=True, targets="attention", repeat_every=10, max_orders=30, window_steps=100
-    )
-    return [
-        r.replace(msign=repeat, cooldown=0, clear_after=4)
-        if r.name == ATTENTION_LOGIT_DIVERGENCE
-        else r
-        for r in specialise(default_rules(remediate=False), names)
-    ]
+    return specialise(default_rules(remediate=True), names)
 
 
-def rescue_run(scenario_name: str, seed: int, policy: str = "default") -> dict[str, Any]:
+def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
     """Trains one scenario/seed with automatic MSign; returns its curves, alerts and MSigns."""
     import torch
 
@@ -135,7 +113,7 @@ def rescue_run(scenario_name: str, seed: int, policy: str = "default") -> dict[s
         nonlocal loop
         if loop is None:
             names = [t.name for t in cb.probe.targets]
-            loop = AlertLoop(rules_for(policy, names))
+            loop = AlertLoop(rules_for(names))
         loop(step, batches, transport)
 
     cb.on_batch = on_batch
@@ -162,10 +140,10 @@ def rescue_run(scenario_name: str, seed: int, policy: str = "default") -> dict[s
     }
 
 
-def _job(job: tuple[str, int, str, str]) -> str:
-    scenario, seed, folder, policy = job
+def _job(job: tuple[str, int, str]) -> str:
+    scenario, seed, folder = job
     t0 = time.perf_counter()
-    record = rescue_run(scenario, seed, policy)
+    record = rescue_run(scenario, seed)
     save_run(record, run_path(scenario, seed, Path(folder)))
     return (
         f"{scenario} seed {seed}: {record['steps_run']} steps, {len(record['orders'])} MSign, "
@@ -180,10 +158,9 @@ def run_all(
     workers: int,
     force: bool,
     folder: Path,
-    policy: str = "default",
 ) -> None:
     jobs = [
-        (name, seed, str(folder), policy)
+        (name, seed, str(folder))
         for seed in seeds
         for name in scenarios
         if force or not run_path(name, seed, folder).exists()
@@ -208,9 +185,7 @@ def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[st
     }
 
 
-def report(
-    seeds: Sequence[int], scenarios: Sequence[str] | None = None, policy: str = "default"
-) -> dict[str, Any]:
+def report(seeds: Sequence[int], scenarios: Sequence[str] | None = None) -> dict[str, Any]:
     from benchmarks.scenarios import catalog
 
     names = scenarios or [s.name for s in catalog.SCENARIOS.values()]
@@ -218,7 +193,7 @@ def report(
     for name in names:
         scenario = catalog.get(name)
         for seed in seeds:
-            path = run_path(name, seed, runs_folder(policy))
+            path = run_path(name, seed, RESCUE_RUNS)
             if not path.exists():
                 continue
             rescued = load_run(path)
@@ -267,11 +242,12 @@ def markdown_table(result: Mapping[str, Any]) -> str:
         return f"{kind} ({ratio})"
 
     lines = [
-        "| scenario / seed | unprotected (final loss / control) | with auto-MSign | MSign steps |",
+        "| scenario / seed | unprotected (final loss / control) | with auto-MSign | MSigns |",
         "|---|---|---|---|",
     ]
     for r in result["runs"]:
-        steps = ", ".join(map(str, r["msign_steps"])) or "–"
+        n = len(r["msign_steps"])
+        steps = f"{n}, from step {r['msign_steps'][0]}" if n else "–"
         lines.append(
             f"| {r['scenario']} / {r['seed']} | {fmt(r['unprotected'])} | {fmt(r['rescued'])} "
             f"| {steps} |"
@@ -349,12 +325,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--scenarios", default=None, help="comma-separated; default: the failing")
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--force", action="store_true")
-    run.add_argument("--policy", choices=POLICIES, default="default", help="see rules_for()")
     rep = sub.add_parser("report", help="tabulate the outcomes")
     rep.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
     rep.add_argument("--tag", default="heldout", help="results file: rescue_<tag>.json")
     rep.add_argument("--plots", action="store_true")
-    rep.add_argument("--policy", choices=POLICIES, default="default", help="see rules_for()")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -364,12 +338,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.scenarios is None
             else args.scenarios.split(",")
         )
-        folder = runs_folder(args.policy)
-        run_all(
-            names, seeds, workers=args.workers, force=args.force, folder=folder, policy=args.policy
-        )
+        run_all(names, seeds, workers=args.workers, force=args.force, folder=RESCUE_RUNS)
         return
-    result = report(seeds, policy=args.policy)
+    result = report(seeds)
     path = RESULTS / f"rescue_{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_table(result))

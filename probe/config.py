@@ -67,8 +67,9 @@ class ProbeConfig:
     jacobian_sequences: int = 1
     """Sequences of the captured probe batch (Jacobian; each sequence costs a full set of
     power iterations, results are averaged over sequences)."""
-    power_iterations: int = 4
-    """Warm power iterations per weight per sample step."""
+    power_iterations: int = 3
+    """Warm power iterations per weight per sample step (3: σ₁ and the stable rank within
+    0.3% of svdvals once warm even without a spectral gap, benchmarks/spectral_cost.py)."""
     cold_iterations: int = 30
     """Power iterations the first time a weight is seen (no warm vector yet)."""
     jacobian_iterations: int = 3

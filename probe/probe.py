@@ -26,6 +26,7 @@ from .exceptions import ConfigError, ConfigTypeError, QuantityError
 from .hooks import CallCapture, HookSet, ProbeHooks, find_attention_sites
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
 from .quantities.jacobian_alignment import JacobianAlignment
+from .quantities.sharded import is_dtensor
 from .quantities.spectral import PowerIteration
 from .schedules import Every
 from .sink import FileSink, Point, Sink, encode_batch, encode_histogram, safe_file_name
@@ -60,6 +61,11 @@ def _dist_rank_world() -> tuple[int, int]:
 class Probe:
     """Spectral early-warning probe for one model.
 
+    Distributed: construct it on every rank, after DDP wrapping or FSDP2 ``fully_shard``
+    (the probe keeps references to the parameters it finds). Under DDP rank 0 computes and
+    ships; under FSDP2 (DTensor parameters) every rank computes the same quantities at the
+    same steps, because sharded weight spectra are collectives, and rank 0 ships.
+
     Args:
         model: the model being trained.
         optimizer: its optimizer (optional; kept for the interventions' use).
@@ -83,7 +89,7 @@ class Probe:
         sink: where batches go when there is no server (default: a :class:`FileSink` under
             ``log_dir``, the same file a live run spills to).
         transport: replaces the default transport (HTTP when ``server`` is given) — tests.
-        command_every: under DDP, the cadence (in steps) at which rank 0's commands are
+        command_every: under DDP or FSDP2, the cadence (in steps) at which rank 0's commands are
             broadcast to every rank; each check is one collective, so it defaults to
             ``every``. A single process reads its local inbox on every step (no I/O).
         command_poll_interval: seconds between the transport thread's command polls (the
@@ -123,7 +129,7 @@ class Probe:
         max_rows: int = 256,
         max_sequences: int = 2,
         jacobian_sequences: int = 1,
-        power_iterations: int = 4,
+        power_iterations: int = 3,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -255,9 +261,12 @@ class Probe:
         )
         self._commands = CommandRunner(targets=self.targets, reconfigure=self._reconfigure)
         self._close_report: CloseReport | None = None
-        if self.rank != 0:
-            # Weight quantities are identical on every rank: rank 0 ships them. The other
-            # ranks only take part in the command broadcast.
+        # FSDP2: parameters are DTensor shards, so weight quantities are collectives
+        # (all-reduces of vectors) that every rank must run, in the same order.
+        self.sharded = any(is_dtensor(p) for _, p in self.params)
+        if self.rank != 0 and not self.sharded:
+            # DDP: weight quantities are identical on every rank: rank 0 ships them. The
+            # other ranks only take part in the command broadcast.
             self.quantities = []
         self._arm(self._step)
 
@@ -436,7 +445,7 @@ class Probe:
             for q in self.quantities:
                 if q.name not in self.config.schedules and q.default_cadence == "every":
                     q.schedule = Every(command.every)
-        if self.rank == 0:
+        if self.rank == 0 or self.sharded:  # the ranks that compute quantities
             running = {q.name for q in self.quantities}
             for name in command.enable:
                 if name not in running and not (
@@ -518,8 +527,8 @@ class Probe:
         chunks: list[Tensor] = []
         for o in outputs:
             t = o.values if isinstance(o, Values) else o.counts
-            chunks.append(t.detach().reshape(-1).to(torch.float32))
-        loss_tensors = [v for _, v, _ in self._losses if isinstance(v, Tensor)]
+            chunks.append(_local(t.detach()).reshape(-1).to(torch.float32))
+        loss_tensors = [_local(v) for _, v, _ in self._losses if isinstance(v, Tensor)]
         chunks.extend(v.reshape(-1)[:1].to(torch.float32) for v in loss_tensors)
         host = _to_host(chunks)
         pos = 0
@@ -551,6 +560,13 @@ class Probe:
                 self._latest[(p.quantity, p.target)] = p.value
         if points or histograms:
             self.transport.send(encode_batch(points, histograms))
+
+
+def _local(t: Tensor) -> Tensor:
+    """A plain tensor for a result computed with DTensor ops (FSDP2: gradient norms, update
+    ratios, non-finite counts come out Partial or Replicate): ``full_tensor()`` reduces those
+    few values, one all-reduce per output; every rank emits the same outputs at the step."""
+    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _shared_run_id(world_size: int) -> str:

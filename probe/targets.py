@@ -86,7 +86,9 @@ class WeightTarget:
         """The (out, in) view of the parameter's data (shares storage, writable in place).
 
         Detached so that reading it builds no autograd graph and writing it (under
-        ``torch.no_grad()``) is allowed on a leaf that requires grad.
+        ``torch.no_grad()``) is allowed on a leaf that requires grad. For a DTensor
+        parameter (FSDP2) taking fused rows of the sharded dimension all-gathers the
+        parameter: the probe reads shards through ``quantities.sharded`` instead.
         """
         w = self.parameter.detach()
         if self.transposed:
@@ -97,7 +99,12 @@ class WeightTarget:
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, cols = self.matrix().shape
+        """(out, in) from the parameter's shape: no view is taken, so asking costs nothing
+        for a DTensor either (slicing the rows of a sharded one is an all-gather)."""
+        stored_rows, stored_cols = self.parameter.shape
+        rows, cols = (stored_cols, stored_rows) if self.transposed else (stored_rows, stored_cols)
+        if self.rows is not None:
+            rows = len(range(*self.rows.indices(rows)))
         return int(rows), int(cols)
 
     @property

@@ -29,6 +29,9 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # None: no clipping (the norm is still measured)
     hidden_lr_mult: float = 1.0  # 2-D weights inside transformer.h (µP: 16× in MSign's setup)
     embed_lr_mult: float = 1.0  # wte/wpe/lm_head
+    # Extra LR multiplier on the W_Q and W_K rows of every fused c_attn (on top of
+    # hidden_lr_mult): a µP-style multiplier misapplied to the query/key projections.
+    qk_lr_mult: float = 1.0
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)²) (Wortsman's mitigation)
 
     def __post_init__(self) -> None:
@@ -38,6 +41,8 @@ class OptimConfig:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.qk_lr_mult <= 0:
+            raise ValueError(f"qk_lr_mult must be positive, got {self.qk_lr_mult}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1), got {self.betas}")
 
@@ -157,6 +162,9 @@ HOT_RAMP = Schedule(warmup_steps=20, ramp_to=300.0)
 LATE_HOT_WINDOW = Schedule(
     warmup_steps=50, spike_start=120, spike_factor=300.0, spike_ramp=150, spike_len=180
 )
+# No weight decay anywhere (µP recipes often drop it) and a 100-step warmup; the safe LR.
+NO_DECAY_OPTIM = replace(SAFE_OPTIM, weight_decay=0.0)
+LONG_WARMUP = Schedule(warmup_steps=100)
 
 
 _SHARED: dict[str, Any] = {
@@ -194,6 +202,15 @@ _ALL = [
         model=FP16_ATTN_MODEL,
         optim=SAFE_OPTIM,
         schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    Scenario(
+        name="healthy_fp16_attn_nowd",
+        role="healthy",
+        mechanism="control: fp16 attention logits, no weight decay, 100-step warmup, safe LR",
+        model=FP16_ATTN_MODEL,
+        optim=NO_DECAY_OPTIM,
+        schedule=LONG_WARMUP,
         **_SHARED,
     ),
     # Failing scenarios ----------------------------------------------------------------------
@@ -254,6 +271,26 @@ _ALL = [
         notes="NaN at steps 243-251 on seeds 0-2; the max logit passes 1e3 ~70-90 steps "
         "earlier (max |q·k| hits 65504 at logit ~16k with d_h = 16). The loss is already "
         "~20% above the control before the NaN",
+        **_SHARED,
+    ),
+    Scenario(
+        name="qk_lr_overflow",
+        role="failing",
+        mechanism="W_Q/W_K train at 100x the LR of the rest (a µP multiplier misapplied to "
+        "the query/key projections), no weight decay, fp16 attention logits: the logits grow "
+        "steadily from the start until q·k overflows fp16 and the loss is NaN",
+        model=FP16_ATTN_MODEL,
+        optim=replace(NO_DECAY_OPTIM, qk_lr_mult=100.0),
+        schedule=LONG_WARMUP,
+        expected=FailureKind.EXPLOSION,
+        control="healthy_fp16_attn_nowd",
+        notes="NaN at steps 238 / 232 (seeds 0 / 1); max logit > 50 from step 16, > 1e3 from "
+        "step 81 / 76, ~1.2e4 at step 180-220; the trailing-25 loss is within 1.04x of the "
+        "control at step 150 and 1.10x just before the NaN. Attention-weight MSign undoes it: "
+        "every 10 steps while the logit > 1e3 (rescue --policy repeat, 28 MSigns) ends at "
+        "1.08x / 1.075x the control, periodic every 10 steps from step 0 at 1.07x. "
+        "sigma_1(W_Q) grows 0.8 -> 41 (control ~1.2); the stable rank of W_Q/W_K is already "
+        "~3-4 by step 5, so the relative stable-rank rule never fires",
         **_SHARED,
     ),
 ]

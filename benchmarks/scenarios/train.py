@@ -82,6 +82,33 @@ def build_optimizer(model: GPT, scenario: Scenario) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
 
 
+class QKRowLR:
+    """Multiplies the AdamW update of the W_Q/W_K rows of each fused ``c_attn`` by ``mult``.
+
+    A fused (3C, C) weight is one parameter, so a param group cannot give its rows their own
+    LR, and scaling gradients does nothing under Adam. AdamW's whole step (decoupled decay
+    included) is proportional to the LR, so rescaling the step of those rows after
+    ``optimizer.step()`` is the same as running them at ``mult`` × the LR.
+    """
+
+    def __init__(self, model: GPT, mult: float) -> None:
+        n_embd = model.config.n_embd
+        self.mult = mult
+        self.rows = [block.attn.c_attn.weight for block in model.transformer.h]
+        self.qk = slice(0, 2 * n_embd)
+        self.before: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        self.before = [w[self.qk].clone() for w in self.rows]
+
+    @torch.no_grad()
+    def rescale(self) -> None:
+        for w, old in zip(self.rows, self.before, strict=True):
+            new = w[self.qk]
+            new.copy_(old + self.mult * (new - old))
+
+
 @torch.no_grad()
 def evaluate(
     model: GPT, corpus: ByteCorpus, scenario: Scenario, seed: int, batches: int = 4
@@ -125,6 +152,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     clip = oc.grad_clip if oc.grad_clip is not None else math.inf
     result = RunResult(scenario=scenario.name, seed=seed, steps_run=0)
+    qk_lr = QKRowLR(model, oc.qk_lr_mult) if oc.qk_lr_mult != 1.0 else None
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
@@ -145,7 +173,11 @@ def train(
                 before(step, model, optimizer)
         # clip_grad_norm_ returns the pre-clip norm; with max_norm=inf it only measures.
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if qk_lr is not None:
+            qk_lr.snapshot()
         optimizer.step()
+        if qk_lr is not None:
+            qk_lr.rescale()
         loss_value = float(loss.detach())
         result.losses.append(loss_value)
         result.grad_norms.append(gnorm)

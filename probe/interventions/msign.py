@@ -84,6 +84,11 @@ def _check_steps(steps: int) -> None:
 def msign_svd(w: Tensor, *, rank_tol: float | None = None) -> Transformed:
     """Exact MSign of one fp32 matrix w (m, n): (‖w‖_F/√r)·U_r V_rᵀ (a new tensor)."""
     m, n = w.shape
+    if m < n:
+        # LAPACK's divide-and-conquer SVD is ~1.5x faster on the tall orientation (128×512:
+        # 2.1 vs 3.2 ms on the 2-core CPU); msign(Wᵀ) = msign(W)ᵀ, ‖·‖_F and the rank agree.
+        tall = msign_svd(w.t(), rank_tol=rank_tol)
+        return Transformed(tall.matrix.t(), tall.rank, tall.singular_values)
     U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # U (m, k), S (k,), Vh (k, n)
     if S.numel() == 0:
         return Transformed(w.clone(), 0, S)

@@ -118,7 +118,7 @@ def apply_pss(
     chosen = list(targets) if not isinstance(targets, WeightTarget) else [targets]
     resolved = _check_options(variant, k, scale, temperature)
     if k is not None:
-        too_small = [t.name for t in chosen if k >= min(t.matrix().shape)]
+        too_small = [t.name for t in chosen if k >= min(t.shape)]
         if too_small:
             raise ConfigError(
                 f"k: {k} must be smaller than min(out, in) of every target; too small: {too_small}"

@@ -10,7 +10,9 @@ Distributed: under DDP every rank holds the whole parameter and calls this with 
 targets, so each rank computes the same result. Under FSDP2 a parameter is a DTensor
 shard; :func:`rewrite_targets` then gathers one matrix at a time (``full_tensor()``, a
 collective: every rank must call with the same targets in the same order), transforms the
-full matrix on every rank and keeps its own shard (no second collective).
+full matrix on every rank and keeps its own shard (no second collective). Checked at world
+size 1 (tests/probe/interventions/test_distributed.py) and, through an ``msign`` command of
+the probe, at world size 2 (tests/probe/test_fsdp.py: Linear, fused QKV and Conv1D shards).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..exceptions import ConfigError
+from ..quantities.sharded import is_dtensor
 from ..targets import WeightTarget
 from .records import MatrixResult
 
@@ -80,14 +83,6 @@ def _sigma1(w: Tensor, mode: StatsMode, singular_values: Tensor | None) -> Tenso
     return spectral_norm_estimate(w)
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
-
-
 def _view_of(target: WeightTarget, full: Tensor) -> Tensor:
     """The (out, in) view of ``full`` that ``target.matrix()`` takes of the parameter."""
     w = full.t() if target.transposed else full
@@ -113,9 +108,9 @@ def _check_targets(targets: Sequence[WeightTarget]) -> list[WeightTarget]:
     return chosen
 
 
-def _check_finite(targets: Sequence[WeightTarget], dtensor: type | None) -> None:
+def _check_finite(targets: Sequence[WeightTarget]) -> None:
     """Refuse to rewrite anything when some target holds NaN/Inf (one host sync)."""
-    local = [t for t in targets if dtensor is None or not isinstance(t.parameter, dtensor)]
+    local = [t for t in targets if not is_dtensor(t.parameter)]
     if not local:
         return
     flags = torch.stack([torch.isfinite(t.matrix()).all().cpu() for t in local])
@@ -152,16 +147,15 @@ def rewrite_targets(
     """
     chosen = _check_targets(targets)
     stats = StatsMode(stats)
-    dtensor = _dtensor_type()
     start = time.perf_counter()
-    _check_finite(chosen, dtensor)
+    _check_finite(chosen)
     rows: list[Tensor] = []  # per matrix (4,): ‖W‖_F, σ₁ before; ‖W‖_F, σ₁ after
     ranks: list[int] = []
     shapes: list[tuple[int, int]] = []
     devices: set[torch.device] = set()
     for target in chosen:
         param = target.parameter
-        sharded = dtensor is not None and isinstance(param, dtensor)
+        sharded = is_dtensor(param)
         if sharded:
             # FSDP2: gather this matrix's parameter on every rank (a collective), work on the
             # full copy, keep our shard. Peak extra memory: one full parameter.

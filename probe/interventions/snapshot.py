@@ -16,24 +16,17 @@ import torch
 from torch import Tensor
 
 from ..exceptions import ConfigError
+from ..quantities.sharded import is_dtensor
 from ..targets import WeightTarget
 
 __all__ = ["Snapshot"]
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
 
 
 def _local_view(target: WeightTarget) -> Tensor:
     """The tensor this rank owns for ``target``: its matrix view, or, for a DTensor
     parameter, the local shard of the whole parameter (views of shards are not
     well defined)."""
-    if _is_dtensor(target.parameter):
+    if is_dtensor(target.parameter):
         return target.parameter.detach().to_local()  # type: ignore[attr-defined, no-any-return]
     return target.matrix()
 

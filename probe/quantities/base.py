@@ -20,6 +20,7 @@ from ..config import ProbeConfig
 from ..hooks import AttentionSite, CallCapture, Captures
 from ..schedules import Every, Schedule
 from ..targets import WeightTarget
+from .sharded import is_dtensor, sharded_triplet
 from .spectral import PowerIteration, Triplet
 
 __all__ = ["Histogram", "Quantity", "StepContext", "Values"]
@@ -69,10 +70,16 @@ class StepContext:
     _input_cache: dict[int, Triplet] = field(default_factory=dict)
 
     def triplet(self, target: WeightTarget) -> Triplet:
-        """Top singular triplet of the target's (out, in) matrix in fp32, once per step."""
+        """Top singular triplet of the target's (out, in) matrix in fp32, once per step.
+
+        A DTensor parameter (FSDP2) goes to the sharded power iteration: collectives, so
+        every rank of its group must ask for the same targets in the same order."""
         hit = self._weight_cache.get(target.name)
         if hit is None:
-            hit = self.weights.triplet(target.name, target.matrix())
+            if is_dtensor(target.parameter):
+                hit = sharded_triplet(self.weights, target)
+            else:
+                hit = self.weights.triplet(target.name, target.matrix())
             self._weight_cache[target.name] = hit
         return hit
 

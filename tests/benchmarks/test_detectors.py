@@ -47,6 +47,14 @@ def test_olmo_needs_history_and_fires_on_nan() -> None:
     assert detectors.olmo_loss_spike([5.0, 4.0, math.nan]) == 2
 
 
+def test_olmo_judges_only_with_a_full_window() -> None:
+    # as OLMo-core's StabilityMonitorCallback: a 20-sigma spike after 127 losses is not judged,
+    # the same spike after 128 is
+    losses = noisy(200)
+    assert detectors.olmo_loss_spike([*losses[:127], 3.5]) is None
+    assert detectors.olmo_loss_spike([*losses[:128], 3.5]) == 128
+
+
 def test_megatron_factor_over_window_max() -> None:
     losses = [3.0] * 150
     assert detectors.megatron_spiky_loss([*losses, 29.0]) is None

@@ -26,7 +26,7 @@ from benchmarks.scenarios.failure import (  # noqa: E402
     smoothed_final_loss,
 )
 from benchmarks.scenarios.model import GPT, ModelConfig  # noqa: E402
-from benchmarks.scenarios.train import build_optimizer, train  # noqa: E402
+from benchmarks.scenarios.train import QKRowLR, build_optimizer, train  # noqa: E402
 
 SMALL_BYTES = 200_000
 
@@ -258,6 +258,30 @@ def test_each_scenario_constructs_and_steps(name: str, corpus: ByteCorpus) -> No
 def test_unknown_scenario_is_named() -> None:
     with pytest.raises(KeyError, match="no-such"):
         catalog.get("no-such")
+
+
+def test_qk_row_lr_matches_a_separate_param_group() -> None:
+    # the W_Q/W_K rows of a fused c_attn step as if their own AdamW group had mult x the LR
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8))
+    w = model.transformer.h[0].attn.c_attn.weight
+    c, mult, lr, wd = 8, 30.0, 1e-3, 0.1
+    qk_ref = torch.nn.Parameter(w.detach()[: 2 * c].clone())
+    v_ref = torch.nn.Parameter(w.detach()[2 * c :].clone())
+    ref = torch.optim.AdamW(
+        [{"params": [qk_ref], "lr": lr * mult}, {"params": [v_ref], "lr": lr}], weight_decay=wd
+    )
+    opt = torch.optim.AdamW([w], lr=lr, weight_decay=wd)
+    rows = QKRowLR(model, mult)
+    for _ in range(5):
+        g = torch.randn_like(w)
+        w.grad, qk_ref.grad, v_ref.grad = g.clone(), g[: 2 * c].clone(), g[2 * c :].clone()
+        rows.snapshot()
+        opt.step()
+        rows.rescale()
+        ref.step()
+    torch.testing.assert_close(w.detach()[: 2 * c], qk_ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.detach()[2 * c :], v_ref.detach(), rtol=0, atol=0)
 
 
 def test_schedule_spike_and_warmup() -> None:

@@ -17,9 +17,9 @@ def test_short_demo_run_alerts_and_applies_msign(tmp_path: Path, monkeypatch) ->
     monkeypatch.chdir(tmp_path)  # the demo's ./rankguard.db and ./rankguard_logs
     port = free_port()
     try:
-        demo = run_demo(port=port, max_steps=200, quiet=True)
+        demo = run_demo(port=port, max_steps=150, quiet=True)
         assert demo.server_pid is not None
-        assert demo.first_alert_step is not None and demo.first_alert_step < 200
+        assert demo.first_alert_step is not None and demo.first_alert_step < 150
         applied = [c for c in demo.commands if c["state"] == "applied"]
         assert applied, demo.commands
         assert all(c["kind"] == "msign" and c["created_by"].startswith("alert:") for c in applied)

@@ -4,42 +4,21 @@ the weights stay bit-identical; with the server down, training finishes (no dead
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from helpers.live_server import free_port, running_server
+from helpers.torchrun import torchrun
 
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-TESTS = Path(__file__).parents[1]
 
 
-def torchrun(out_dir: Path, server: str, ingest: str, operate: str, steps: int) -> None:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(WORKER),
-        str(out_dir),
-        server,
-        ingest,
-        operate,
-        str(steps),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+def run_workers(out_dir: Path, server: str, ingest: str, operate: str, steps: int) -> None:
+    result = torchrun(WORKER, str(out_dir), server, ingest, operate, str(steps))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -52,7 +31,7 @@ def load_rank(out_dir: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
 def test_command_applied_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
     with running_server(tmp_path) as server:
         tokens = server.new_project()
-        torchrun(tmp_path, server.url, tokens["ingest"], tokens["operate"], steps=200)
+        run_workers(tmp_path, server.url, tokens["ingest"], tokens["operate"], steps=200)
         weights0, log0 = load_rank(tmp_path, 0)
         weights1, log1 = load_rank(tmp_path, 1)
 
@@ -78,7 +57,7 @@ def test_command_applied_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
 
 def test_no_deadlock_when_the_server_is_down(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    torchrun(tmp_path, dead, "no-token", "-", steps=30)
+    run_workers(tmp_path, dead, "no-token", "-", steps=30)
     weights0, log0 = load_rank(tmp_path, 0)
     weights1, _ = load_rank(tmp_path, 1)
     assert log0["commands"] == {}

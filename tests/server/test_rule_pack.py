@@ -58,7 +58,7 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         (
             rule_pack.STABLE_RANK_COLLAPSE,
             {"quantity": "stable_rank", "condition": Condition.DROP_FROM_BASELINE,
-             "threshold": 0.17, "aggregation": Aggregation.GMEAN, "targets": ("*",),
+             "threshold": 0.12, "aggregation": Aggregation.GMEAN, "targets": ("*",),
              "severity": Severity.CRITICAL, "min_step": 50},
         ),
         (
@@ -69,7 +69,7 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         ),
         (
             rule_pack.GRAD_NORM_SPIKE,
-            {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 2.5,
+            {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 4.0,
              "ema_alpha": 0.1, "targets": ("global",), "warmup": 50, "min_step": 50,
              "cooldown": 30},
         ),
@@ -100,9 +100,15 @@ def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
     on = by_name(rule_pack.default_rules(remediate=True))
     for name in rule_pack.REMEDIABLE:
         assert off[name].msign.enabled is False
-        assert off[name].msign.targets == "all_2d" and off[name].msign.engine == "svd"
+        assert off[name].msign.engine == "svd"
         assert on[name].msign.enabled is True
         assert on[name].severity is Severity.CRITICAL
+    for name in (rule_pack.SA_COLLAPSE, rule_pack.STABLE_RANK_COLLAPSE):
+        assert on[name].msign.targets == "all_2d" and on[name].msign.repeat_every is None
+    # the logit divergence repeats MSign on the attention weights while it fires
+    divergence = on[rule_pack.ATTENTION_LOGIT_DIVERGENCE]
+    assert divergence.msign.targets == "attention" and divergence.msign.repeat_every == 10
+    assert divergence.cooldown == 0 and divergence.clear_after == 4
     for name in set(off) - set(rule_pack.REMEDIABLE):
         assert on[name].msign.enabled is False
 
@@ -126,17 +132,17 @@ def test_pack_rules_fire_on_their_signals() -> None:
     (fired,) = run_rule(rules[rule_pack.SA_COLLAPSE], sa)
     assert fired.step == 80 and fired.first_step == 60 and fired.command is not None
 
-    sr = [(t, s, 8.0 if s < 60 else 1.0) for s in range(0, 100, 10) for t in ("h.0.w", "h.1.w")]
+    sr = [(t, s, 8.0 if s < 60 else 0.8) for s in range(0, 100, 10) for t in ("h.0.w", "h.1.w")]
     (fired,) = run_rule(rules[rule_pack.STABLE_RANK_COLLAPSE], sr)
     assert fired.step == 70 and fired.first_step == 60
-    assert fired.bound == pytest.approx(0.17 * 8.0)
+    assert fired.bound == pytest.approx(0.12 * 8.0)
 
-    # grad norm: steady 1.0 then a 3x spike at step 80 (after 50 samples and step 50)
-    gn = [("global", s, 3.0 if s == 80 else 1.0) for s in range(0, 100)]
+    # grad norm: steady 1.0 then a 5x spike at step 80 (after 50 samples and step 50)
+    gn = [("global", s, 5.0 if s == 80 else 1.0) for s in range(0, 100)]
     transitions = run_rule(rules[rule_pack.GRAD_NORM_SPIKE], gn)
     assert [(t.kind.value, t.step) for t in transitions] == [("firing", 80), ("resolved", 81)]
     # the same spike inside the warm-up is ignored
-    early = [("global", s, 3.0 if s == 20 else 1.0) for s in range(0, 100)]
+    early = [("global", s, 5.0 if s == 20 else 1.0) for s in range(0, 100)]
     assert run_rule(rules[rule_pack.GRAD_NORM_SPIKE], early) == []
 
     loss = [("global", 0, 2.0), ("global", 1, math.nan)]
