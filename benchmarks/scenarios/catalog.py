@@ -287,7 +287,7 @@ _ALL = [
         notes="NaN at steps 238 / 232 (seeds 0 / 1); max logit > 50 from step 16, > 1e3 from "
         "step 81 / 76, ~1.2e4 at step 180-220; the trailing-25 loss is within 1.04x of the "
         "control at step 150 and 1.10x just before the NaN. Attention-weight MSign undoes it: "
-        "every 10 steps while the logit > 1e3 (rescue --policy repeat, 28 MSigns) ends at "
+        "every 10 steps while the logit > 1e3 (the default remediation, 28 MSigns) ends at "
         "1.08x / 1.075x the control, periodic every 10 steps from step 0 at 1.07x. "
         "sigma_1(W_Q) grows 0.8 -> 41 (control ~1.2); the stable rank of W_Q/W_K is already "
         "~3-4 by step 5, so the relative stable-rank rule never fires",
