@@ -48,6 +48,7 @@ from rankguard.server.alert_engine import (
     is_firing,
     new_state,
 )
+from rankguard.server.alert_engine import flush as flush_buffered
 from rankguard.server.config import Settings
 from rankguard.server.db import utcnow
 from rankguard.server.models import (
@@ -297,6 +298,36 @@ class Alerting:
                 return self._evaluate(session=session, run=run, rows=rows, points=points)
         except Exception:
             logger.exception("alert evaluation failed for run %s; the points are stored", run.id)
+            return _NOTHING
+
+    def on_finish(self, *, session: Session, run: Run) -> IngestOutcome:
+        """A run just finished: evaluate the steps its rules still hold back for late batches
+        (the engine waits for a newer step before judging one, and no newer step will come).
+        Alerts and notifications follow as on ingest; no command is queued for a finished run."""
+        if not self.settings.alerts_enabled:
+            return _NOTHING
+        rows = list(
+            session.scalars(
+                select(AlertRule)
+                .where(AlertRule.run_id == run.id, AlertRule.state.is_not(None))
+                .order_by(AlertRule.id)
+                .with_for_update()
+            )
+        )
+        fired: list[tuple[AlertRule, Transition]] = []
+        try:
+            with session.begin_nested():
+                for row in rows:
+                    try:
+                        state, transitions = flush_buffered(self._rule(row), row.state)
+                    except RuleError:
+                        logger.exception("rule %s (%s) of run %s skipped", row.id, row.name, run.id)
+                        continue
+                    row.state = state
+                    fired.extend((row, t) for t in transitions)
+                return self._record(session=session, run=run, fired=fired) if fired else _NOTHING
+        except Exception:
+            logger.exception("alert flush failed for run %s; the run is finished", run.id)
             return _NOTHING
 
     def _evaluate(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
 from rankguard.server import storage
+from rankguard.server.alerting import Alerting
 from rankguard.server.auth import Principal
 from rankguard.server.deps import (
     DbDep,
@@ -125,15 +126,28 @@ def read_run(run_id: str, db: DbDep, principal: ReadOrIngestPrincipal) -> RunPub
 
 @router.post("/{run_id}/finish", response_model=RunPublic)
 def finish_run(
-    run_id: str, db: DbDep, principal: IngestPrincipal, body: RunFinish | None = None
+    run_id: str,
+    request: Request,
+    db: DbDep,
+    principal: IngestPrincipal,
+    body: RunFinish | None = None,
 ) -> RunPublic:
-    """Mark a run finished or failed (repeating the same status is a no-op)."""
+    """Mark a run finished or failed (repeating the same status is a no-op). The alert rules
+    then judge the steps they were still holding back for late batches."""
     target = body.status if body is not None else RunStatus.FINISHED
+    alerts: Alerting = request.app.state.alerting
+    outcome = None
     with db.write() as session:
         run = run_or_404(session, principal, run_id)
+        was_running = run.status == RunStatus.RUNNING.value
         try:
             storage.finish_run(session=session, run=run, status=RunStatus(target))
         except storage.ConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from exc
+        if was_running:
+            outcome = alerts.on_finish(session=session, run=run)
         names = storage.project_names(session=session, ids={run.project_id})
-        return run_public(run, names[run.project_id])
+        public = run_public(run, names[run.project_id])
+    if outcome is not None:
+        alerts.after_commit(outcome)
+    return public

@@ -124,6 +124,27 @@ def test_project_rules_replace_the_pack_for_later_runs(project: Project) -> None
     ]
 
 
+def test_finishing_a_run_judges_the_steps_held_back(project: Project) -> None:
+    rule = {"name": "loss_high", "quantity": "loss", "condition": "above", "threshold": 10.0}
+    assert project.api["operate"].post("/alert-rules", json={"rule": rule}).status_code == 201
+    run = project.new_run()
+    body = {"quantity": ["loss"] * 4, "target": ["global"] * 4, "step": [0, 1, 2, 10]}
+    ingest(project.api["ingest"], run, {**body, "value": [1.0, 2.0, 3.0, 60.0]})
+    # step 10 follows a gap in a stride-1 series: the engine waits for the missing steps (a
+    # late spill file may still bring them) before judging it
+    assert alerts(project.api["read"], run) == []
+    assert project.api["ingest"].post(f"/runs/{run}/finish").status_code == 200
+    fired = alerts(project.api["read"], run)
+    assert [(a["rule_name"], a["fired_step"], a["state"]) for a in fired] == [
+        ("loss_high", 10, "firing")
+    ]
+    events = project.api["read"].get(f"/runs/{run}/events", params={"kind": "alert"}).json()
+    assert [(e["payload"]["kind"], e["step"]) for e in events["data"]] == [("firing", 10)]
+    # finishing again is a no-op and judges nothing twice
+    assert project.api["ingest"].post(f"/runs/{run}/finish").status_code == 200
+    assert len(alerts(project.api["read"], run)) == 1
+
+
 def test_invalid_rules_are_422_naming_the_field(project: Project) -> None:
     bad = {"name": "x", "quantity": "loss", "condition": "sideways", "threshold": 1.0}
     r = project.api["operate"].post("/alert-rules", json={"rule": bad})
