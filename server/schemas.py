@@ -411,6 +411,16 @@ class WebhooksPublic(WireModel):
     count: int
 
 
+class WebhookTestResult(WireModel):
+    """One synchronous try of a sample notification (``POST /webhooks/{id}/test``)."""
+
+    delivered: bool
+    status_code: int | None
+    error: str | None
+    duration_s: float
+    body: dict[str, Any]  # what was sent, as the receiver saw it
+
+
 class DeliveryPublic(WireModel):
     model_config = ConfigDict(from_attributes=True)
 

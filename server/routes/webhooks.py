@@ -4,13 +4,15 @@ edits the operate scope."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
+import httpx
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rankguard.server import storage
+from rankguard.server import notifications, storage
 from rankguard.server.auth import Principal
 from rankguard.server.db import utcnow
 from rankguard.server.deps import DbDep, OperatePrincipal, ReadPrincipal, SettingsDep
@@ -25,6 +27,7 @@ from rankguard.server.schemas import (
     WebhookFormat,
     WebhookPublic,
     WebhooksPublic,
+    WebhookTestResult,
     WebhookUpdate,
 )
 
@@ -141,6 +144,55 @@ def delete_webhook(webhook_id: RowId, db: DbDep, principal: OperatePrincipal) ->
     with db.write() as session:
         session.delete(_hook_or_404(session, principal, webhook_id))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def sample_notice(project: str, base_url: str | None) -> notifications.AlertNotice:
+    """A notice that says what it is: sent by ``POST /webhooks/{id}/test``, never by a rule."""
+    links = {"dashboard": base_url.rstrip("/")} if base_url else {}
+    return notifications.AlertNotice(
+        alert_id="test",
+        status="firing",
+        rule="webhook_test",
+        quantity="stable_rank",
+        severity="info",
+        run_id="test",
+        first_step=0,
+        step=0,
+        message="rankguard test notification: this webhook is set up (no alert fired)",
+        suggested_action="Nothing to do.",
+        targets=(notifications.NoticeTarget("transformer.h.0.attn.c_attn.weight", 1.0, 0),),
+        run_name="webhook-test",
+        project=project,
+        links=links,
+    )
+
+
+@router.post("/{webhook_id}/test", response_model=WebhookTestResult)
+def test_webhook(
+    webhook_id: RowId, db: DbDep, principal: OperatePrincipal, settings: SettingsDep
+) -> WebhookTestResult:
+    """Send one sample notification now, in the webhook's format and signed with its secret,
+    and say what the receiver answered (one try, no retries, not in the delivery log)."""
+    with db.read() as session:
+        hook = _hook_or_404(session, principal, webhook_id)
+        url, fmt, secret, project = hook.url, hook.format, hook.secret, _name(session, hook)
+    options = {}
+    if fmt == notifications.PayloadFormat.ALERTMANAGER.value:
+        options["external_url"] = settings.public_base_url or ""
+    body = notifications.render(fmt, sample_notice(project, settings.public_base_url), **options)
+    once = notifications.RetryPolicy(
+        max_attempts=1, max_total_s=settings.webhook_timeout_s, timeout_s=settings.webhook_timeout_s
+    )
+    with httpx.Client() as client:
+        result = notifications.deliver(client, url, body, secret=secret, policy=once)
+    attempt = result.attempts[-1]
+    return WebhookTestResult(
+        delivered=result.delivered,
+        status_code=attempt.status_code,
+        error=attempt.error,
+        duration_s=attempt.duration_s,
+        body=json.loads(body),
+    )
 
 
 @router.get("/{webhook_id}/deliveries", response_model=DeliveriesPublic)

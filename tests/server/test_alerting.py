@@ -292,6 +292,42 @@ def test_webhooks_deliver_signed_payloads_and_log_them(project: Project) -> None
     assert listed["count"] == 3 and all("secret" not in w for w in listed["data"])
 
 
+def test_test_notification_is_sent_signed_in_each_format(project: Project) -> None:
+    operate = project.api["operate"]
+    with webhook_receiver() as receiver:
+        for fmt in ("json", "slack", "alertmanager"):
+            created = operate.post(
+                "/webhooks",
+                json={"name": fmt, "url": receiver.url(f"/{fmt}"), "format": fmt, "secret": "k"},
+            )
+            hook = created.json()["id"]
+            r = operate.post(f"/webhooks/{hook}/test")
+            assert r.status_code == 200, r.text
+            result = r.json()
+            assert (result["delivered"], result["status_code"], result["error"]) == (
+                True,
+                200,
+                None,
+            )
+            [got] = [g for g in receiver.wait_for(1) if g.path == f"/{fmt}"]
+            assert got.json() == result["body"]
+            assert notifications.verify_signature(
+                got.body,
+                "k",
+                got.headers.get("X-Rankguard-Signature"),
+                got.headers.get("X-Rankguard-Timestamp"),
+            )
+        assert "test notification" in receiver.requests[0].json()["message"]
+        # a test is not an alert: nothing in the delivery log
+        assert project.api["read"].get(f"/webhooks/{hook}/deliveries").json()["count"] == 0
+    # a receiver that is gone: a clear failure, at once (one try), not an error of the server
+    r = operate.post(f"/webhooks/{hook}/test")
+    assert r.status_code == 200
+    assert r.json()["delivered"] is False and r.json()["error"]
+    # the read scope cannot send
+    assert project.api["read"].post(f"/webhooks/{hook}/test").status_code == 403
+
+
 def test_failed_deliveries_are_logged(project: Project) -> None:
     with webhook_receiver() as receiver:
         receiver.status = 400  # a 4xx is final: not retried
