@@ -5,10 +5,12 @@ Baselines (what trainers without rankguard have; /work/shared/reference/peers.md
 - :func:`olmo_loss_spike`: OLMo-core's loss-spike detector (``StabilityMonitorCallback``): the
   loss is more than ``sigmas`` (6) standard deviations above the mean of the previous
   ``window`` (128) losses. As in OLMo-core, it only judges once the window is full.
-- :func:`megatron_spiky_loss`: Megatron-LM's spiky-loss check: the loss is more than ``factor``
-  (10) times the largest of the previous ``window`` (100) losses.
-- :func:`grad_norm_threshold`: the gradient norm is more than ``factor`` (10) times the median of
-  the previous ``window`` (100) norms.
+- :func:`megatron_spiky_loss` and :func:`megatron_large_grads`: Megatron-LM's
+  ``--check-for-spiky-loss`` and ``--check-for-large-grads``, both
+  ``RerunStateMachine.is_unexpectedly_large`` (threshold 10): the value is at least 10 times
+  the largest of the first 100 values, which are only observed.
+- :func:`grad_norm_threshold`: a stricter gradient-norm threshold of ours (no peer ships it):
+  the norm is more than ``factor`` (10) times the median of the previous ``window`` (100).
 
 All of them also fire on a non-finite value (every trainer checks for NaN; OLMo-core's
 callback itself would not, as NaN > threshold is false) and need ``min_history`` finite
@@ -30,7 +32,9 @@ from rankguard.server.alert_engine import Rule, TransitionKind, evaluate, flush
 
 __all__ = [
     "grad_norm_threshold",
+    "megatron_large_grads",
     "megatron_spiky_loss",
+    "megatron_unexpectedly_large",
     "olmo_loss_spike",
     "rule_first_firing",
     "rule_first_firings",
@@ -67,20 +71,36 @@ def olmo_loss_spike(
     return None
 
 
-def megatron_spiky_loss(
-    losses: Sequence[float], *, window: int = 100, factor: float = 10.0, min_history: int = 1
+def megatron_unexpectedly_large(
+    values: Sequence[float], *, factor: float = 10.0, num_samples: int = 100
 ) -> int | None:
-    """First step whose loss > ``factor`` x the max of the previous ``window`` losses."""
-    _check("window", window, 1)
+    """Megatron-LM's ``RerunStateMachine.is_unexpectedly_large``: the first ``num_samples``
+    finite values only set a maximum (frozen afterwards); from then on the first value
+    >= ``factor`` x that maximum fires. (Megatron leaves NaN/Inf to its NaN check, on by
+    default; here a non-finite value fires too, as for every baseline.)"""
     _check("factor", factor, 1.0)
-    _check("min_history", min_history, 1)
-    for i, loss in enumerate(losses):
-        if not math.isfinite(loss):
+    _check("num_samples", num_samples, 1)
+    seen, largest = 0, 0.0
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
             return i
-        history = _finite_history(losses, i, window)
-        if len(history) >= min_history and loss > factor * max(history):
+        if seen < num_samples:
+            seen += 1
+            largest = max(largest, abs(value))
+        elif abs(value) >= factor * largest:
             return i
     return None
+
+
+def megatron_spiky_loss(losses: Sequence[float], *, factor: float = 10.0) -> int | None:
+    """``--check-for-spiky-loss``: loss >= 10x the largest of the first 100 losses."""
+    return megatron_unexpectedly_large(losses, factor=factor)
+
+
+def megatron_large_grads(grad_norms: Sequence[float], *, factor: float = 10.0) -> int | None:
+    """``--check-for-large-grads``: gradient norm >= 10x the largest of the first 100 (Megatron
+    checks each gradient bucket's norm; the recordings hold the global norm)."""
+    return megatron_unexpectedly_large(grad_norms, factor=factor)
 
 
 def grad_norm_threshold(

@@ -303,11 +303,10 @@ SPECTRAL_RULES = (
     "attention_logit_high",
     "attention_logit_divergence",
 )
-BASELINES = (
-    "olmo_loss_spike",
-    "megatron_spiky_loss",
-    "grad_norm_10x_median",
-)
+# The peers' shipped detectors (OLMo-core, Megatron-LM), and every baseline: those plus our
+# stricter running-median gradient threshold. The headline is reported against both.
+PEER_BASELINES = ("olmo_loss_spike", "megatron_spiky_loss", "megatron_large_grads")
+BASELINES = (*PEER_BASELINES, "grad_norm_10x_median")
 
 
 def detect(record: Mapping[str, Any], rules: Sequence[Any]) -> dict[str, int | None]:
@@ -317,13 +316,15 @@ def detect(record: Mapping[str, Any], rules: Sequence[Any]) -> dict[str, int | N
     out: dict[str, int | None] = {
         "olmo_loss_spike": detectors.olmo_loss_spike(record["losses"]),
         "megatron_spiky_loss": detectors.megatron_spiky_loss(record["losses"]),
+        "megatron_large_grads": detectors.megatron_large_grads(record["grad_norms"]),
         "grad_norm_10x_median": detectors.grad_norm_threshold(record["grad_norms"]),
     }
     out.update(detectors.rule_first_firings(rules, record["points"]))
     spectral = [out[name] for name in SPECTRAL_RULES if out.get(name) is not None]
     out["rankguard_spectral_any"] = min(spectral) if spectral else None  # type: ignore[type-var]
-    base = [out[name] for name in BASELINES if out[name] is not None]
-    out["baseline_any"] = min(base) if base else None  # type: ignore[type-var]
+    for key, names in (("baseline_peers", PEER_BASELINES), ("baseline_any", BASELINES)):
+        fired = [out[name] for name in names if out[name] is not None]
+        out[key] = min(fired) if fired else None  # type: ignore[type-var]
     return out
 
 
@@ -396,21 +397,25 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def headline(failing: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The issue's target per failing run: rankguard's precursor alert leads the failure by at
     least 2x the best baseline's lead (a baseline that never fires, or fires at or after the
-    failure, has lead <= 0, so any positive rankguard lead counts)."""
-    wins = []
-    for r in failing:
-        ours = r["lead_time"]["rankguard_spectral_any"]
-        theirs = r["lead_time"]["baseline_any"]
-        win = ours is not None and ours > 0 and (theirs is None or ours >= 2 * max(theirs, 0))
-        wins.append(
-            {
-                "run": f"{r['scenario']}/{r['seed']}",
-                "ours": ours,
-                "theirs": theirs,
-                "at_least_2x": win,
-            }
-        )
-    return {"runs": wins, "at_least_2x": sum(w["at_least_2x"] for w in wins), "of": len(wins)}
+    failure, has lead <= 0, so any positive rankguard lead counts). Judged against the peers'
+    detectors (``vs_peers``) and against every baseline, ours included (``vs_all``)."""
+    out: dict[str, Any] = {"of": len(failing)}
+    for name, key in (("vs_peers", "baseline_peers"), ("vs_all", "baseline_any")):
+        wins = []
+        for r in failing:
+            ours = r["lead_time"]["rankguard_spectral_any"]
+            theirs = r["lead_time"][key]
+            win = ours is not None and ours > 0 and (theirs is None or ours >= 2 * max(theirs, 0))
+            wins.append(
+                {
+                    "run": f"{r['scenario']}/{r['seed']}",
+                    "ours": ours,
+                    "theirs": theirs,
+                    "at_least_2x": win,
+                }
+            )
+        out[name] = {"runs": wins, "at_least_2x": sum(w["at_least_2x"] for w in wins)}
+    return out
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -426,7 +431,8 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
     cols = (*BASELINES, *SPECTRAL_RULES, "grad_norm_spike", "rankguard_spectral_any")
     short = {
         "olmo_loss_spike": "OLMo 6σ",
-        "megatron_spiky_loss": "Megatron 10x",
+        "megatron_spiky_loss": "Megatron loss",
+        "megatron_large_grads": "Megatron grads",
         "grad_norm_10x_median": "gnorm 10x med",
         "sa_sign_diversity_collapse": "SA D",
         "stable_rank_collapse": "stable rank",
@@ -436,7 +442,8 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
         "grad_norm_spike": "PSS gnorm",
         "loss_non_finite": "loss NaN",
         "non_finite_loss_or_grad": "NaN count",
-        "baseline_any": "baselines (any)",
+        "baseline_peers": "peers' detectors (any)",
+        "baseline_any": "all baselines (any)",
         "rankguard_spectral_any": "rankguard (any precursor)",
     }
     lines = [
@@ -472,8 +479,10 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
     h = result["summary"]["headline"]
     lines += [
         "",
-        f"rankguard precursor alert >= 2x the best baseline's lead: {h['at_least_2x']}/{h['of']} "
-        "failing runs.",
+        "rankguard precursor alert >= 2x the best baseline's lead: "
+        f"{h['vs_peers']['at_least_2x']}/{h['of']} failing runs against the peers' detectors "
+        f"(OLMo-core, Megatron-LM); {h['vs_all']['at_least_2x']}/{h['of']} against every "
+        "baseline, our running-median gradient threshold included.",
     ]
     return "\n".join(lines)
 

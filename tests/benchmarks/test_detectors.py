@@ -55,14 +55,16 @@ def test_olmo_judges_only_with_a_full_window() -> None:
     assert detectors.olmo_loss_spike([*losses[:128], 3.5]) == 128
 
 
-def test_megatron_factor_over_window_max() -> None:
-    losses = [3.0] * 150
-    assert detectors.megatron_spiky_loss([*losses, 29.0]) is None
-    assert detectors.megatron_spiky_loss([*losses, 31.0]) == 150
-    # An old high value outside the 100-step window no longer protects the spike.
-    high_then_low = [10.0] + [1.0] * 100 + [11.0]
-    assert detectors.megatron_spiky_loss(high_then_low) == 101
-    assert detectors.megatron_spiky_loss(high_then_low, window=101) is None
+def test_megatron_max_of_the_first_100_is_frozen() -> None:
+    # Megatron's is_unexpectedly_large: the first 100 values only set the maximum
+    warm = [3.0] * 99 + [4.0]
+    assert detectors.megatron_spiky_loss([*warm, 39.0]) is None
+    assert detectors.megatron_spiky_loss([*warm, 40.0]) == 100  # >= 10x the max, 4.0
+    # a spike inside the first 100 is not judged and raises the bar for the rest of the run
+    assert detectors.megatron_spiky_loss([3.0, 500.0, *[3.0] * 98, 400.0]) is None
+    # the bar does not follow the run down: a later, lower level keeps the early maximum
+    assert detectors.megatron_spiky_loss([*warm, *[0.5] * 200, 30.0]) is None
+    assert detectors.megatron_large_grads([1.0] * 100 + [10.0]) == 100
     assert detectors.megatron_spiky_loss([1.0, math.inf]) == 1
 
 
@@ -80,6 +82,7 @@ def test_grad_norm_threshold_against_running_median() -> None:
     [
         (detectors.olmo_loss_spike, {"window": 1}),
         (detectors.megatron_spiky_loss, {"factor": 0.5}),
+        (detectors.megatron_unexpectedly_large, {"num_samples": 0}),
         (detectors.grad_norm_threshold, {"window": 0}),
     ],
 )
