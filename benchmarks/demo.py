@@ -193,11 +193,14 @@ class Twin:
     control_final_loss: float
 
 
-def unprotected_twin(seed: int) -> Twin:
+def unprotected_twin(seed: int) -> Twin | None:
+    """The recorded twin, or None when the benchmark has no recording of this seed."""
     scenario = catalog.get(SCENARIO)
     assert scenario.control is not None
-    run = load_run(run_path(SCENARIO, seed))
-    control = load_run(run_path(scenario.control, seed))
+    paths = run_path(SCENARIO, seed), run_path(scenario.control, seed)
+    if not all(p.exists() for p in paths):
+        return None
+    run, control = (load_run(p) for p in paths)
     failure = classify(run["losses"], control["losses"])
     return Twin(
         failure_step=None if failure is None else failure.step,
@@ -252,27 +255,36 @@ def run_demo(
         print(file=out)
         if not report.delivered_all:
             print(str(report), file=out)
-        print_table(demo, unprotected_twin(seed))
+        print_table(demo, unprotected_twin(seed), seed)
         print(f"\ndashboard: {demo.url}", file=out)
         if pid:
             print(f"the server keeps running (pid {pid}); stop it with: kill {pid}", file=out)
     return demo
 
 
-def print_table(demo: DemoResult, twin: Twin) -> None:
+def print_table(demo: DemoResult, twin: Twin | None, seed: int) -> None:
     applied = [c for c in demo.commands if c["state"] == "applied"]
-    recorded = "recorded by benchmarks/early_warning.py"
     rows = [
         ("first alert step", _fmt(demo.first_alert_step)),
-        (
-            "failure step of the unprotected twin",
-            f"{_fmt(twin.failure_step)} ({twin.failure_kind or 'no failure'}; {recorded})",
-        ),
         ("MSign applications", f"{len(applied)} (at steps {[c['applied_step'] for c in applied]})"),
         ("final loss with rankguard (mean of last 25)", f"{demo.final_loss:.3f}"),
-        ("final loss without rankguard", _loss(twin)),
-        (f"final loss of the healthy control {twin.control}", f"{twin.control_final_loss:.3f}"),
     ]
+    if twin is None:
+        rows.append(
+            (
+                "the unprotected twin",
+                f"not recorded for seed {seed} (python -m benchmarks.early_warning record "
+                f"--scenarios {SCENARIO},{catalog.get(SCENARIO).control} --seeds {seed})",
+            )
+        )
+    else:
+        recorded = "recorded by benchmarks/early_warning.py"
+        failure = f"{_fmt(twin.failure_step)} ({twin.failure_kind or 'no failure'}; {recorded})"
+        rows[1:1] = [("failure step of the unprotected twin", failure)]
+        rows += [
+            ("final loss without rankguard", _loss(twin)),
+            (f"final loss of the healthy control {twin.control}", f"{twin.control_final_loss:.3f}"),
+        ]
     width = max(len(name) for name, _ in rows)
     print(f"\n{'':-<{width + 40}}", file=sys.stderr)
     for name, value in rows:

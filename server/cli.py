@@ -179,7 +179,7 @@ def _add_demo(subparsers: Subparsers) -> None:
         "demo",
         help="train a failing run with the probe attached and watch rankguard rescue it",
         description="Starts the server on ./rankguard.db in the background (left running), "
-        "trains the fp16_attn_overflow scenario with the probe attached and automatic MSign "
+        "trains the qk_lr_overflow scenario with the probe attached and automatic MSign "
         "allowed, and prints the alerts and a summary table.",
     )
     p.add_argument("--port", type=int, default=8000, help="server port (default 8000)")
