@@ -7,7 +7,9 @@ after ``--warm`` drifting samples (20 by default: 1,000 steps at the default cad
 the table also shows the error of the first sample after the cold start, to show what
 warming buys. Two spectra: a Gaussian matrix (no spectral gap: σ₂/σ₁ ≈ 0.98-1.0, the top
 vector is not defined when σ₁, σ₂ are within 1%, and is then not reported) and a power-law
-spectrum (a gap, as in trained weights: the vector is compared too).
+spectrum (a gap, as in trained weights: the vector is compared too). Each timed estimate is
+the first call on a freshly drifted matrix, as at a probe's sample step, not a cache-hot
+repeat (which is ~1.5x faster at 256).
 
     python benchmarks/spectral_cost.py [--quick] [--threads 2] [--iterations 3]
 """
