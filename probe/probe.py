@@ -94,6 +94,11 @@ class Probe:
             ``every``. A single process reads its local inbox on every step (no I/O).
         command_poll_interval: seconds between the transport thread's command polls (the
             latency between an order and its arrival in the inbox).
+        activations_per_rank: under DDP or FSDP2, ranks other than 0 also ship the activation
+            quantities of their own batch (those computed from layer inputs or attention
+            projections: SA sign diversity, singularity alignment, representation stable rank,
+            attention logit max), labelled with their rank. Weight and gradient quantities
+            and the loss stay rank 0's (identical on every rank, or alerted on from rank 0).
         schedules: per-quantity cadence overrides, name -> every.
         exact: exact SVD for the weight spectra (checks; syncs on CUDA).
         max_rows, max_sequences, jacobian_sequences, power_iterations: bounds and iteration
@@ -130,6 +135,7 @@ class Probe:
         max_sequences: int = 2,
         jacobian_sequences: int = 1,
         power_iterations: int = 3,
+        activations_per_rank: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -139,6 +145,13 @@ class Probe:
             raise ConfigTypeError(
                 "optimizer: expected a torch.optim.Optimizer or None, got "
                 f"{type(optimizer).__name__}"
+            )
+        # checked before any hook is installed: a bad argument leaves the model untouched
+        if command_every is not None and command_every <= 0:
+            raise ConfigError(f"command_every: expected an integer >= 1, got {command_every!r}")
+        if not isinstance(activations_per_rank, bool):
+            raise ConfigTypeError(
+                f"activations_per_rank: expected True or False, got {activations_per_rank!r}"
             )
         names, overrides = _split_quantities(quantities)
         overrides.update(schedules or {})
@@ -246,8 +259,7 @@ class Probe:
                 sequences=cfg.jacobian_sequences,
             )
 
-        if command_every is not None and command_every <= 0:
-            raise ConfigError(f"command_every: expected an integer >= 1, got {command_every!r}")
+        self.activations_per_rank = activations_per_rank
         self.command_every = command_every or cfg.every
         self.command_poll_interval = command_poll_interval
         self.run_id = _shared_run_id(self.world_size)
@@ -266,8 +278,11 @@ class Probe:
         self.sharded = any(is_dtensor(p) for _, p in self.params)
         if self.rank != 0 and not self.sharded:
             # DDP: weight quantities are identical on every rank: rank 0 ships them. The
-            # other ranks only take part in the command broadcast.
-            self.quantities = []
+            # other ranks take part in the command broadcast and, if asked, compute the
+            # activation quantities of their own batch.
+            self.quantities = [
+                q for q in self.quantities if activations_per_rank and _per_batch(type(q))
+            ]
         self._arm(self._step)
 
     # -- public API -------------------------------------------------------------------------
@@ -400,10 +415,12 @@ class Probe:
     # -- internals --------------------------------------------------------------------------
 
     def _default_transport(self, sink: Sink | None) -> Transport:
-        if self.rank != 0:
+        if self.rank != 0 and not self.activations_per_rank:
             return NullTransport()
+        suffix = f"-rank{self.rank}" if self.rank else ""  # one spill file per shipping rank
         path = (
-            Path(self.config.log_dir) / f"{safe_file_name(self.run_name)}-{self.run_id[:8]}.jsonl"
+            Path(self.config.log_dir)
+            / f"{safe_file_name(self.run_name)}-{self.run_id[:8]}{suffix}.jsonl"
         )
         if self.server is not None:
             if sink is not None:
@@ -414,6 +431,7 @@ class Probe:
                 run=self.registration(),
                 spill_path=path,
                 poll_interval=self.command_poll_interval,
+                poll_commands=self.rank == 0,  # rank 0 claims commands and relays them
             )
         return SinkTransport(sink if sink is not None else FileSink(path, run=self.registration()))
 
@@ -558,8 +576,22 @@ class Probe:
         for p in points:
             if p.step == s or p.quantity == "loss":
                 self._latest[(p.quantity, p.target)] = p.value
+        if rank != 0:  # other ranks ship only what differs per rank: their batch's activations
+            points = [p for p in points if p.quantity in _PER_BATCH_WIRE_NAMES]
+            histograms = [h for h in histograms if h["quantity"] in _PER_BATCH_WIRE_NAMES]
         if points or histograms:
             self.transport.send(encode_batch(points, histograms))
+
+
+def _per_batch(cls: type[Quantity]) -> bool:
+    """Whether a quantity is computed from the batch (layer inputs, attention projections),
+    so that its value differs between data-parallel ranks."""
+    return cls.needs_inputs or cls.needs_attention
+
+
+_PER_BATCH_WIRE_NAMES = frozenset(
+    name for cls in REGISTRY.values() if _per_batch(cls) for name in cls.wire_names()
+)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rankguard.server import auth
@@ -151,13 +152,17 @@ def register_run(
     parameters: list[dict[str, Any]],
 ) -> tuple[Run, bool]:
     """Create a run, or return the existing one when the client's ``run_id`` is known.
-    Returns (run, created)."""
-    if run_id is not None:
-        existing = session.get(Run, str(run_id))
-        if existing is not None:
-            if existing.project_id != project.id:
-                raise ConflictError(f"run id {run_id} is already registered in another project")
-            return existing, False
+    Returns (run, created). Safe when several ranks of one job register it at once."""
+
+    def known() -> Run | None:
+        existing = session.get(Run, str(run_id)) if run_id is not None else None
+        if existing is not None and existing.project_id != project.id:
+            raise ConflictError(f"run id {run_id} is already registered in another project")
+        return existing
+
+    existing = known()
+    if existing is not None:
+        return existing, False
     run = Run(
         id=str(run_id or uuid.uuid4()),
         project_id=project.id,
@@ -167,8 +172,15 @@ def register_run(
         parameters=parameters,
         status=RunStatus.RUNNING.value,
     )
-    session.add(run)
-    session.flush()
+    try:
+        with session.begin_nested():  # a concurrent registration of the same id wins the race
+            session.add(run)
+            session.flush()
+    except IntegrityError:
+        existing = known()
+        if existing is None:
+            raise
+        return existing, False
     return run, True
 
 

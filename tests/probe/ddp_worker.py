@@ -2,8 +2,9 @@
 
 usage: ddp_worker.py OUT_DIR SERVER_URL INGEST_TOKEN OPERATE_TOKEN STEPS
 
-Trains a tiny GPT under DistributedDataParallel (gloo) with the probe attached. When an
-operate token is given, rank 0 plays the operator and orders MSign over the API at step 5.
+Trains a tiny GPT under DistributedDataParallel (gloo) with the probe attached
+(``activations_per_rank``: rank 1 ships its activation quantities too). When an operate token
+is given, rank 0 plays the operator and orders MSign over the API at step 5.
 Each rank saves its final weights and its command log for the test to compare.
 """
 
@@ -44,6 +45,7 @@ def main() -> None:
         every=2,
         command_every=2,
         log_dir=Path(out_dir) / f"logs{rank}",
+        activations_per_rank=True,  # rank 1 ships its own batch's activation quantities
     )
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     for step in range(int(steps)):

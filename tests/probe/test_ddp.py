@@ -47,6 +47,25 @@ def test_command_applied_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
         for name in weights0:
             assert torch.equal(weights0[name], weights1[name]), name
 
+        # Rank 1 shipped the activation quantities of its own batch, labelled rank 1; weight
+        # quantities, gradients and the loss are rank 0's alone.
+        index = httpx.get(
+            f"{server.url}/api/v1/runs/{log0['run_id']}/series/index",
+            headers={"Authorization": f"Bearer {tokens['read']}"},
+        ).json()["series"]
+        by_rank: dict[int, set[str]] = {}
+        for entry in index:
+            by_rank.setdefault(entry["rank"], set()).add(entry["quantity"])
+        assert {"attention_logit_max", "sa_sign_diversity"} <= by_rank[1]
+        assert by_rank[1] <= {
+            "attention_logit_max",
+            "sa_sign_diversity",
+            "sa_cosine",  # its histogram
+            "singularity_alignment",
+            "representation_stable_rank",
+        }
+        assert {"stable_rank", "grad_norm", "loss", "attention_logit_max"} <= by_rank[0]
+
         command = httpx.get(
             f"{server.url}/api/v1/runs/{log0['run_id']}/commands/{command_id}",
             headers={"Authorization": f"Bearer {tokens['read']}"},

@@ -97,6 +97,8 @@ def test_context_manager_closes(tiny_gpt, tmp_path, train) -> None:
         ({"blocks": ["no.such.block"]}, ConfigError, "no.such.block"),
         ({"schedules": {"bogus": 3}}, ConfigError, "bogus"),
         ({"probe_batch": [1, 2]}, ConfigTypeError, "probe_batch"),
+        ({"activations_per_rank": "yes"}, ConfigTypeError, "activations_per_rank"),
+        ({"command_every": 0}, ConfigError, "command_every"),
     ],
 )
 def test_errors_at_construction(tiny_gpt, tmp_path, kwargs, error, match) -> None:

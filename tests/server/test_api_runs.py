@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from server_helpers import Api, Project, bearer
 
@@ -24,6 +26,23 @@ def test_register_run_is_idempotent_on_client_id(project: Project) -> None:
     assert run["id"] == run_id and run["project"] == project.name
     assert run["status"] == "running" and run["world_size"] == 2
     assert run["parameters"] == [{"name": "w", "shape": [4, 3]}]
+
+
+def test_ranks_registering_one_run_at_once_all_get_it(project: Project) -> None:
+    # every rank of a data-parallel job that ships registers the same run id, concurrently
+    run_id = str(uuid.uuid4())
+    body = {"id": run_id, "name": "ddp", "world_size": 8}
+    barrier = threading.Barrier(8)
+
+    def register(_: int) -> int:
+        barrier.wait()
+        return project.api["ingest"].post("/runs", json=body).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(register, range(8)))
+    assert codes == [200] * 7 + [201], codes
+    rules = project.api["read"].get("/alert-rules", params={"run_id": run_id}).json()
+    assert rules["count"] > 0 and len({r["name"] for r in rules["data"]}) == rules["count"]
 
 
 def test_list_get_and_finish_run(project: Project) -> None:
