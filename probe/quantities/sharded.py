@@ -126,7 +126,6 @@ def shard_layout(target: WeightTarget) -> ShardLayout | None:
     return ShardLayout(block, axis, start, (m, n), mesh.get_group(mesh_dim))
 
 
-@torch.no_grad()
 def sharded_triplet(power: PowerIteration, target: WeightTarget) -> Triplet:
     """σ₁, u₁, v₁ and ‖W‖_F² of the target's matrix from this rank's shard; the warm vector
     v (n,) is kept in ``power`` under the target's name, identical on every rank."""
@@ -140,7 +139,6 @@ def sharded_triplet(power: PowerIteration, target: WeightTarget) -> Triplet:
         return power.triplet(target.name, w[target.rows] if target.rows is not None else w)
     w = layout.block.to(torch.float32)  # (m_r, n) or (m, n_c); a copy only for bf16/fp16
     v, n_iter = power.start(target.name, layout.shape[1], w.device)
-    n_iter = max(n_iter, 1)
     if layout.axis == 0:
         return _rows(power, target.name, w, layout, v, n_iter)
     return _columns(power, target.name, w, layout, v, n_iter)
