@@ -333,7 +333,10 @@ class Probe:
         if self._closed:
             return
         s = self._step if step is None else int(step)
-        if loss is not None:
+        # The loss is rank 0's to ship. Under DDP the other ranks have nothing to emit it with,
+        # so they must not keep it (it would pile up, one tensor per step, until close);
+        # under FSDP2 every rank emits at each sample, so the list stays short there.
+        if loss is not None and (self.rank == 0 or self.sharded):
             value = loss.detach() if isinstance(loss, Tensor) else float(loss)
             self._losses.append((s, value, time.time()))
         due = [q for q in self.quantities if q.should_compute(s)]

@@ -64,12 +64,14 @@ def main() -> None:
                 timeout=10,
             ).raise_for_status()
         time.sleep(0.02)
+    pending_losses = len(probe._losses)  # what close() would still have to ship
     report = probe.close(timeout=20)
     torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     log = {
         "run_id": probe.run_id,
         "commands": probe.command_log(),
         "delivered": report.delivered_all,
+        "pending_losses": pending_losses,
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(log))
     dist.destroy_process_group()

@@ -36,6 +36,8 @@ def test_command_applied_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
         weights1, log1 = load_rank(tmp_path, 1)
 
         assert log0["run_id"] == log1["run_id"]
+        # rank 1 keeps no losses (rank 0 ships the loss): nothing piles up over the run
+        assert log1["pending_losses"] == 0
         assert len(log0["commands"]) == 1, log0
         assert log0["commands"].keys() == log1["commands"].keys()
         (command_id,) = log0["commands"]
