@@ -51,6 +51,12 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def bank_size(n: int) -> int:
+    """Matrices per bank: a few MB of weights, as many targets as a small model has
+    (16 at 256, 8 at 512, 4 at 1024, 2 at 2048)."""
+    return max(2, 16 * 256 // n)
+
+
 def svd_samples(n: int, samples: int) -> int:
     """How many samples also time svdvals (it takes seconds per 2048 matrix on this CPU)."""
     return 3 if n >= 2048 else samples
@@ -76,27 +82,49 @@ def top_vector(tri: Triplet, w: torch.Tensor) -> tuple[float, str]:
 
 
 def measure(n: int, kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Warm up on a drifting matrix, then time and score ``args.samples`` samples."""
+    """Warm up a bank of drifting matrices, then time and score ``args.samples`` samples.
+
+    A sample is what the probe does at a sample step: every matrix of the bank drifts, then
+    the estimate runs over the whole bank back to back (timed as one pass), and svdvals runs
+    over it the same way; the order of the two passes alternates between samples, so neither
+    always comes first after the untimed scoring (on this VM the first ~0.3 ms of work after
+    any pause runs slow, and an isolated 256² estimate would mostly time that).
+    """
     g = torch.Generator().manual_seed(n)
-    w = make(n, kind, g)
+    bank = [make(n, kind, g) for _ in range(bank_size(n))]
+    keys = [f"w{i}" for i in range(len(bank))]
     pi = PowerIteration(iterations=args.iterations, cold_iterations=args.cold)
-    cold_err = max(errors(pi.triplet("w", w), w))  # cold start, untimed
+    cold_err = max(
+        max(errors(pi.triplet(k, w), w)) for k, w in zip(keys, bank, strict=True)
+    )  # untimed
     for _ in range(args.warm):
-        w = drift(w, g)
-        pi.triplet("w", w)
-    torch.linalg.svdvals(w)  # LAPACK warm-up, untimed
+        bank = [drift(w, g) for w in bank]
+        for k, w in zip(keys, bank, strict=True):
+            pi.triplet(k, w)
+    torch.linalg.svdvals(bank[0])  # LAPACK warm-up, untimed
     t_est, t_svd, err_sigma, err_sr = [], [], [], []
-    for k in range(args.samples):
-        w = drift(w, g)
-        start = time.perf_counter()
-        tri = pi.triplet("w", w)  # the timed estimate is the one scored below
-        t_est.append(time.perf_counter() - start)
-        if k < svd_samples(n, args.samples):
-            t_svd.append(seconds(lambda w=w: torch.linalg.svdvals(w)))
-        es, er = errors(tri, w)
-        err_sigma.append(es)
-        err_sr.append(er)
-    gap, vec = top_vector(tri, w)
+    for sample in range(args.samples):
+        bank = [drift(w, g) for w in bank]
+        tris: list[Triplet] = []
+
+        def estimate(bank: list[torch.Tensor] = bank, tris: list[Triplet] = tris) -> None:
+            tris.extend(pi.triplet(k, w) for k, w in zip(keys, bank, strict=True))
+
+        def exact(bank: list[torch.Tensor] = bank) -> None:
+            for w in bank:
+                torch.linalg.svdvals(w)
+
+        time_svd = sample < svd_samples(n, args.samples)
+        if time_svd and sample % 2:
+            t_svd.append(seconds(exact) / len(bank))
+        t_est.append(seconds(estimate) / len(bank))  # the estimates scored below
+        if time_svd and not sample % 2:
+            t_svd.append(seconds(exact) / len(bank))
+        for tri, w in zip(tris, bank, strict=True):
+            es, er = errors(tri, w)
+            err_sigma.append(es)
+            err_sr.append(er)
+    gap, vec = top_vector(tris[0], bank[0])
     return {
         "t_est": t_est,
         "t_svd": t_svd,

@@ -150,6 +150,7 @@ def _rows(
     m, n = layout.shape
     stop = layout.start + w.shape[0]
     fro2 = w.new_zeros(())
+    y_norm = w.new_zeros(())
     packed = w.new_zeros(0)
     x_local = w.new_zeros(w.shape[0])
     for i in range(n_iter):
@@ -166,13 +167,12 @@ def _rows(
         y = packed[:n]
         if i == 0:
             fro2 = packed[n + 1]
-        v = y / torch.linalg.vector_norm(y).clamp_min(_TINY)
-    y = packed[:n]
+        y_norm = torch.linalg.vector_norm(y)
+        v = y / y_norm.clamp_min(_TINY)
     x = packed[-m:] if m else packed[:0]
     x_norm = packed[n].sqrt().clamp_min(_TINY)
-    sigma = torch.linalg.vector_norm(y) / x_norm
-    power.remember(key, v)
-    return Triplet(sigma, x / x_norm, v, fro2)
+    power.remember(key, v, y_norm)
+    return Triplet(y_norm / x_norm, x / x_norm, v, fro2)
 
 
 def _columns(
@@ -200,7 +200,7 @@ def _columns(
     y_norm = torch.linalg.vector_norm(packed)
     v = packed / y_norm.clamp_min(_TINY)
     x_norm = torch.linalg.vector_norm(x).clamp_min(_TINY)
-    power.remember(key, v)
+    power.remember(key, v, y_norm)
     return Triplet(y_norm / x_norm, x / x_norm, v, fro2)
 
 

@@ -80,6 +80,7 @@ class PowerIteration:
         self.cold_iterations = cold_iterations
         self.exact = exact
         self._v: dict[str, Tensor] = {}
+        self._starts: dict[tuple[int, torch.device], Tensor] = {}
 
     def triplet(self, key: str, matrix: Tensor) -> Triplet:
         # No torch.no_grad() here: the matrix is detached and the vectors never require grad,
@@ -104,7 +105,7 @@ class PowerIteration:
         # 0 for a zero matrix
         x_norm = torch.linalg.vector_norm(x).clamp_min_(_TINY)
         sigma = y_norm / x_norm
-        self._v[key] = v
+        self.remember(key, v, y_norm)
         return Triplet(sigma, x.div_(x_norm), v, fro2)
 
     def start(self, key: str, n: int, device: torch.device) -> tuple[Tensor, int]:
@@ -112,14 +113,27 @@ class PowerIteration:
         the warm vector of the previous call, or a cold start."""
         v = self._v.get(key)
         if v is None or v.shape[0] != n:
-            return start_vector(n, device), self.cold_iterations
+            return self._start_vector(n, device), self.cold_iterations
         if v.device != device:
             v = v.to(device)
         return v, self.iterations
 
-    def remember(self, key: str, v: Tensor) -> None:
-        """Keeps ``v`` (n,) as the warm start of the next call for ``key``."""
-        self._v[key] = v
+    def remember(self, key: str, v: Tensor, norm: Tensor) -> None:
+        """Keeps ``v`` (n,), the last WᵀW v normalised from norm ``norm`` (0-d), as the warm
+        start of the next call for ``key``.
+
+        A zero matrix (a zero-initialised projection, a dead layer's inputs) gives norm 0 and
+        v = 0, from which no later iteration could leave: σ₁ would read 0 forever once the
+        weight trains. The start vector is kept instead, chosen on the device (no sync).
+        """
+        self._v[key] = torch.where(norm > 0, v, self._start_vector(v.shape[0], v.device))
+
+    def _start_vector(self, n: int, device: torch.device) -> Tensor:
+        """``start_vector(n, device)``, made once per size and device (never written to)."""
+        start = self._starts.get((n, device))
+        if start is None:
+            start = self._starts[(n, device)] = start_vector(n, device)
+        return start
 
     def forget(self, key: str) -> None:
         self._v.pop(key, None)

@@ -55,6 +55,21 @@ def test_vectors_converge_with_a_gap(spectrum_matrix) -> None:
     torch.testing.assert_close(tri.sigma, s[0], rtol=1e-6, atol=0)
 
 
+def test_a_zero_initialised_weight_is_tracked_once_it_trains(spectrum_matrix) -> None:
+    # Zero-initialised projections (LoRA B, zero W_Q or c_proj recipes) read σ₁ = 0, and the
+    # warm vector must not stay at 0, or σ₁ would read 0 forever after the weight trains.
+    pi = PowerIteration(iterations=3, cold_iterations=30)
+    zero = pi.triplet("w", torch.zeros(40, 24))
+    assert zero.sigma.item() == 0.0 and zero.fro2.item() == 0.0
+    w = spectrum_matrix(torch.tensor([2.0, 1.0, 0.5, 0.25]), 40, 24)
+    for _ in range(3):
+        tri = pi.triplet("w", w)
+    s = torch.linalg.svdvals(w.double())
+    assert abs(tri.sigma.item() - s[0].item()) / s[0].item() <= 1e-3
+    sr = (s.square().sum() / s[0] ** 2).item()
+    assert abs(tri.stable_rank.item() - sr) / sr <= 1e-3
+
+
 def test_exact_mode_matches_svd() -> None:
     w = torch.randn(30, 20, generator=torch.Generator().manual_seed(3))
     tri = PowerIteration(exact=True).triplet("w", w)
