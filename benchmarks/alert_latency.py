@@ -8,8 +8,9 @@ Claims (issue 5):
     RANKGUARD_ALERTS_ENABLED=false on the same workload, ratio >= 0.8.
 
 The workload uses the contract's quantity names (stable_rank, sa_sign_diversity, ...) over
-96 targets so the default rule pack really evaluates (7 of its 8 rules match these
-quantities); the values stay healthy, so (b) measures evaluation, not alert traffic.
+96 targets so the default rule pack really evaluates (6 of its 9 rules match these
+quantities: all but the loss, gradient-norm and non-finite ones); the values stay healthy,
+so (b) measures evaluation, not alert traffic.
 
     .venv/bin/python benchmarks/alert_latency.py --quick
 """

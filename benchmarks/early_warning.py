@@ -21,13 +21,16 @@ never fired). False alert = a detector firing at all on a healthy control run.
 
 Calibration is honest: the rule thresholds were chosen on the development seeds 0, 1, 3-6
 (``CALIBRATION_SEEDS``; 0-1 first, then 3-6, which were a held-out set until the second
-calibration looked at them) and the table is reported on seeds 7-10 (``HELDOUT_SEEDS``),
-which were recorded and analysed once, after the thresholds were frozen::
+calibration looked at them). Seeds 7-10 were the held-out set of that calibration, recorded
+and analysed once after it was frozen. The representation-collapse rule came later (from the
+development seeds, but with the 7-10 table already seen), so the headline table is on fresh
+seeds 11-14 (``HELDOUT_SEEDS``), recorded after the whole pack was frozen::
 
     python -m benchmarks.early_warning record --seeds 0,1,3,4,5,6 --workers 2
     python -m benchmarks.early_warning analyse --seeds 0,1,3,4,5,6 --tag calibration
-    python -m benchmarks.early_warning record --seeds 7,8,9,10 --workers 2
-    python -m benchmarks.early_warning analyse --seeds 7,8,9,10 --tag heldout --plots
+    python -m benchmarks.early_warning record --seeds 11,12,13,14 --workers 2
+    python -m benchmarks.early_warning analyse --seeds 11,12,13,14 --tag heldout_fresh --plots
+    python -m benchmarks.early_warning analyse --seeds 7,8,9,10 --tag heldout
 
 Recorded runs are cached as ``benchmarks/results/runs/<scenario>_seed<k>.json.gz``; ``record``
 skips runs already there unless ``--force``.
@@ -54,7 +57,7 @@ if str(_ROOT) not in sys.path:
 RESULTS = _ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "runs"
 CALIBRATION_SEEDS = (0, 1, 3, 4, 5, 6)
-HELDOUT_SEEDS = (7, 8, 9, 10)
+HELDOUT_SEEDS = (11, 12, 13, 14)
 PROBE_EVERY = 5
 JACOBIAN_EVERY = 25
 STOP_AFTER_EXPLOSION = 15  # steps recorded past an explosion (enough to see the aftermath)
@@ -302,6 +305,7 @@ SPECTRAL_RULES = (
     "jacobian_alignment_gain_above_one",
     "attention_logit_high",
     "attention_logit_divergence",
+    "representation_collapse",
 )
 # The peers' shipped detectors (OLMo-core, Megatron-LM), and every baseline: those plus our
 # stricter running-median gradient threshold. The headline is reported against both.
@@ -439,6 +443,7 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
         "jacobian_alignment_gain_above_one": "a·M high",
         "attention_logit_high": "logit high",
         "attention_logit_divergence": "logit diverg.",
+        "representation_collapse": "repr. collapse",
         "grad_norm_spike": "PSS gnorm",
         "loss_non_finite": "loss NaN",
         "non_finite_loss_or_grad": "NaN count",
@@ -488,8 +493,8 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
 
 
 def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULTS) -> list[Path]:
-    """One PNG per failing scenario: loss (each seed), the attention-logit and stable-rank
-    precursors, the first rankguard alert and the failure step."""
+    """One PNG per scenario: loss (each seed), the attention-logit, stable-rank and
+    representation-stable-rank precursors, the first rankguard alert and the failure step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -500,7 +505,7 @@ def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULT
     for r in result["runs"]:
         by_scenario.setdefault(r["scenario"], []).append(r)
     for name, rows in by_scenario.items():
-        fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+        fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
         for i, r in enumerate(rows):
             rec = load_run(run_path(name, r["seed"], folder))
             color = f"C{i}"
@@ -513,6 +518,11 @@ def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULT
             sr = _gmean_by_step(rec["points"].get("stable_rank", []))
             if sr:
                 axes[2].plot(*zip(*sr, strict=True), color=color, lw=0.8)
+            rsr = _gmean_by_step(rec["points"].get("representation_stable_rank", []))
+            if rsr:
+                # SR(Z) - 1 on a log axis: the collapse is the approach to 1
+                steps, values = zip(*rsr, strict=True)
+                axes[3].semilogy(steps, [v - 1.0 for v in values], color=color, lw=0.8)
             fire = r["first_firing"]["rankguard_spectral_any"]
             fail = r["failure"]["step"]
             for ax in axes:
@@ -525,7 +535,9 @@ def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULT
         axes[0].legend(fontsize=7)
         axes[1].set_ylabel("max attention logit")
         axes[2].set_ylabel("stable rank (gmean)")
-        axes[2].set_xlabel("step")
+        axes[3].set_ylabel("repr. stable rank − 1 (gmean)")
+        axes[3].axhline(0.02, color="k", ls="-.", lw=0.6)  # the representation-collapse bound
+        axes[3].set_xlabel("step")
         fig.tight_layout()
         path = out / f"lead_time_{name}.png"
         fig.savefig(path, dpi=90)
@@ -552,7 +564,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rec.add_argument("--force", action="store_true")
     ana = sub.add_parser("analyse", help="run the detectors over recorded runs")
     ana.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
-    ana.add_argument("--tag", default="heldout", help="results file: lead_time_<tag>.json")
+    ana.add_argument("--tag", default="heldout_fresh", help="results file: lead_time_<tag>.json")
     ana.add_argument("--plots", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

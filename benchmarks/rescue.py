@@ -14,9 +14,9 @@ explosion (incl. non-finite), silent degradation (final trailing-25 loss > 1.15x
 control's, same seed), or none; plus the final loss relative to the control. The controls and
 the unprotected runs are the recordings of ``early_warning record`` (run that first)::
 
-    python -m benchmarks.early_warning record --seeds 0,1,3,4,5,6 --workers 2
-    python -m benchmarks.rescue run --seeds 3,4,5,6 --workers 2
-    python -m benchmarks.rescue report --seeds 3,4,5,6 --plots
+    python -m benchmarks.early_warning record --seeds 11,12,13,14 --workers 2
+    python -m benchmarks.rescue run --seeds 11,12,13,14 --workers 2 --scenarios <all nine>
+    python -m benchmarks.rescue report --seeds 11,12,13,14 --tag heldout_fresh --plots
 """
 
 from __future__ import annotations
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--force", action="store_true")
     rep = sub.add_parser("report", help="tabulate the outcomes")
     rep.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
-    rep.add_argument("--tag", default="heldout", help="results file: rescue_<tag>.json")
+    rep.add_argument("--tag", default="heldout_fresh", help="results file: rescue_<tag>.json")
     rep.add_argument("--plots", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

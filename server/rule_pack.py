@@ -11,7 +11,8 @@ rule, or installs ``default_rules(remediate=True)``.
 
 Calibration (benchmarks/early_warning.py, BENCHMARKS.md "Early warning"): thresholds marked
 "calibrated" were chosen on the scenario catalog's development seeds 0, 1, 3-6 (4-layer d=64
-GPTs, 400 steps) so that no healthy control fires, and evaluated on held-out seeds 7-10. The
+GPTs, 400 steps) so that no healthy control fires, and evaluated on held-out seeds (7-10 for
+the pack of the second calibration; fresh seeds 11-14 once the representation rule joined). The
 absolute attention-logit bounds depend on the model (head dim, scale); re-check them on a
 healthy run of your own model.
 """
@@ -39,9 +40,15 @@ LOSS_NON_FINITE = "loss_non_finite"
 NON_FINITE_VALUES = "non_finite_loss_or_grad"
 ATTENTION_LOGIT_HIGH = "attention_logit_high"
 ATTENTION_LOGIT_DIVERGENCE = "attention_logit_divergence"
+REPRESENTATION_COLLAPSE = "representation_collapse"
 
 # Rules whose firing may order MSign (the critical spectral ones and the logit divergence).
-REMEDIABLE = (SA_COLLAPSE, STABLE_RANK_COLLAPSE, ATTENTION_LOGIT_DIVERGENCE)
+REMEDIABLE = (
+    SA_COLLAPSE,
+    STABLE_RANK_COLLAPSE,
+    ATTENTION_LOGIT_DIVERGENCE,
+    REPRESENTATION_COLLAPSE,
+)
 
 # Periodic while the trouble lasts: one MSign restores the stable rank, the alert resolves, and
 # if the rank collapses again the rule re-fires after its cooldown and orders another MSign,
@@ -64,11 +71,26 @@ _ATTENTION_MSIGN_OFF = MSignAction(
     window_steps=100,
 )
 
+# The representation collapse orders MSign on every 2-D weight every 10 steps while it fires:
+# one MSign lifts the representations for a few tens of steps only, and at the high LR that
+# collapsed them they collapse again (benchmarks/rescue.py, `postln_no_warmup`).
+_REPRESENTATION_MSIGN_OFF = MSignAction(
+    enabled=False,
+    targets="all_2d",
+    engine="svd",
+    repeat_every=10,
+    max_orders=30,
+    window_steps=100,
+)
+
 
 def default_rules(*, remediate: bool = False) -> list[Rule]:
     """The default pack; ``remediate=True`` turns on the MSign action of the critical rules."""
     msign = MSignAction(**{**_MSIGN_OFF.to_dict(), "enabled": remediate})
     attention_msign = MSignAction(**{**_ATTENTION_MSIGN_OFF.to_dict(), "enabled": remediate})
+    representation_msign = MSignAction(
+        **{**_REPRESENTATION_MSIGN_OFF.to_dict(), "enabled": remediate}
+    )
     return [
         Rule(
             name=SA_COLLAPSE,
@@ -131,6 +153,39 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
                 "layers, to exploding gradients. The layers listed first moved first. MSign "
                 "restores full stable rank (all singular values equal, Frobenius norm kept). "
                 + MSIGN_HOWTO
+            ),
+        ),
+        Rule(
+            name=REPRESENTATION_COLLAPSE,
+            quantity="representation_stable_rank",
+            condition=Condition.BELOW,
+            # calibrated: 1.02 (PSS gives no bound). The geometric mean over the layers' inputs
+            # of SR(Z) - 1 is 0.0095-0.0125 on the collapsing post-LN runs from step 10 on and
+            # never below 0.030 on a healthy run (post-LN lowest); 1.02 sits between the two.
+            threshold=1.02,
+            aggregation=Aggregation.GMEAN,
+            consecutive=2,
+            # Resolve only once the representations are clearly spread again (4 samples above
+            # 1.05): a lift just over the bound right after an MSign is not yet a recovery.
+            clear_threshold=1.05,
+            clear_after=4,
+            severity=Severity.CRITICAL,
+            min_step=10,
+            msign=representation_msign,
+            description=(
+                "Geometric-mean representation stable rank SR(Z) = ||Z||_F^2/sigma_1(Z)^2 of "
+                "the layers' inputs below 1.02 for 2 consecutive probes after step 10: every "
+                "token's representation points along one direction (calibrated on the "
+                "benchmark models; PSS, papers.md §3). Absolute, so model-dependent: re-check "
+                "it on a healthy run of your own model."
+            ),
+            runbook=(
+                "The representations have collapsed to rank one (PSS's representation "
+                "singularity): the loss stalls near the unigram entropy while the run looks "
+                "calm. Typical causes are a high learning rate without warmup, especially "
+                "post-LN. MSign on every 2-D weight, repeated while the collapse lasts, "
+                "restores the spread (the rescue benchmark); also lower the LR or add "
+                "warmup. " + MSIGN_HOWTO
             ),
         ),
         Rule(
@@ -309,6 +364,7 @@ __all__ = [
     "LOSS_NON_FINITE",
     "NON_FINITE_VALUES",
     "REMEDIABLE",
+    "REPRESENTATION_COLLAPSE",
     "SA_COLLAPSE",
     "STABLE_RANK_COLLAPSE",
     "default_rule_dicts",

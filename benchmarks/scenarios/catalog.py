@@ -254,7 +254,9 @@ _ALL = [
         expected=FailureKind.SILENT_DEGRADATION,
         control="healthy_postln",
         notes="stalls at ~3.1 from step ~50 on (control ~2.37); attention logits stay < 100, "
-        "so this failure is not announced by logit growth",
+        "so this failure is not announced by logit growth. It is a representation collapse: "
+        "the layers' inputs have SR(Z) ~ 1.00 from step 5 on (every token along one "
+        "direction); MSign on every 2-D weight, repeated while it lasts, lifts it for good",
         **_SHARED,
     ),
     Scenario(

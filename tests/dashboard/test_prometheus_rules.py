@@ -60,7 +60,7 @@ def test_promtool_check_rules_is_clean() -> None:
         [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_every_rule_has_severity_and_annotations_and_mirrors_the_pack() -> None:
@@ -97,6 +97,7 @@ PACK_NAME = {
     "RankguardNonFiniteLossOrGrad": ("non_finite_loss_or_grad", "critical"),
     "RankguardAttentionLogitHigh": ("attention_logit_high", "warning"),
     "RankguardAttentionLogitDivergence": ("attention_logit_divergence", "critical"),
+    "RankguardRepresentationCollapse": ("representation_collapse", "critical"),
 }
 
 
@@ -134,6 +135,8 @@ def test_alerts_fire_on_their_signals(tmp_path: Path) -> None:
         _series("nf", "non_finite", "0 0 3 3", target="grad"),
         _series("nf", "non_finite", "5 5 5 5", target="weight"),
         _series("att", "attention_logit_max", "10 2000 20000 20000"),
+        _series("rep", "representation_stable_rank", "1.5 1.5 1.01x10", aggregate="mean"),
+        _series("rep-ok", "representation_stable_rank", "1.5 1.03x11", aggregate="mean"),
     ]
     tests = [
         # `for: 5m`: active from 2m, pending at 6m, firing at 7m
@@ -166,6 +169,13 @@ def test_alerts_fire_on_their_signals(tmp_path: Path) -> None:
             "RankguardAttentionLogitDivergence",
             "2m",
             [("att", "attention_logit_max", "aggregate=max")],
+        ),
+        # below 1.02 from 2m: firing at 7m; the healthy-looking 1.03 never fires
+        _firing("RankguardRepresentationCollapse", "6m", []),
+        _firing(
+            "RankguardRepresentationCollapse",
+            "7m",
+            [("rep", "representation_stable_rank", "aggregate=mean")],
         ),
     ]
     unit = {

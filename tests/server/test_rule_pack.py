@@ -32,7 +32,7 @@ def run_rule(rule: Rule, samples: list[tuple[str, int, Any]]) -> list[Transition
 
 def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
     rules = rule_pack.default_rules()
-    assert len({r.name for r in rules}) == len(rules) == 8
+    assert len({r.name for r in rules}) == len(rules) == 9
     contract = {
         "loss",
         "stable_rank",
@@ -41,6 +41,7 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         "grad_norm",
         "non_finite",
         "attention_logit_max",
+        "representation_stable_rank",
     }
     assert {r.quantity for r in rules} == contract
     assert all(r.runbook and r.description for r in rules)
@@ -87,6 +88,13 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
             rule_pack.ATTENTION_LOGIT_DIVERGENCE,
             {"quantity": "attention_logit_max", "threshold": 1e3, "severity": Severity.CRITICAL},
         ),
+        (
+            rule_pack.REPRESENTATION_COLLAPSE,
+            {"quantity": "representation_stable_rank", "condition": Condition.BELOW,
+             "threshold": 1.02, "aggregation": Aggregation.GMEAN, "consecutive": 2,
+             "clear_threshold": 1.05, "clear_after": 4, "min_step": 10,
+             "severity": Severity.CRITICAL},
+        ),
     ],
 )  # fmt: skip
 def test_calibrated_values(name: str, expected: dict[str, Any]) -> None:
@@ -109,6 +117,9 @@ def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
     divergence = on[rule_pack.ATTENTION_LOGIT_DIVERGENCE]
     assert divergence.msign.targets == "attention" and divergence.msign.repeat_every == 10
     assert divergence.cooldown == 0 and divergence.clear_after == 4
+    # the representation collapse repeats MSign on every 2-D weight while it fires
+    collapse = on[rule_pack.REPRESENTATION_COLLAPSE]
+    assert collapse.msign.targets == "all_2d" and collapse.msign.repeat_every == 10
     for name in set(off) - set(rule_pack.REMEDIABLE):
         assert on[name].msign.enabled is False
 
@@ -155,6 +166,24 @@ def test_pack_rules_fire_on_their_signals() -> None:
     logits = [("h.0.attn", 0, 20.0), ("h.0.attn", 1, 200.0), ("h.0.attn", 2, 2e3)]
     assert [t.step for t in run_rule(rules[rule_pack.ATTENTION_LOGIT_HIGH], logits)] == [1]
     assert [t.step for t in run_rule(rules[rule_pack.ATTENTION_LOGIT_DIVERGENCE], logits)] == [2]
+
+    # representation collapse: the geometric mean over the layers' inputs, so one layer
+    # still spread (the embedding's input) does not hide the others at 1.0; a healthy
+    # post-LN dip to ~1.03 stays quiet
+    rsr = [("h.0.attn", s, 1.1) for s in range(5, 60, 5)] + [
+        (f"h.{i}.mlp", s, 1.0 if s >= 20 else 1.3) for s in range(5, 60, 5) for i in range(1, 8)
+    ]  # from step 20: gmean = 1.1 ** (1 / 8) = 1.012
+    fired, *repeats = run_rule(rules[rule_pack.REPRESENTATION_COLLAPSE], rsr)
+    assert fired.step == 25 and fired.first_step == 20 and fired.command is not None
+    assert fired.command["args"]["targets"] == "all_2d"
+    # while it lasts, MSign is ordered again every 10 steps
+    assert [(t.kind.value, t.step) for t in repeats] == [
+        ("repeat", 35),
+        ("repeat", 45),
+        ("repeat", 55),
+    ]
+    dip = [(t, s, 1.03) for s in range(5, 60, 5) for t in ("h.0.attn", "h.1.mlp")]
+    assert run_rule(rules[rule_pack.REPRESENTATION_COLLAPSE], dip) == []
 
     # a*M > 1 is routine on healthy runs; the calibrated rule waits for > 50 after step 50
     gain = [("h.0->h.1", s, v) for s, v in [(10, 80.0), (50, 20.0), (60, 49.0), (70, 60.0)]]
