@@ -500,6 +500,9 @@ def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULT
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rankguard.server.rule_pack import REPRESENTATION_COLLAPSE, default_rules
+
+    collapse_bound = next(r.threshold for r in default_rules() if r.name == REPRESENTATION_COLLAPSE)
     paths = []
     by_scenario: dict[str, list[Mapping[str, Any]]] = {}
     for r in result["runs"]:
@@ -536,7 +539,7 @@ def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULT
         axes[1].set_ylabel("max attention logit")
         axes[2].set_ylabel("stable rank (gmean)")
         axes[3].set_ylabel("repr. stable rank − 1 (gmean)")
-        axes[3].axhline(0.02, color="k", ls="-.", lw=0.6)  # the representation-collapse bound
+        axes[3].axhline(collapse_bound - 1.0, color="k", ls="-.", lw=0.6)
         axes[3].set_xlabel("step")
         fig.tight_layout()
         path = out / f"lead_time_{name}.png"

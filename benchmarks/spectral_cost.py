@@ -5,11 +5,11 @@ Between samples every matrix drifts as in training (W += 1e-3·‖W‖_F·D/‖D
 the estimate runs its warm iterations from the previous sample's vector. "Once warm" means
 after ``--warm`` drifting samples (20 by default: 1,000 steps at the default cadence of 50);
 the table also shows the error of the first sample after the cold start, to show what
-warming buys. Two spectra: a Gaussian matrix (no spectral gap: σ₂/σ₁ ≈ 0.98-1.0, the top
+warming buys. Two spectra: Gaussian matrices (no spectral gap: σ₂/σ₁ ≈ 0.98-1.0, the top
 vector is not defined when σ₁, σ₂ are within 1%, and is then not reported) and a power-law
-spectrum (a gap, as in trained weights: the vector is compared too). Each timed estimate is
-the first call on a freshly drifted matrix, as at a probe's sample step, not a cache-hot
-repeat (which is ~1.5x faster at 256).
+spectrum (a gap, as in trained weights: the vector is compared too). Each size has a bank of
+matrices, as many as a small model's targets; a sample times one pass of the estimate over the
+freshly drifted bank and one pass of svdvals, as a probe's sample step does (``measure``).
 
     python benchmarks/spectral_cost.py [--quick] [--threads 2] [--iterations 3]
 """

@@ -82,7 +82,7 @@ def utcnow() -> dt.datetime:
 
 
 # JSON columns (alert-rule state above all: rewritten for every rule on every ingest batch)
-# are written compact and without the encoder's circular-reference walk: about 1.8x faster
+# are written compact and without the encoder's circular-reference walk: ~1.8x faster
 # to encode than json.dumps' defaults, and smaller. Python data only ever goes in.
 _compact_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 

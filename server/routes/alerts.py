@@ -7,10 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from rankguard.server import alerting
+from rankguard.server.auth import Principal
 from rankguard.server.deps import DbDep, ReadPrincipal, SettingsDep, run_or_404
-from rankguard.server.models import AlertState, Delivery
+from rankguard.server.models import Alert, AlertState, Delivery
 from rankguard.server.routes.alert_rules import scoped_project
 from rankguard.server.schemas import (
     AlertPublic,
@@ -59,27 +61,26 @@ def read_project_alerts(
     return AlertsPublic(data=data, count=len(data))
 
 
+def _alert_or_404(session: Session, alert_id: str, principal: Principal) -> Alert:
+    """The alert, if it is in the caller's project; 404 otherwise (as for an unknown id)."""
+    alert = alerting.get_alert(session=session, alert_id=alert_id, project_id=principal.project_id)
+    if alert is None:
+        raise HTTPException(404, detail=ALERT_NOT_FOUND)
+    return alert
+
+
 @router.get("/alerts/{alert_id}", response_model=AlertPublic)
 def read_alert(alert_id: str, db: DbDep, principal: ReadPrincipal) -> AlertPublic:
     """Get an alert by ID."""
     with db.read() as session:
-        alert = alerting.get_alert(
-            session=session, alert_id=alert_id, project_id=principal.project_id
-        )
-        if alert is None:
-            raise HTTPException(404, detail=ALERT_NOT_FOUND)
-        return AlertPublic.model_validate(alert)
+        return AlertPublic.model_validate(_alert_or_404(session, alert_id, principal))
 
 
 @router.get("/alerts/{alert_id}/deliveries", response_model=DeliveriesPublic)
 def read_alert_deliveries(alert_id: str, db: DbDep, principal: ReadPrincipal) -> DeliveriesPublic:
     """The webhook deliveries of an alert's notifications, with every attempt."""
     with db.read() as session:
-        alert = alerting.get_alert(
-            session=session, alert_id=alert_id, project_id=principal.project_id
-        )
-        if alert is None:
-            raise HTTPException(404, detail=ALERT_NOT_FOUND)
+        _alert_or_404(session, alert_id, principal)
         rows = session.scalars(
             select(Delivery).where(Delivery.alert_id == alert_id).order_by(Delivery.id)
         )
