@@ -10,6 +10,7 @@ Public API::
     rule = Rule(name=..., quantity=..., condition=Condition.BELOW, threshold=0.1, ...)
     state = new_state()                                   # or None
     state, transitions = evaluate(rule, state, samples)   # samples: (target, step, value)
+    state, transitions = evaluate_steps(rule, state, {step: {target: value}})  # pre-grouped
     state, transitions = flush(rule, state)               # run finished: evaluate what waits
 
 ``evaluate`` never mutates the state it is given and never raises on data (NaN, ±Inf, replays,
@@ -804,6 +805,9 @@ def _step_fused(
     drop = cond is Condition.DROP_FROM_BASELINE
     thr: float = rule.threshold  # type: ignore[assignment]  # None only for non_finite
     clear = thr if rule.clear_threshold is None else rule.clear_threshold
+    if not (finite_ok or drop) and _all_inside(values, thr, above):
+        _step_inside(rule, all_series, step, values, clear, above)
+        return
     step_ok = step >= rule.min_step
     warmup = rule.warmup
     baseline_samples = rule.baseline_samples
@@ -842,6 +846,40 @@ def _step_fused(
             series["since"] = None
         else:
             _latch(rule, series, step, trips, clean)
+
+
+def _all_inside(values: dict[str, float], thr: float, above: bool) -> bool:
+    """Whether every value of the step is finite and on the safe side of an above/below bound:
+    the usual step, which no target trips whatever its warm-up."""
+    try:
+        if not isfinite(math.fsum(values.values())):  # NaN/Inf in, or an overflow
+            return False
+    except (ValueError, OverflowError):  # inf + -inf, or an intermediate overflow
+        return False
+    return max(values.values()) <= thr if above else min(values.values()) >= thr
+
+
+def _step_inside(
+    rule: Rule,
+    all_series: dict[str, Any],
+    step: int,
+    values: dict[str, float],
+    clear: float,
+    above: bool,
+) -> None:
+    """``_step_fused`` for a step that ``_all_inside`` passed: no sample trips, so each series
+    absorbs its sample and a latch moves only where a target was tripped or on its way."""
+    cond = rule.condition
+    for target, value in values.items():
+        series = all_series.get(target)
+        if series is None:
+            series = all_series[target] = _new_series(cond)
+        series["n"] += 1
+        if series["tripped"]:
+            _latch(rule, series, step, False, value <= clear if above else value >= clear)
+        elif series["run"]:  # tripping samples short of `consecutive`: the run is broken
+            series["run"] = 0
+            series["since"] = None
 
 
 def _step_series(rule: Rule, series: dict[str, Any], step: int, value: float) -> _Check:
@@ -1196,23 +1234,23 @@ def _selection(rule: Rule) -> dict[str, bool]:
     return selection
 
 
-def _ingest(
-    rule: Rule, state: dict[str, Any], buffer: dict[int, dict[str, float]], samples: Iterable[Any]
-) -> None:
-    watermark = state["watermark"]
-    selection = _selection(rule)
+def _selected(rule: Rule, selection: dict[str, bool], target: str) -> bool:
+    verdict = selection.get(target)
+    if verdict is None:
+        verdict = selection[target] = rule.matches_target(target)
+    return verdict
+
+
+def _group(samples: Iterable[Any]) -> dict[int, dict[str, float]]:
+    """Validated ``(target, step, value)`` samples as {step: {target: value}}, the first value
+    of a (target, step) kept, as ingest keeps the first."""
+    by_step: dict[int, dict[str, float]] = {}
     last_step: Any = None
     at_step: dict[str, float] = {}
     for sample in samples:
         target, raw_step, raw = sample
-        try:
-            selected = selection[target]  # only strings get in
-        except (KeyError, TypeError):
-            if not isinstance(target, str):
-                raise RuleError(f"sample target={target!r} is not valid; use a string") from None
-            selected = selection[target] = rule.matches_target(target)
-        if not selected:
-            continue
+        if type(target) is not str:
+            raise RuleError(f"sample target={target!r} is not valid; use a string")
         if type(raw_step) is int and type(raw) is float:  # what ingest hands over
             step, value = raw_step, raw
         else:
@@ -1226,14 +1264,36 @@ def _ingest(
                     f"sample ({target!r}, {raw_step!r}, {raw!r}) is not valid; use an integer "
                     "step and a number or 'NaN'/'Infinity'/'-Infinity'"
                 ) from None
-        if watermark is not None and step <= watermark:
-            continue  # replay or later than the bounded lag: changes nothing
         if step != last_step:  # samples come grouped by step: look the step up once a group
-            at_step = buffer.setdefault(step, {})
+            at_step = by_step.setdefault(step, {})
             last_step = step
-        # The first value of a (target, step) wins, as ingest keeps the first.
         if target not in at_step:
             at_step[target] = value
+    return by_step
+
+
+def _merge(
+    rule: Rule,
+    state: dict[str, Any],
+    buffer: dict[int, dict[str, float]],
+    by_step: Mapping[int, Mapping[str, float]],
+) -> None:
+    """Add new samples, grouped by step, to the pending buffer: only the rule's targets, only
+    steps after the watermark, and the first value of a (target, step) wins."""
+    watermark = state["watermark"]
+    # A catch-all selector keeps every target: whole dicts merge without a per-target test.
+    every_target = rule.targets == ("*",)
+    selection = _selection(rule)
+    for step, values in by_step.items():
+        if watermark is not None and step <= watermark:
+            continue  # replay or later than the bounded lag: changes nothing
+        if not every_target:
+            values = {t: v for t, v in values.items() if _selected(rule, selection, t)}
+        if not values:
+            continue
+        held = buffer.get(step)
+        # {**new, **held}: what was buffered first keeps its value.
+        buffer[step] = dict(values) if held is None else {**values, **held}
 
 
 def _drain(
@@ -1281,10 +1341,23 @@ def evaluate(
     tracks its statistics (so enabling it later does not misfire on a stale baseline) but
     emits no transitions.
     """
+    return evaluate_steps(rule, state, _group(samples), max_pending_steps=max_pending_steps)
+
+
+def evaluate_steps(
+    rule: Rule,
+    state: Mapping[str, Any] | None,
+    by_step: Mapping[int, Mapping[str, float]],
+    *,
+    max_pending_steps: int = DEFAULT_MAX_PENDING_STEPS,
+) -> tuple[dict[str, Any], list[Transition]]:
+    """``evaluate`` for samples already grouped as {step: {target: value}} with ``int`` steps,
+    ``str`` targets and ``float`` values (what ingest holds after validation): a whole step
+    merges at once instead of sample by sample. The caller's dicts are not changed."""
     _check_int("max_pending_steps", max_pending_steps, 1)
     new = _checked_state(state, rule)
     buffer = _buffer(new)
-    _ingest(rule, new, buffer, samples)
+    _merge(rule, new, buffer, by_step)
     return new, _drain(rule, new, buffer, max_pending_steps, force=False)
 
 

@@ -4,6 +4,7 @@ webhooks with a delivery log, and the inbound Alertmanager/Grafana endpoints."""
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 from helpers.webhook_receiver import webhook_receiver
 from server_helpers import ADMIN_TOKEN, Api, Project, TestClient, make_settings
 
-from rankguard.server import notifications
+from rankguard.server import notifications, storage
+from rankguard.server.alerting import _rank0_by_step
 from rankguard.server.config import Settings
 from rankguard.server.main import create_app
 from rankguard.server.rule_pack import SA_COLLAPSE, STABLE_RANK_COLLAPSE, default_rule_dicts
@@ -414,3 +416,38 @@ def test_editing_a_condition_restarts_state_and_closes_the_alert(
     assert r.status_code == 200 and r.json()["firing"] is False
     [alert] = alerts(project.api["read"], run)
     assert alert["state"] == "resolved" and "edited" in alert["resolved_message"]
+
+
+@pytest.mark.parametrize("layout", ["probe order", "shuffled"])
+def test_batch_grouping_matches_a_point_by_point_walk(layout: str) -> None:
+    """The rules see each quantity's rank-0 samples by step, the first of duplicates kept,
+    whatever the order of the batch (the grouping walks runs of equal quantity and step)."""
+    rng = random.Random(3)
+    rows = [
+        (q, f"t{t}", rank, step, float(rng.randint(0, 9)))
+        for step in (5, 6)
+        for q in ("stable_rank", "loss", "grad_norm")
+        for t in range(4)
+        for rank in (0, 1)
+    ]
+    rows += rng.sample(rows, 10)  # duplicates, with other values
+    rows = [(q, t, r, s, v + 100 * i) for i, (q, t, r, s, v) in enumerate(rows)]
+    if layout == "shuffled":
+        rng.shuffle(rows)
+    expected: dict[str, dict[int, dict[str, float]]] = {"stable_rank": {}, "loss": {}}
+    for q, t, r, s, v in rows:
+        if r == 0 and q in expected:
+            expected[q].setdefault(s, {}).setdefault(t, v)
+    points = storage.ColumnarPoints(
+        quantity=[row[0] for row in rows],
+        target=[row[1] for row in rows],
+        rank=[row[2] for row in rows],
+        step=[row[3] for row in rows],
+        wall_time=[0.0] * len(rows),
+        value=[row[4] for row in rows],
+    )
+    assert _rank0_by_step(points, {"stable_rank", "loss"}) == expected
+    one_rank = storage.ColumnarPoints(**{**vars(points), "rank": [0] * len(rows)})
+    assert _rank0_by_step(one_rank, {"loss"})["loss"][5]["t0"] == next(
+        v for q, t, _, s, v in rows if (q, t, s) == ("loss", "t0", 5)
+    )
