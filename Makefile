@@ -13,4 +13,4 @@ test:
 	./scripts/test.sh
 
 lint:
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && ./scripts/typecheck.sh

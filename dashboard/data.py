@@ -185,12 +185,14 @@ def read_lines(
         if s.id in read:
             out.append(read[s.id])
         elif counts.get(s.id, 0) > WHOLE_SERIES_POINTS:
-            steps, values, _, total, _ = storage.read_points(
+            step_list, value_list, _, total, _ = storage.read_points(
                 session=session, series_id=s.id, step_min=None, step_max=None,
                 max_points=max_points,
             )  # fmt: skip
             if total:
-                out.append(_as_dict(s, np.asarray(steps, np.int64), np.asarray(values, np.float64)))
+                out.append(
+                    _as_dict(s, np.asarray(step_list, np.int64), np.asarray(value_list, np.float64))
+                )
     return out
 
 
@@ -351,7 +353,7 @@ def _heatmap_from_points(
     by_id = {s.id: s for s in series}
     out: list[SeriesDict] = []
     for chunk in _chunks([s.id for s in series]):
-        rows = conn.exec_driver_sql(
+        buckets_by_series = conn.exec_driver_sql(
             "SELECT series_id, group_concat(b), group_concat(COALESCE(m, 'nan')), "
             "group_concat(n) FROM ("
             f"  SELECT series_id, (step - {lo}) / {width} AS b, MIN(value) AS m, "
@@ -359,7 +361,7 @@ def _heatmap_from_points(
             f"  FROM points WHERE series_id IN ({_id_list(chunk)}) GROUP BY series_id, b"
             ") GROUP BY series_id"
         )
-        for sid, b_text, m_text, n_text in rows:
+        for sid, b_text, m_text, n_text in buckets_by_series:
             buckets = np.fromstring(b_text, dtype=np.int64, sep=",")
             values = np.fromstring(m_text, dtype=np.float64, sep=",")
             nans = np.fromstring(n_text, dtype=np.int64, sep=",")

@@ -13,6 +13,7 @@ export PYTHONHASHSEED=0
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+./scripts/typecheck.sh
 
 set +e
 .venv/bin/pytest -n "${RANKGUARD_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -33,9 +33,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, bindparam, event, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, event, func, insert, select, update
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -70,6 +70,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("rankguard.server.alerting")
 
+# The Core table, for the statements that bypass the ORM (installation at run creation, the
+# one-statement state UPDATE on ingest).
+_RULES_TABLE = cast(Table, AlertRule.__table__)
 SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
 # Fields whose edit does not change what the condition computes: the state is kept.
 _STATE_NEUTRAL = frozenset(
@@ -94,7 +97,7 @@ def run_rule_rows(
 
 @event.listens_for(Run, "after_insert")
 def _install_run_rules(_mapper: Mapper[Run], connection: Connection, run: Run) -> None:
-    table = AlertRule.__table__
+    table = _RULES_TABLE
     project_rules = [
         row[0]
         for row in connection.execute(
@@ -389,7 +392,7 @@ class Alerting:
                 set_committed_value(row, "state", state)
             fired.extend((row, t) for t in transitions)
         if changed:
-            table = AlertRule.__table__
+            table = _RULES_TABLE
             session.execute(
                 update(table)
                 .where(table.c.id == bindparam("row_id"))
@@ -497,20 +500,20 @@ class Alerting:
             self._queue_command(session=session, run=run, alert=alert, tr=tr, outcome=outcome)
             session.flush()
             return alert
-        alert = session.scalars(
+        episode = session.scalars(
             select(Alert).where(Alert.rule_id == row.id, Alert.episode == tr.episode)
         ).one_or_none()
-        if alert is None:  # closed by a rule edit, or its rows were removed
+        if episode is None:  # closed by a rule edit, or its rows were removed
             return None
         if tr.kind is TransitionKind.REPEAT:
-            self._queue_command(session=session, run=run, alert=alert, tr=tr, outcome=outcome)
-            return alert
-        if alert.state == AlertState.FIRING.value:
-            alert.state = AlertState.RESOLVED.value
-            alert.resolved_step = tr.step
-            alert.resolved_at = now
-            alert.resolved_message = tr.message
-        return alert
+            self._queue_command(session=session, run=run, alert=episode, tr=tr, outcome=outcome)
+            return episode
+        if episode.state == AlertState.FIRING.value:
+            episode.state = AlertState.RESOLVED.value
+            episode.resolved_step = tr.step
+            episode.resolved_at = now
+            episode.resolved_message = tr.message
+        return episode
 
     def _queue_command(
         self, *, session: Session, run: Run, alert: Alert, tr: Transition, outcome: IngestOutcome

@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -134,11 +134,11 @@ class RunCollector(Collector):
 
     def _families(
         self,
-        latest: list[Any],
-        firing: list[Any],
-        fired: list[Any],
-        commands: list[Any],
-        notes: list[Any],
+        latest: Sequence[Any],
+        firing: Sequence[Any],
+        fired: Sequence[Any],
+        commands: Sequence[Any],
+        notes: Sequence[Any],
     ) -> list[Metric]:
         quantity = GaugeMetricFamily(
             "rankguard_run_quantity",
@@ -273,10 +273,10 @@ class MetricsMiddleware:
         # middleware work on copies of the scope), so match the path against the app's
         # route templates once more: a few dozen anchored regexes.
         if self._table is None:
-            table = []
+            table: list[tuple[re.Pattern[str], str]] = []
             for template in sorted(set(self._templates()), key=lambda t: (t.count("{"), t)):
-                pattern = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template))
-                table.append((re.compile(f"^{pattern}$"), template))
+                regex = re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template))
+                table.append((re.compile(f"^{regex}$"), template))
             self._table = table
         path = str(scope.get("path", ""))
         for pattern, template in self._table:

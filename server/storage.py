@@ -14,9 +14,9 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, bindparam, func, select, text, update
+from sqlalchemy import Connection, CursorResult, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -759,7 +759,7 @@ def expire_commands(*, session: Session, run_id: str) -> int:
         .values(state=CommandState.EXPIRED.value, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)
+    return int(cast("CursorResult[Any]", result).rowcount or 0)
 
 
 def list_commands(

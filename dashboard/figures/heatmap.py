@@ -124,7 +124,7 @@ def layer_heatmap(
     # float32 halves the payload; values beyond its range are clipped, not turned into inf.
     z = np.full(n_rows * n_cols, np.nan, dtype=np.float32)
     z[cells] = np.clip(reduced, -_FLOAT32_MAX, _FLOAT32_MAX).astype(np.float32)
-    z = z.reshape(n_rows, n_cols)
+    grid_z = z.reshape(n_rows, n_cols)
 
     layout = base_layout(figure_id, title, x_title=grid.axis_title(), y_title="target")
     layout["yaxis"].update({"type": "category", "autorange": "reversed", "automargin": True})
@@ -132,7 +132,7 @@ def layer_heatmap(
     figure = go.Figure(layout=layout)
     figure.add_trace(
         go.Heatmap(
-            z=z,
+            z=grid_z,
             x=grid.starts,
             y=labels,
             zmin=lo,

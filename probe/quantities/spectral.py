@@ -48,9 +48,9 @@ def frobenius_squared(w: Tensor) -> Tensor:
     ``vector_norm(w).square()`` on a 256² CPU matrix), the norm otherwise (no copy)."""
     if w.is_contiguous():
         flat = w.reshape(-1)
-        dot: Tensor = torch.dot(flat, flat)
-        return dot
-    return torch.linalg.vector_norm(w).square()
+        return torch.dot(flat, flat)
+    norm: Tensor = torch.linalg.vector_norm(w)
+    return norm.square()
 
 
 def start_vector(n: int, device: torch.device) -> Tensor:
