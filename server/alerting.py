@@ -271,8 +271,8 @@ def _rank0_by_step(
         quantity, step = [quantity[i] for i in keep], [step[i] for i in keep]
         target, value = [target[i] for i in keep], [value[i] for i in keep]
     start = 0
-    for (q, s), run in groupby(zip(quantity, step, strict=True)):
-        end = start + len(list(run))
+    for (q, s), group in groupby(zip(quantity, step, strict=True)):
+        end = start + len(list(group))
         by_step = grouped.get(q)
         if by_step is not None:
             # Reversed, so that the first of repeated targets is the one the dict keeps.

@@ -85,8 +85,8 @@ def utcnow() -> dt.datetime:
 # JSON columns (alert-rule state above all: read and rewritten for every rule on every ingest
 # batch) go through orjson: ~6x faster to encode and ~3x to decode than the json module on
 # those states. Non-string keys become strings, as json.dumps makes them. Non-finite floats
-# never go in: the engine stores them as the contract's strings, and PostgreSQL's JSON types
-# would refuse a NaN literal anyway.
+# never go in (orjson would write null): the engine stores them as the contract's strings, and
+# so do the API's free-form objects (schemas.WireObject).
 def _json_text(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 

@@ -12,9 +12,17 @@ import uuid
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from rankguard.server.models import CommandState, RunStatus, Scope
+from rankguard.server.wire import wire_floats
 
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
 # JSON integers a client can hold exactly (2**53), and far below SQLite's int64 range.
@@ -31,6 +39,10 @@ ProjectName = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
 ]
 Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+# A free-form JSON object from a client (run config, event payload, command args and result).
+# A bare NaN/Infinity token, which Python's json writes and reads, is stored as the contract's
+# string: a JSON column cannot hold the token (PostgreSQL refuses it, orjson writes null).
+WireObject = Annotated[dict[str, Any], AfterValidator(wire_floats)]
 Rank = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
@@ -102,7 +114,7 @@ class RunCreate(WireModel):
     project: ProjectName | None = Field(
         default=None, description="project name; defaults to the token's project"
     )
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: WireObject = Field(default_factory=dict)
     world_size: int = Field(default=1, ge=1, le=1_000_000)
     parameters: list[ParameterInfo] = Field(default_factory=list)
 
@@ -210,7 +222,7 @@ class HistogramsPublic(WireModel):
 class EventCreate(WireModel):
     kind: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
     step: Step | None = None
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: WireObject = Field(default_factory=dict)
 
 
 class EventPublic(WireModel):
@@ -241,7 +253,7 @@ class CommandKind(str, Enum):
 
 class CommandCreate(WireModel):
     kind: CommandKind
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: WireObject = Field(default_factory=dict)
     ttl_s: float | None = Field(
         default=None, gt=0, le=30 * 86400, description="expire if not acked; server default"
     )
@@ -276,7 +288,7 @@ class CommandClaim(WireModel):
 class CommandAck(WireModel):
     state: Literal[CommandState.APPLIED, CommandState.FAILED]
     step: Step | None = None
-    result: dict[str, Any] | None = None
+    result: WireObject | None = None
     error: Text | None = None
 
 

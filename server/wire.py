@@ -12,15 +12,16 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-def _wire_floats(obj: Any) -> Any:
+def wire_floats(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by its contract string, at any depth."""
     if isinstance(obj, float):
         if math.isfinite(obj):
             return obj
         return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
     if isinstance(obj, dict):
-        return {k: _wire_floats(v) for k, v in obj.items()}
+        return {k: wire_floats(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_wire_floats(v) for v in obj]
+        return [wire_floats(v) for v in obj]
     return obj
 
 
@@ -35,7 +36,7 @@ class WireJSONResponse(JSONResponse):
             ).encode("utf-8")
         except ValueError:  # a non-finite float somewhere: walk and replace (rare path)
             return json.dumps(
-                _wire_floats(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
+                wire_floats(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
             ).encode("utf-8")
 
 

@@ -146,3 +146,15 @@ def test_unknown_run_is_404(admin: Api) -> None:
 def test_health(client) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ok"}
+
+
+def test_non_finite_numbers_in_free_form_objects_keep_their_meaning(project: Project) -> None:
+    # Python's json writes NaN/Infinity tokens; a JSON column cannot hold them (PostgreSQL
+    # refuses them, orjson would write null), so they are stored as the contract's strings.
+    api = project.api["ingest"]
+    body = '{"name": "nan", "config": {"lr": NaN, "clip": [Infinity, -Infinity], "ok": 1.5}}'
+    created = api.post("/runs", content=body, headers={"Content-Type": "application/json"})
+    assert created.status_code == 201, created.text
+    config = {"lr": "NaN", "clip": ["Infinity", "-Infinity"], "ok": 1.5}
+    assert created.json()["config"] == config
+    assert api.get(f"/runs/{created.json()['id']}").json()["config"] == config
