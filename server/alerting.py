@@ -35,7 +35,17 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, event, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    bindparam,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -283,6 +293,19 @@ def _rank0_by_step(
     return grouped
 
 
+def _locked_rules(session: Session, run: Run, which: ColumnElement[bool]) -> list[AlertRule]:
+    """The run's rules that ``which`` selects, row-locked (``SELECT ... FOR UPDATE`` on
+    PostgreSQL): two workers evaluating one run take turns on a rule's state."""
+    return list(
+        session.scalars(
+            select(AlertRule)
+            .where(AlertRule.run_id == run.id, which)
+            .order_by(AlertRule.id)
+            .with_for_update()
+        )
+    )
+
+
 class Alerting:
     """The ingest hook, kept on ``app.state.alerting``."""
 
@@ -316,15 +339,7 @@ class Alerting:
         """Evaluate the run's rules on a stored batch (inside the ingest transaction)."""
         if not self.settings.alerts_enabled or not points.step:
             return _NOTHING
-        quantities = set(points.quantity)
-        rows = list(
-            session.scalars(
-                select(AlertRule)
-                .where(AlertRule.run_id == run.id, AlertRule.quantity.in_(quantities))
-                .order_by(AlertRule.id)
-                .with_for_update()
-            )
-        )
+        rows = _locked_rules(session, run, AlertRule.quantity.in_(set(points.quantity)))
         if not rows:
             return _NOTHING
         try:
@@ -340,14 +355,7 @@ class Alerting:
         Alerts and notifications follow as on ingest; no command is queued for a finished run."""
         if not self.settings.alerts_enabled:
             return _NOTHING
-        rows = list(
-            session.scalars(
-                select(AlertRule)
-                .where(AlertRule.run_id == run.id, AlertRule.state.is_not(None))
-                .order_by(AlertRule.id)
-                .with_for_update()
-            )
-        )
+        rows = _locked_rules(session, run, AlertRule.state.is_not(None))
         fired: list[tuple[AlertRule, Transition]] = []
         try:
             with session.begin_nested():
