@@ -68,8 +68,14 @@ class ProbeConfig:
     """Sequences of the captured probe batch (Jacobian; each sequence costs a full set of
     power iterations, results are averaged over sequences)."""
     power_iterations: int = 3
-    """Warm power iterations per weight per sample step (3: σ₁ and the stable rank within
-    0.3% of svdvals once warm even without a spectral gap, benchmarks/spectral_cost.py)."""
+    """Warm iterations per weight per sample step: power iterations, or Lanczos steps (>= 2)
+    with ``lanczos``. 3 power iterations: σ₁ and the stable rank within ~1e-6 of svdvals with
+    a spectral gap (trained weights), within ~1-2% when σ₂ is within 1% of σ₁ or on no-gap
+    Gaussian matrices (initialisation) (benchmarks/spectral_cost.py, BENCHMARKS.md)."""
+    lanczos: bool = False
+    """Lanczos steps instead of power iterations once warm: the stable rank within ~2e-4 of
+    svdvals even without a spectral gap, at ~1.7x the cost on 256² CPU matrices (~1x from
+    1024²). Sharded (FSDP2) weights keep power iterations."""
     cold_iterations: int = 30
     """Power iterations the first time a weight is seen (no warm vector yet)."""
     jacobian_iterations: int = 3
@@ -94,6 +100,11 @@ class ProbeConfig:
             "histogram_bins",
         ):
             _positive_int(name, getattr(self, name))
+        if self.lanczos and self.power_iterations < 2:
+            raise ConfigError(
+                f"power_iterations: must be >= 2 with lanczos (one Lanczos step never moves "
+                f"the warm vector), got {self.power_iterations}"
+            )
         if self.quantities is not None:
             q = _globs("quantities", self.quantities, optional=False)
             self.quantities = q
@@ -125,6 +136,7 @@ class ProbeConfig:
             "max_sequences": self.max_sequences,
             "jacobian_sequences": self.jacobian_sequences,
             "power_iterations": self.power_iterations,
+            "lanczos": self.lanczos,
             "cold_iterations": self.cold_iterations,
             "jacobian_iterations": self.jacobian_iterations,
             "jacobian_cold_iterations": self.jacobian_cold_iterations,

@@ -101,8 +101,8 @@ class Probe:
             and the loss stay rank 0's (identical on every rank, or alerted on from rank 0).
         schedules: per-quantity cadence overrides, name -> every.
         exact: exact SVD for the weight spectra (checks; syncs on CUDA).
-        max_rows, max_sequences, jacobian_sequences, power_iterations: bounds and iteration
-            counts (see :class:`ProbeConfig`).
+        max_rows, max_sequences, jacobian_sequences, power_iterations, lanczos: bounds,
+            iteration counts and the warm estimate (see :class:`ProbeConfig`).
     """
 
     def __init__(
@@ -135,6 +135,7 @@ class Probe:
         max_sequences: int = 2,
         jacobian_sequences: int = 1,
         power_iterations: int = 3,
+        lanczos: bool = False,
         activations_per_rank: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -173,6 +174,7 @@ class Probe:
             max_sequences=max_sequences,
             jacobian_sequences=jacobian_sequences,
             power_iterations=power_iterations,
+            lanczos=lanczos,
         )
         cfg = self.config
         unknown = [n for n in (*(cfg.quantities or ()), *cfg.schedules) if n not in REGISTRY]
@@ -231,10 +233,15 @@ class Probe:
             else:
                 self.quantities.append(cls(schedule=schedule))
         self._weights = PowerIteration(
-            iterations=cfg.power_iterations, cold_iterations=cfg.cold_iterations, exact=cfg.exact
+            iterations=cfg.power_iterations,
+            cold_iterations=cfg.cold_iterations,
+            lanczos=cfg.lanczos,
+            exact=cfg.exact,
         )
         self._inputs = PowerIteration(
-            iterations=cfg.power_iterations, cold_iterations=cfg.cold_iterations
+            iterations=cfg.power_iterations,
+            cold_iterations=cfg.cold_iterations,
+            lanczos=cfg.lanczos,
         )
         self._hooks = ProbeHooks(
             model,

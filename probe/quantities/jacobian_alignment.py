@@ -195,8 +195,9 @@ class JacobianAlignment(Quantity):
         for _ in range(n):
             u = _unit(jac.jvp(_unit(jtu)))
             jtu = jac.vjp(u)
-        self._u[key] = u.detach()
-        return u, torch.linalg.vector_norm(jtu)
+        sigma = torch.linalg.vector_norm(jtu)
+        self._u[key] = _warm(u, sigma)
+        return u, sigma
 
     def right(self, jac: BlockJacobian, key: str) -> tuple[Tensor, Tensor]:
         """(v₁, σ₁) of J by v ← normalize(Jᵀ J v); σ₁ = ‖J v‖."""
@@ -205,8 +206,9 @@ class JacobianAlignment(Quantity):
         for _ in range(n):
             v = _unit(jac.vjp(_unit(jv)))
             jv = jac.jvp(v)
-        self._v[key] = v.detach()
-        return v, torch.linalg.vector_norm(jv)
+        sigma = torch.linalg.vector_norm(jv)
+        self._v[key] = _warm(v, sigma)
+        return v, sigma
 
     def compute(self, ctx: StepContext) -> list[Output]:
         blocks = list(ctx.blocks)
@@ -285,6 +287,16 @@ class JacobianAlignment(Quantity):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._u = {k: v.detach().clone() for k, v in state.get("u", {}).items()}
         self._v = {k: v.detach().clone() for k, v in state.get("v", {}).items()}
+
+
+def _warm(vector: Tensor, sigma: Tensor) -> Tensor:
+    """The warm start kept for the next sample: ``vector``, or the start vector where the
+    Jacobian sent it to zero (σ₁ = 0: a block whose output does not depend on its input on
+    the probe batch, e.g. a zero-initialised non-residual block). From a zero vector no later
+    iteration could leave, and σ₁ and the alignment would read 0 after the block trains, as
+    ``PowerIteration.remember`` avoids for weights; chosen on the device (no sync)."""
+    start = start_vector(vector.numel(), vector.device).reshape(vector.shape)
+    return torch.where(sigma > 0, vector.detach(), start)
 
 
 def _unit(x: Tensor) -> Tensor:

@@ -1,16 +1,18 @@
-"""Top singular triplet of a matrix by warm-started power iteration, shared by every quantity
-computed at a step (one iteration per matrix per sample step), with an exact mode
-(``torch.linalg.svd``) for checks.
+"""Top singular triplet of a matrix, warm-started from the previous sample and shared by
+every quantity computed at a step, with an exact mode (``torch.linalg.svd``) for checks.
 
-Warm start: the right vector v of the previous sample is the starting point, so once a weight
-has a spectral gap one or two iterations keep it converged (perf.md §3.1). Without a gap
-(σ₂ ≈ σ₁, e.g. at initialisation) σ₁ is still right to within the gap, but v₁ is undefined.
+Two warm estimates. Power iteration (the default, the cheapest): once a weight has a spectral
+gap one or two iterations keep it converged (perf.md §3.1); without one (σ₂ ≈ σ₁, e.g. at
+initialisation) σ₁ is right only to within the gap (the stable rank to ~1-2%) and v₁ is
+undefined. Lanczos (``lanczos=True``): a few Golub–Kahan–Lanczos steps from the previous
+sample's vector and the top singular triplet of the small bidiagonal matrix, which resolves
+σ₁ inside a cluster too (~1e-6 with σ₂/σ₁ = 0.995) at more small ops per call.
 
 Distributed: under DDP every rank holds the whole matrix (the probe computes on rank 0).
 A DTensor weight (FSDP2) is never handed to :meth:`PowerIteration.triplet`:
-``StepContext.triplet`` sends it to :func:`.sharded.sharded_triplet`, which runs the same
-iteration on each rank's shard with one all-reduce of a vector per iteration (no gather of
-the matrix) and keeps its warm vectors here (:meth:`start`, :meth:`remember`).
+``StepContext.triplet`` sends it to :func:`.sharded.sharded_triplet`, which runs ``iterations``
+power iterations on each rank's shard with one all-reduce of a vector per iteration (no
+gather of the matrix) and keeps its warm vectors here (:meth:`start`, :meth:`remember`).
 """
 
 from __future__ import annotations
@@ -63,19 +65,36 @@ def start_vector(n: int, device: torch.device) -> Tensor:
 
 
 class PowerIteration:
-    """Warm-started power iteration on (m, n) matrices keyed by name.
+    """Warm-started top singular triplets of (m, n) matrices keyed by name: power iteration,
+    or Lanczos steps once warm (``lanczos=True``).
 
     Args:
-        iterations: iterations per call once warm.
-        cold_iterations: iterations the first time a key is seen.
+        iterations: per call once warm: power iterations (2 matvecs each), or with
+            ``lanczos`` Golub–Kahan–Lanczos steps (>= 2; 2k − 1 matvecs). A sharded weight
+            always gets power iterations.
+        cold_iterations: power iterations the first time a key is seen.
+        lanczos: resolve σ₁ when σ₂ is within 1% of it (the stable rank to ~1e-6 instead of
+            ~1%), at ~1.7x the cost of 3 power iterations on a 256² CPU matrix, ~1x from 1024
+            (BENCHMARKS.md, "Stable-rank estimate cost").
         exact: use ``torch.linalg.svd`` instead (syncs on CUDA; for checks).
     """
 
-    def __init__(self, *, iterations: int = 3, cold_iterations: int = 30, exact: bool = False):
-        if iterations < 1 or cold_iterations < 1:
+    def __init__(
+        self,
+        *,
+        iterations: int = 3,
+        cold_iterations: int = 30,
+        lanczos: bool = False,
+        exact: bool = False,
+    ):
+        least = 2 if lanczos else 1
+        if iterations < least or cold_iterations < 1:
             raise ValueError(
-                f"iterations ({iterations}) and cold_iterations ({cold_iterations}) must be >= 1"
+                f"iterations ({iterations}) must be >= {least} and cold_iterations "
+                f"({cold_iterations}) >= 1"
+                + (" (one Lanczos step never moves the warm vector)" if lanczos else "")
             )
+        self.lanczos = lanczos
         self.iterations = iterations
         self.cold_iterations = cold_iterations
         self.exact = exact
@@ -91,7 +110,16 @@ class PowerIteration:
         if self.exact:
             u_all, s, vh = torch.linalg.svd(w, full_matrices=False)
             return Triplet(s[0], u_all[:, 0], vh[0], fro2)
-        v, n_iter = self.start(key, w.shape[1], w.device)
+        v = self._warm_vector(key, w.shape[1], w.device)
+        if self.lanczos:
+            if v is None:  # cold: plain power iterations towards the top first
+                v = self._power(w, self._start_vector(w.shape[1], w.device), self.cold_iterations)
+            sigma, u, v = self._lanczos(w, v)
+            self.remember(key, v, sigma)
+            return Triplet(sigma, u, v, fro2)
+        n_iter = self.iterations
+        if v is None:
+            v, n_iter = self._start_vector(w.shape[1], w.device), self.cold_iterations
         # Few, cheap ops per iteration: below ~1024 a matvec costs about as much as the
         # dispatch of a small op, so only v is normalised (|v| = 1 bounds x and y by σ₁, σ₁²)
         # and fresh results are normalised in place.
@@ -108,15 +136,67 @@ class PowerIteration:
         self.remember(key, v, y_norm)
         return Triplet(sigma, x.div_(x_norm), v, fro2)
 
+    def _power(self, w: Tensor, v: Tensor, n_iter: int) -> Tensor:
+        """``n_iter`` power iterations v ← WᵀW v/‖WᵀW v‖ (the Lanczos cold start; 0 for a zero
+        matrix)."""
+        wt = w.t()
+        for _ in range(n_iter):
+            y = torch.mv(wt, torch.mv(w, v))
+            v = y.div_(torch.linalg.vector_norm(y).clamp_min(_TINY))
+        return v
+
+    def _lanczos(self, w: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """σ₁, u₁, v₁ by ``iterations`` steps of Golub–Kahan–Lanczos bidiagonalisation from v:
+        W V = U B on orthonormal V (n, k), U (m, k), B (k, k) upper bidiagonal, then the
+        top singular triplet of B (the Ritz triplet): 2k − 1 matvecs, 5 for k = 3.
+
+        Why: power iteration's error shrinks like (σ₂/σ₁)^2 per iteration, so when σ₂ is
+        within 1% of σ₁ (every Gaussian-like weight near initialisation) the stable rank stays
+        ~1% off however long it is warmed. The Krylov
+        space holds the whole top cluster and B resolves it (BENCHMARKS.md, "Stable-rank
+        estimate cost"). V is reorthogonalised against v as it is built: a warm v is nearly
+        converged, so the recurrence's new direction is a small difference and loses
+        orthogonality to it.
+        """
+        k = self.iterations
+        wt = w.t()
+        basis_v = w.new_empty(k, w.shape[1])
+        basis_u = w.new_empty(k, w.shape[0])
+        vs, us = basis_v.unbind(0), basis_u.unbind(0)  # row views, made once
+        torch.div(v, torch.linalg.vector_norm(v).clamp_min(_TINY), out=vs[0])
+        alphas: list[Tensor] = []
+        betas: list[Tensor] = []
+        for j in range(k):
+            u = torch.mv(w, vs[j], out=us[j])
+            if j:
+                u.addcmul_(betas[-1], us[j - 1], value=-1.0)
+            alphas.append(torch.linalg.vector_norm(u))
+            u.div_(alphas[-1].clamp_min(_TINY))
+            if j == k - 1:
+                break
+            r = torch.mv(wt, u, out=vs[j + 1])
+            r.addcmul_(alphas[-1], vs[j], value=-1.0)
+            # orthogonality is lost towards the converged direction, i.e. the warm v
+            r.addcmul_(torch.dot(r, vs[0]), vs[0], value=-1.0)
+            betas.append(torch.linalg.vector_norm(r))
+            r.div_(betas[-1].clamp_min(_TINY))
+        bidiagonal = torch.diag(torch.stack(alphas)) + torch.diag(torch.stack(betas), 1)
+        sigma, x, y = _top_singular_triplet(bidiagonal)
+        return sigma, torch.mv(basis_u.t(), x), torch.mv(basis_v.t(), y)
+
     def start(self, key: str, n: int, device: torch.device) -> tuple[Tensor, int]:
-        """The starting vector (n,) for ``key`` and how many iterations to run from it:
-        the warm vector of the previous call, or a cold start."""
+        """The starting vector (n,) for ``key`` and how many power iterations to run from it
+        (the sharded path): the warm vector of the previous call, or a cold start."""
+        v = self._warm_vector(key, n, device)
+        if v is None:
+            return self._start_vector(n, device), self.cold_iterations
+        return v, self.iterations
+
+    def _warm_vector(self, key: str, n: int, device: torch.device) -> Tensor | None:
         v = self._v.get(key)
         if v is None or v.shape[0] != n:
-            return self._start_vector(n, device), self.cold_iterations
-        if v.device != device:
-            v = v.to(device)
-        return v, self.iterations
+            return None
+        return v if v.device == device else v.to(device)
 
     def remember(self, key: str, v: Tensor, norm: Tensor) -> None:
         """Keeps ``v`` (n,), the last WᵀW v normalised from norm ``norm`` (0-d), as the warm
@@ -143,3 +223,32 @@ class PowerIteration:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._v = {k: torch.as_tensor(v).detach().clone() for k, v in state.get("v", {}).items()}
+
+
+def _top_singular_triplet(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """σ₁ (0-d), u₁ (k,), v₁ (k,) of a small (k, k) matrix, without a host sync.
+
+    On the CPU, LAPACK's SVD (a few µs for k = 3). On an accelerator ``torch.linalg.svd``
+    would synchronise with the host (its documentation says so), so there the top
+    eigenvector of BᵀB comes from repeated squaring, each square rescaled by its trace:
+    after 2¹⁰ powers the second Ritz value's share is (θ₂/θ₁)^1024, e.g. 3e-5 for θ₂/θ₁ =
+    0.99; a tie leaves some vector of the tied pair, whose value is the same σ₁.
+    """
+    if b.device.type == "cpu":
+        u_all, s, vh = torch.linalg.svd(b)
+        return s[0], u_all[:, 0], vh[0]
+    return _top_by_squaring(b)
+
+
+def _top_by_squaring(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The accelerator branch of :func:`_top_singular_triplet` (tested on the CPU too)."""
+    power = b.t() @ b
+    for _ in range(10):
+        power = power / torch.trace(power).clamp_min(_TINY)
+        power = power @ power
+    # (BᵀB)^p ≈ θ₁^p v vᵀ: its column with the largest diagonal entry is a multiple of v
+    column = torch.argmax(torch.diagonal(power)).reshape(1)
+    v = F.normalize(power.index_select(1, column).reshape(-1), dim=0)
+    bv = torch.mv(b, v)
+    sigma = torch.linalg.vector_norm(bv)
+    return sigma, bv / sigma.clamp_min(_TINY), v

@@ -99,6 +99,7 @@ def test_context_manager_closes(tiny_gpt, tmp_path, train) -> None:
         ({"probe_batch": [1, 2]}, ConfigTypeError, "probe_batch"),
         ({"activations_per_rank": "yes"}, ConfigTypeError, "activations_per_rank"),
         ({"command_every": 0}, ConfigError, "command_every"),
+        ({"power_iterations": 1, "lanczos": True}, ConfigError, r"power_iterations: must be >= 2"),
     ],
 )
 def test_errors_at_construction(tiny_gpt, tmp_path, kwargs, error, match) -> None:

@@ -50,6 +50,30 @@ def test_deep_linear_network_matches_weights(linear_net, ctx_for, n_seq: int) ->
         assert out["jacobian_spectral_norm"][str(i)] == pytest.approx(svd[i][1][0].item(), rel=1e-4)
 
 
+def test_a_zero_jacobian_is_tracked_once_the_block_trains(
+    linear_net, ctx_for, spectrum_matrix
+) -> None:
+    # A block whose output ignores its input (here a zero weight) has J = 0: the warm vectors
+    # must not stay at 0, or σ₁ and the alignment would read 0 after the block trains.
+    middle = linear_net[1].weight
+    trained = middle.detach().clone()
+    with torch.no_grad():
+        middle.zero_()
+    q = JacobianAlignment(iterations=8, cold_iterations=200)
+    batch = torch.randn(1, 10, generator=torch.Generator().manual_seed(3))
+    zero = compute(linear_net, ctx_for, q, batch)
+    assert zero["jacobian_spectral_norm"]["1"] == 0.0
+    assert zero["jacobian_alignment"] == {"0->1": 0.0, "1->2": 0.0}
+    with torch.no_grad():
+        middle.copy_(trained)
+    out = compute(linear_net, ctx_for, q, batch)  # warm from what the zero block left
+    svd = [torch.linalg.svd(m.weight.detach().double()) for m in linear_net]
+    for i in range(2):
+        expected = torch.dot(svd[i + 1][2][0], svd[i][0][:, 0]).abs().item()
+        assert out["jacobian_alignment"][f"{i}->{i + 1}"] == pytest.approx(expected, abs=1e-4)
+    assert out["jacobian_spectral_norm"]["1"] == pytest.approx(svd[1][1][0].item(), rel=1e-4)
+
+
 def test_warm_state_round_trip(linear_net, ctx_for) -> None:
     batch = torch.randn(1, 10, generator=torch.Generator().manual_seed(1))
     a = JacobianAlignment(iterations=2, cold_iterations=100)
