@@ -74,7 +74,7 @@ class ProbeConfig:
     Gaussian matrices (initialisation) (benchmarks/spectral_cost.py, BENCHMARKS.md)."""
     lanczos: bool = False
     """Lanczos steps instead of power iterations once warm: the stable rank within ~2e-4 of
-    svdvals even without a spectral gap, at ~1.7x the cost on 256² CPU matrices (~1x from
+    svdvals even without a spectral gap, at ~2x the cost on 256² CPU matrices (~1x from
     1024²). Sharded (FSDP2) weights keep power iterations."""
     cold_iterations: int = 30
     """Power iterations the first time a weight is seen (no warm vector yet)."""

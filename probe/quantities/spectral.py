@@ -74,7 +74,7 @@ class PowerIteration:
             always gets power iterations.
         cold_iterations: power iterations the first time a key is seen.
         lanczos: resolve σ₁ when σ₂ is within 1% of it (the stable rank to ~1e-6 instead of
-            ~1%), at ~1.7x the cost of 3 power iterations on a 256² CPU matrix, ~1x from 1024
+            ~1%), at ~2x the cost of 3 power iterations on a 256² CPU matrix, ~1x from 1024
             (BENCHMARKS.md, "Stable-rank estimate cost").
         exact: use ``torch.linalg.svd`` instead (syncs on CUDA; for checks).
     """
@@ -113,22 +113,15 @@ class PowerIteration:
         v = self._warm_vector(key, w.shape[1], w.device)
         if self.lanczos:
             if v is None:  # cold: plain power iterations towards the top first
-                v = self._power(w, self._start_vector(w.shape[1], w.device), self.cold_iterations)
+                start = self._start_vector(w.shape[1], w.device)
+                v = self._power(w, start, self.cold_iterations)[0]
             sigma, u, v = self._lanczos(w, v)
             self.remember(key, v, sigma)
             return Triplet(sigma, u, v, fro2)
         n_iter = self.iterations
         if v is None:
             v, n_iter = self._start_vector(w.shape[1], w.device), self.cold_iterations
-        # Few, cheap ops per iteration: below ~1024 a matvec costs about as much as the
-        # dispatch of a small op, so only v is normalised (|v| = 1 bounds x and y by σ₁, σ₁²)
-        # and fresh results are normalised in place.
-        wt = w.t()
-        for _ in range(n_iter):
-            x = torch.mv(w, v)  # W v (m,)
-            y = torch.mv(wt, x)  # WᵀW v (n,)
-            y_norm = torch.linalg.vector_norm(y)
-            v = y.div_(y_norm.clamp_min(_TINY))
+        v, x, y_norm = self._power(w, v, n_iter)
         # σ = |WᵀWv|/|Wv| for the last v: between |Wv| and σ₁, relative error O((σ₂/σ₁)^2k);
         # 0 for a zero matrix
         x_norm = torch.linalg.vector_norm(x).clamp_min_(_TINY)
@@ -136,14 +129,21 @@ class PowerIteration:
         self.remember(key, v, y_norm)
         return Triplet(sigma, x.div_(x_norm), v, fro2)
 
-    def _power(self, w: Tensor, v: Tensor, n_iter: int) -> Tensor:
-        """``n_iter`` power iterations v ← WᵀW v/‖WᵀW v‖ (the Lanczos cold start; 0 for a zero
-        matrix)."""
+    def _power(self, w: Tensor, v: Tensor, n_iter: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``n_iter`` (>= 1) power iterations v ← WᵀW v/‖WᵀW v‖: the new v (0 for a zero
+        matrix), and the last iteration's W v (m,) and ‖WᵀW v‖ (0-d).
+
+        Few, cheap ops per iteration: below ~1024 a matvec costs about as much as the dispatch
+        of a small op, so only v is normalised (|v| = 1 bounds x and y by σ₁, σ₁²) and fresh
+        results are normalised in place.
+        """
         wt = w.t()
         for _ in range(n_iter):
-            y = torch.mv(wt, torch.mv(w, v))
-            v = y.div_(torch.linalg.vector_norm(y).clamp_min(_TINY))
-        return v
+            x = torch.mv(w, v)  # W v (m,)
+            y = torch.mv(wt, x)  # WᵀW v (n,)
+            y_norm = torch.linalg.vector_norm(y)
+            v = y.div_(y_norm.clamp_min(_TINY))
+        return v, x, y_norm
 
     def _lanczos(self, w: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """σ₁, u₁, v₁ by ``iterations`` steps of Golub–Kahan–Lanczos bidiagonalisation from v:
