@@ -307,6 +307,10 @@ SPECTRAL_RULES = (
     "attention_logit_divergence",
     "representation_collapse",
 )
+# rankguard's rules that fire before a failure without being spectral: the update-to-weight
+# ratio of one optimizer step (the learning rate too high for the weights). Reported beside
+# the spectral headline, never inside it: the issue's claim is about the spectral detectors.
+RANKGUARD_RULES = (*SPECTRAL_RULES, "update_ratio_high")
 # The peers' shipped detectors (OLMo-core, Megatron-LM), and every baseline: those plus our
 # stricter running-median gradient threshold. The headline is reported against both.
 PEER_BASELINES = ("olmo_loss_spike", "megatron_spiky_loss", "megatron_large_grads")
@@ -324,8 +328,12 @@ def detect(record: Mapping[str, Any], rules: Sequence[Any]) -> dict[str, int | N
         "grad_norm_10x_median": detectors.grad_norm_threshold(record["grad_norms"]),
     }
     out.update(detectors.rule_first_firings(rules, record["points"]))
-    spectral = [out[name] for name in SPECTRAL_RULES if out.get(name) is not None]
-    out["rankguard_spectral_any"] = min(spectral) if spectral else None  # type: ignore[type-var]
+    for key, names in (
+        ("rankguard_spectral_any", SPECTRAL_RULES),
+        ("rankguard_any", RANKGUARD_RULES),
+    ):
+        fired = [out[name] for name in names if out.get(name) is not None]
+        out[key] = min(fired) if fired else None  # type: ignore[type-var]
     for key, names in (("baseline_peers", PEER_BASELINES), ("baseline_any", BASELINES)):
         fired = [out[name] for name in names if out[name] is not None]
         out[key] = min(fired) if fired else None  # type: ignore[type-var]
@@ -395,19 +403,23 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "false_alerts": sum(1 for r in healthy if r["first_firing"][det] is not None),
         }
     out["headline"] = headline(failing)
+    out["headline_with_update_ratio"] = headline(failing, ours_key="rankguard_any")
     return out
 
 
-def headline(failing: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's target per failing run: rankguard's precursor alert leads the failure by at
-    least 2x the best baseline's lead (a baseline that never fires, or fires at or after the
-    failure, has lead <= 0, so any positive rankguard lead counts). Judged against the peers'
-    detectors (``vs_peers``) and against every baseline, ours included (``vs_all``)."""
+def headline(
+    failing: Sequence[Mapping[str, Any]], ours_key: str = "rankguard_spectral_any"
+) -> dict[str, Any]:
+    """The issue's target per failing run: rankguard's precursor alert (``ours_key``: the
+    spectral rules, or every rankguard rule) leads the failure by at least 2x the best
+    baseline's lead (a baseline that never fires, or fires at or after the failure, has lead
+    <= 0, so any positive rankguard lead counts). Judged against the peers' detectors
+    (``vs_peers``) and against every baseline, ours included (``vs_all``)."""
     out: dict[str, Any] = {"of": len(failing)}
     for name, key in (("vs_peers", "baseline_peers"), ("vs_all", "baseline_any")):
         wins = []
         for r in failing:
-            ours = r["lead_time"]["rankguard_spectral_any"]
+            ours = r["lead_time"][ours_key]
             theirs = r["lead_time"][key]
             win = ours is not None and ours > 0 and (theirs is None or ours >= 2 * max(theirs, 0))
             wins.append(
@@ -432,7 +444,14 @@ def _median(values: Sequence[float]) -> float | None:
 
 def markdown_tables(result: Mapping[str, Any]) -> str:
     """The per-run lead-time table and the per-detector summary, as Markdown."""
-    cols = (*BASELINES, *SPECTRAL_RULES, "grad_norm_spike", "rankguard_spectral_any")
+    cols = (
+        *BASELINES,
+        *SPECTRAL_RULES,
+        "grad_norm_spike",
+        "rankguard_spectral_any",
+        "update_ratio_high",
+        "rankguard_any",
+    )
     short = {
         "olmo_loss_spike": "OLMo 6σ",
         "megatron_spiky_loss": "Megatron loss",
@@ -450,6 +469,8 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
         "baseline_peers": "peers' detectors (any)",
         "baseline_any": "all baselines (any)",
         "rankguard_spectral_any": "rankguard (any precursor)",
+        "update_ratio_high": "update ratio",
+        "rankguard_any": "rankguard (any, update ratio incl.)",
     }
     lines = [
         "| scenario / seed | failure (step) | " + " | ".join(short[c] for c in cols) + " |",
@@ -474,7 +495,7 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for det, s in result["summary"].items():
-        if det == "headline":
+        if det.startswith("headline"):
             continue
         med = "–" if s["median_lead"] is None else f"{s['median_lead']:+.0f}"
         lines.append(
@@ -482,12 +503,15 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
             f"{s['false_alerts']}/{s['healthy_runs']} |"
         )
     h = result["summary"]["headline"]
+    u = result["summary"]["headline_with_update_ratio"]
     lines += [
         "",
         "rankguard precursor alert >= 2x the best baseline's lead: "
         f"{h['vs_peers']['at_least_2x']}/{h['of']} failing runs against the peers' detectors "
         f"(OLMo-core, Megatron-LM); {h['vs_all']['at_least_2x']}/{h['of']} against every "
-        "baseline, our running-median gradient threshold included.",
+        "baseline, our running-median gradient threshold included. With the update-ratio rule "
+        f"counted too: {u['vs_peers']['at_least_2x']}/{u['of']} and "
+        f"{u['vs_all']['at_least_2x']}/{u['of']}.",
     ]
     return "\n".join(lines)
 

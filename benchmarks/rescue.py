@@ -1,13 +1,15 @@
-"""Claim (issue 7): with the default rules ordering MSign automatically, >= 80% of the failing
-runs avoid failure.
+"""Claim (issue 7): with the default rules ordering their remedies automatically, >= 80% of
+the failing runs avoid failure.
 
 Each failing scenario of ``benchmarks/scenarios/catalog.py`` is trained again with the probe
 attached (as in ``benchmarks/early_warning.py``) and the alert engine running in-process: after
 every probe batch the new points go through the rules of ``default_rules(remediate=True)``
-(specialised to the run's weight names); a ``firing`` transition that carries an MSign command
-is pushed into the probe's ``MemoryTransport``, and the probe applies it at the next step, as a
-live run would get it from the server. Healthy scenarios can be run the same way to see what
-MSign does to a run that did not need it (``--scenarios``).
+(specialised to the run's weight names); a ``firing`` (or ``repeat``) transition that carries
+a command is pushed into the probe's ``MemoryTransport``, and the probe applies it at the next
+step, as a live run would get it from the server. The commands are MSign (the spectral and
+attention rules) and a learning-rate halving (``scale_lr``, the update-ratio rule);
+``--msign-only`` turns the backoff off, to measure MSign alone. Healthy scenarios can be run
+the same way to see what the remedies do to a run that did not need them (``--scenarios``).
 
 Outcome per run, under the one failure definition (``benchmarks/scenarios/failure.py``):
 explosion (incl. non-finite), silent degradation (final trailing-25 loss > 1.15x the healthy
@@ -47,16 +49,18 @@ from benchmarks.early_warning import (  # noqa: E402
 )
 
 RESCUE_RUNS = RESULTS / "rescue_runs"
+MSIGN_ONLY_RUNS = RESULTS / "rescue_runs_msign_only"
 
 
 class AlertLoop:
-    """The server's alert loop in-process: rules over each new probe batch, MSign pushed back."""
+    """The server's alert loop in-process: rules over each new probe batch, commands pushed
+    back."""
 
     def __init__(self, rules: Sequence[Any]) -> None:
         self.rules = list(rules)
         self.states: dict[str, Any] = {rule.name: None for rule in self.rules}
         self.alerts: list[dict[str, Any]] = []  # every firing transition, with its command
-        self.orders: list[dict[str, Any]] = []  # MSign commands pushed (id, step, rule)
+        self.orders: list[dict[str, Any]] = []  # commands pushed (id, kind, step, rule)
 
     def __call__(self, step: int, batches: Sequence[Mapping[str, Any]], transport: Any) -> None:
         from rankguard.probe.sink import iter_points
@@ -85,20 +89,28 @@ class AlertLoop:
                     # one id per order: a repeated order of the same alert is a new command
                     command = {"id": f"{t.rule}-{t.episode}-{t.step}", **t.command}
                     transport.push_command(command)
-                    self.orders.append({"id": command["id"], "step": step, "rule": t.rule})
+                    self.orders.append(
+                        {"id": command["id"], "kind": command["kind"], "step": step, "rule": t.rule}
+                    )
 
 
-def rules_for(names: Sequence[str]) -> list[Any]:
-    """The default pack with its MSign actions on, specialised to the run's weight names:
-    MSign on every 2-D weight once per stable-rank (or SA) collapse, and on the attention
-    weights every 10 steps while the attention-logit divergence fires (``rule_pack``)."""
-    from rankguard.server.rule_pack import default_rules, specialise
+def rules_for(names: Sequence[str], *, msign_only: bool = False) -> list[Any]:
+    """The default pack with its actions on, specialised to the run's weight names: MSign on
+    every 2-D weight once per stable-rank (or SA) collapse, on the attention weights every 10
+    steps while the attention-logit divergence fires, on every 2-D weight every 10 steps while
+    the representations are collapsed, and the LR halved at every sample while the update
+    ratio is too high (``rule_pack``); ``msign_only`` leaves the LR alone."""
+    from rankguard.server.rule_pack import UPDATE_RATIO_HIGH, default_rules, specialise
 
-    return specialise(default_rules(remediate=True), names)
+    rules = specialise(default_rules(remediate=True), names)
+    if msign_only:
+        rules = [r.replace(enabled=False) if r.name == UPDATE_RATIO_HIGH else r for r in rules]
+    return rules
 
 
-def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
-    """Trains one scenario/seed with automatic MSign; returns its curves, alerts and MSigns."""
+def rescue_run(scenario_name: str, seed: int, *, msign_only: bool = False) -> dict[str, Any]:
+    """Trains one scenario/seed with automatic remedies; returns its curves, alerts and the
+    commands it got."""
     import torch
 
     from benchmarks.scenarios import catalog
@@ -113,7 +125,7 @@ def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
         nonlocal loop
         if loop is None:
             names = [t.name for t in cb.probe.targets]
-            loop = AlertLoop(rules_for(names))
+            loop = AlertLoop(rules_for(names, msign_only=msign_only))
         loop(step, batches, transport)
 
     cb.on_batch = on_batch
@@ -140,14 +152,15 @@ def rescue_run(scenario_name: str, seed: int) -> dict[str, Any]:
     }
 
 
-def _job(job: tuple[str, int, str]) -> str:
-    scenario, seed, folder = job
+def _job(job: tuple[str, int, str, bool]) -> str:
+    scenario, seed, folder, msign_only = job
     t0 = time.perf_counter()
-    record = rescue_run(scenario, seed)
+    record = rescue_run(scenario, seed, msign_only=msign_only)
     save_run(record, run_path(scenario, seed, Path(folder)))
+    kinds = [o["kind"] for o in record["orders"]]
     return (
-        f"{scenario} seed {seed}: {record['steps_run']} steps, {len(record['orders'])} MSign, "
-        f"{time.perf_counter() - t0:.0f} s"
+        f"{scenario} seed {seed}: {record['steps_run']} steps, {kinds.count('msign')} MSign, "
+        f"{kinds.count('scale_lr')} LR halvings, {time.perf_counter() - t0:.0f} s"
     )
 
 
@@ -158,9 +171,10 @@ def run_all(
     workers: int,
     force: bool,
     folder: Path,
+    msign_only: bool = False,
 ) -> None:
     jobs = [
-        (name, seed, str(folder))
+        (name, seed, str(folder), msign_only)
         for seed in seeds
         for name in scenarios
         if force or not run_path(name, seed, folder).exists()
@@ -185,7 +199,9 @@ def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[st
     }
 
 
-def report(seeds: Sequence[int], scenarios: Sequence[str] | None = None) -> dict[str, Any]:
+def report(
+    seeds: Sequence[int], scenarios: Sequence[str] | None = None, folder: Path = RESCUE_RUNS
+) -> dict[str, Any]:
     from benchmarks.scenarios import catalog
 
     names = scenarios or [s.name for s in catalog.SCENARIOS.values()]
@@ -193,7 +209,7 @@ def report(seeds: Sequence[int], scenarios: Sequence[str] | None = None) -> dict
     for name in names:
         scenario = catalog.get(name)
         for seed in seeds:
-            path = run_path(name, seed, RESCUE_RUNS)
+            path = run_path(name, seed, folder)
             if not path.exists():
                 continue
             rescued = load_run(path)
@@ -207,12 +223,18 @@ def report(seeds: Sequence[int], scenarios: Sequence[str] | None = None) -> dict
                     "role": scenario.role,
                     "unprotected": outcome(unprotected["losses"], control["losses"]),
                     "rescued": outcome(rescued["losses"], control["losses"]),
-                    "msign_steps": [o["step"] for o in rescued["orders"]],
-                    "msign_applied": sum(1 for a in rescued["acks"] if a["state"] == "applied"),
+                    "msign_steps": _order_steps(rescued, "msign"),
+                    "lr_backoff_steps": _order_steps(rescued, "scale_lr"),
+                    "applied": sum(1 for a in rescued["acks"] if a["state"] == "applied"),
                     "alerts": rescued["alerts"],
                 }
             )
     return {"seeds": list(seeds), "runs": runs, "summary": summarise(runs)}
+
+
+def _order_steps(record: Mapping[str, Any], kind: str) -> list[int]:
+    # recordings from before the learning-rate backoff ordered MSign only and kept no kind
+    return [o["step"] for o in record["orders"] if o.get("kind", "msign") == kind]
 
 
 def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -228,8 +250,10 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "avoided_failure": len(avoided),
         "avoided_fraction": len(avoided) / len(failed_unprotected) if failed_unprotected else None,
         "rescued_outcomes": counts,
-        "healthy_runs_with_msign": sum(
-            1 for r in runs if r["role"] == "healthy" and r["msign_steps"]
+        "healthy_runs_with_orders": sum(
+            1
+            for r in runs
+            if r["role"] == "healthy" and (r["msign_steps"] or r["lr_backoff_steps"])
         ),
         "healthy_runs": sum(1 for r in runs if r["role"] == "healthy"),
     }
@@ -242,30 +266,34 @@ def markdown_table(result: Mapping[str, Any]) -> str:
         return f"{kind} ({ratio})"
 
     lines = [
-        "| scenario / seed | unprotected (final loss / control) | with auto-MSign | MSigns |",
-        "|---|---|---|---|",
+        "| scenario / seed | unprotected (final loss / control) | with auto-remedies | MSigns "
+        "| LR halvings |",
+        "|---|---|---|---|---|",
     ]
+
+    def orders(steps: Sequence[int]) -> str:
+        return f"{len(steps)}, from step {steps[0]}" if steps else "–"
+
     for r in result["runs"]:
-        n = len(r["msign_steps"])
-        steps = f"{n}, from step {r['msign_steps'][0]}" if n else "–"
         lines.append(
             f"| {r['scenario']} / {r['seed']} | {fmt(r['unprotected'])} | {fmt(r['rescued'])} "
-            f"| {steps} |"
+            f"| {orders(r['msign_steps'])} | {orders(r['lr_backoff_steps'])} |"
         )
     s = result["summary"]
     lines += [
         "",
         f"Failing runs: {s['failing_runs']}; failed unprotected: {s['failed_unprotected']}; "
-        f"avoided failure with auto-MSign: {s['avoided_failure']}"
+        f"avoided failure with auto-remedies: {s['avoided_failure']}"
         + (f" ({s['avoided_fraction']:.0%})" if s["avoided_fraction"] is not None else "")
-        + f"; outcomes with auto-MSign: {s['rescued_outcomes']}; healthy runs that got an "
-        f"MSign: {s['healthy_runs_with_msign']}/{s['healthy_runs']}.",
+        + f"; outcomes with auto-remedies: {s['rescued_outcomes']}; healthy runs that got a "
+        f"command: {s['healthy_runs_with_orders']}/{s['healthy_runs']}.",
     ]
     return "\n".join(lines)
 
 
-def plot(result: Mapping[str, Any], out: Path = RESULTS) -> list[Path]:
-    """One PNG per scenario: unprotected vs auto-MSign loss (each seed) and the control."""
+def plot(result: Mapping[str, Any], out: Path = RESULTS, folder: Path = RESCUE_RUNS) -> list[Path]:
+    """One PNG per scenario: unprotected vs auto-remedied loss (each seed) and the control;
+    vertical lines: MSign (solid) and LR halvings (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,17 +313,20 @@ def plot(result: Mapping[str, Any], out: Path = RESULTS) -> list[Path]:
             seed = r["seed"]
             ctrl = load_run(run_path(control_name, seed, RUNS))["losses"]
             unp = load_run(run_path(name, seed, RUNS))["losses"]
-            res = load_run(run_path(name, seed, RESCUE_RUNS))["losses"]
+            res = load_run(run_path(name, seed, folder))["losses"]
             ax.plot(_smooth(ctrl), color="0.6", lw=0.8)
             ax.plot(_smooth(unp), color=color, lw=0.8, ls=":")
             ax.plot(_smooth(res), color=color, lw=1.0, label=f"seed {seed}")
             for s in r["msign_steps"]:
                 ax.axvline(s, color=color, lw=0.5, alpha=0.5)
+            for s in r["lr_backoff_steps"]:
+                ax.axvline(s, color=color, lw=0.5, alpha=0.5, ls="--")
         ax.set_ylim(1.5, 6.0)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (trailing mean of 10)")
         ax.set_title(
-            f"{name}: solid = auto-MSign, dotted = unprotected, grey = control, vertical = MSign",
+            f"{name}: solid = auto-remedied, dotted = unprotected, grey = control; "
+            "vertical: MSign (solid), LR halving (dashed)",
             fontsize=9,
         )
         ax.legend(fontsize=7)
@@ -320,15 +351,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train the scenarios with automatic MSign")
+    run = sub.add_parser("run", help="train the scenarios with automatic remedies")
     run.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
     run.add_argument("--scenarios", default=None, help="comma-separated; default: the failing")
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--force", action="store_true")
+    run.add_argument("--msign-only", action="store_true", help="no learning-rate backoff")
     rep = sub.add_parser("report", help="tabulate the outcomes")
     rep.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
     rep.add_argument("--tag", default="heldout_fresh", help="results file: rescue_<tag>.json")
     rep.add_argument("--plots", action="store_true")
+    rep.add_argument("--msign-only", action="store_true", help="report the MSign-only runs")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -338,15 +371,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.scenarios is None
             else args.scenarios.split(",")
         )
-        run_all(names, seeds, workers=args.workers, force=args.force, folder=RESCUE_RUNS)
+        folder = MSIGN_ONLY_RUNS if args.msign_only else RESCUE_RUNS
+        run_all(
+            names,
+            seeds,
+            workers=args.workers,
+            force=args.force,
+            folder=folder,
+            msign_only=args.msign_only,
+        )
         return
-    result = report(seeds)
+    folder = MSIGN_ONLY_RUNS if args.msign_only else RESCUE_RUNS
+    result = report(seeds, folder=folder)
     path = RESULTS / f"rescue_{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_table(result))
     print(f"\nwrote {path.relative_to(_ROOT)}")
-    if args.plots:
-        for p in plot(result):
+    if args.plots and not args.msign_only:
+        for p in plot(result, folder=folder):
             print(f"wrote {p.relative_to(_ROOT)}")
 
 

@@ -14,6 +14,9 @@ Kinds (docs/contract.md):
   "scale": 1.0, "temperature": 0.25, "snapshot": true}``
 - ``undo``: ``{}`` — restores the snapshot taken by the last msign/pss
 - ``set_probe``: ``{"every": int | null, "enable": [quantity], "disable": [quantity]}``
+- ``scale_lr``: ``{"factor": number > 0}`` — multiplies every parameter group's learning rate
+  by ``factor`` on top of the user's schedule, cumulatively, never above the schedule
+  (:class:`~rankguard.probe.interventions.LearningRateScale`; needs the probe's optimizer)
 
 A command is applied at most once per id: a repeated id is acknowledged again with the first
 result and not re-applied. An invalid command is acknowledged ``failed`` with an error that
@@ -29,7 +32,7 @@ from enum import Enum
 from typing import Any
 
 from .exceptions import ConfigError
-from .interventions import Snapshot, apply_msign, apply_pss
+from .interventions import LearningRateScale, Snapshot, apply_msign, apply_pss
 from .targets import WeightTarget, select
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "CommandRunner",
     "MSignCommand",
     "PSSCommand",
+    "ScaleLRCommand",
     "SetProbeCommand",
     "UndoCommand",
     "parse_command",
@@ -54,6 +58,7 @@ class CommandKind(str, Enum):
     PSS = "pss"
     UNDO = "undo"
     SET_PROBE = "set_probe"
+    SCALE_LR = "scale_lr"
 
 
 Selector = str | tuple[str, ...]
@@ -91,7 +96,13 @@ class SetProbeCommand:
     disable: tuple[str, ...] = ()
 
 
-Command = MSignCommand | PSSCommand | UndoCommand | SetProbeCommand
+@dataclass(frozen=True)
+class ScaleLRCommand:
+    id: str
+    factor: float
+
+
+Command = MSignCommand | PSSCommand | UndoCommand | SetProbeCommand | ScaleLRCommand
 
 _ENGINES = ("svd", "newton_schulz")
 _PSS_VARIANTS = ("clip", "conv", "softmax")
@@ -143,6 +154,10 @@ def parse_command(raw: Mapping[str, Any]) -> Command:
         )
     if kind == CommandKind.UNDO:
         return UndoCommand(id=command_id)
+    if kind == CommandKind.SCALE_LR:
+        if "factor" not in args:
+            raise CommandError("args.factor: required (the learning-rate multiplier, > 0)")
+        return ScaleLRCommand(id=command_id, factor=_positive(args, "factor", 1.0))
     every = args.get("every")
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise CommandError(f"args.every: expected an integer >= 1 or null, got {every!r}")
@@ -159,6 +174,7 @@ _FIELDS: dict[CommandKind, set[str]] = {
     CommandKind.PSS: {"targets", "variant", "k", "scale", "temperature", "snapshot"},
     CommandKind.UNDO: set(),
     CommandKind.SET_PROBE: {"every", "enable", "disable"},
+    CommandKind.SCALE_LR: {"factor"},
 }
 
 
@@ -207,10 +223,13 @@ class CommandRunner:
             embedding and head are only there if the probe was asked for them).
         reconfigure: Applies a ``set_probe`` command to the probe and returns what changed;
             raises :class:`~rankguard.probe.exceptions.ConfigError` for a bad value.
+        lr_scale: The learning-rate multiplier of the probe's optimizer (None: the probe
+            was given no optimizer, and ``scale_lr`` fails with an error saying so).
     """
 
     targets: Sequence[WeightTarget]
     reconfigure: Reconfigure
+    lr_scale: LearningRateScale | None = None
     _acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     _snapshot: Snapshot | None = None
 
@@ -250,6 +269,13 @@ class CommandRunner:
             return {"restored": True}
         if isinstance(command, SetProbeCommand):
             return self.reconfigure(command)
+        if isinstance(command, ScaleLRCommand):
+            if self.lr_scale is None:
+                raise CommandError(
+                    "scale_lr: the probe was given no optimizer; pass it as "
+                    "Probe(model, optimizer, ...)"
+                )
+            return self.lr_scale.multiply(command.factor)
         chosen = self._select(command.targets)
         snapshot = Snapshot.take(chosen) if command.snapshot else None
         if isinstance(command, MSignCommand):

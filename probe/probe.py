@@ -24,6 +24,7 @@ from .config import ProbeConfig
 from .control import CommandRunner, SetProbeCommand
 from .exceptions import ConfigError, ConfigTypeError, QuantityError
 from .hooks import CallCapture, HookSet, ProbeHooks, find_attention_sites
+from .interventions import LearningRateScale
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
 from .quantities.jacobian_alignment import JacobianAlignment
 from .quantities.sharded import is_dtensor
@@ -68,7 +69,8 @@ class Probe:
 
     Args:
         model: the model being trained.
-        optimizer: its optimizer (optional; kept for the interventions' use).
+        optimizer: its optimizer (optional; the ``scale_lr`` command acts on it, through
+            step hooks that exist only while a backoff is in force).
         run: the run's name.
         server: URL of the rankguard server (None: local JSON Lines file only).
         token: bearer token for the server.
@@ -274,11 +276,15 @@ class Probe:
         self._losses: list[tuple[int, Tensor | float, float]] = []
         self._latest: dict[tuple[str, str], float] = {}
         self._failed: set[str] = set()
+        self._armed = False  # hooks or quantity copies are held for the next step
         self._closed = False
         self.transport: Transport = (
             transport if transport is not None else self._default_transport(sink)
         )
-        self._commands = CommandRunner(targets=self.targets, reconfigure=self._reconfigure)
+        self._lr_scale = LearningRateScale(optimizer) if optimizer is not None else None
+        self._commands = CommandRunner(
+            targets=self.targets, reconfigure=self._reconfigure, lr_scale=self._lr_scale
+        )
         self._close_report: CloseReport | None = None
         # FSDP2: parameters are DTensor shards, so weight quantities are collectives
         # (all-reduces of vectors) that every rank must run, in the same order.
@@ -352,8 +358,8 @@ class Probe:
             self._batch_hooks.remove_all()
         if due:
             self._sample(s, due)
-        elif self._hooks.live:
-            self._hooks.disarm()  # armed for a step the caller skipped (step= jumped)
+        elif self._armed:  # armed for a step the caller skipped (step= jumped)
+            self._disarm()
         # Commands act after this step's sample, so the sample shows the weights the
         # optimizer produced and the next one shows the intervention's effect.
         self._apply_commands(s)
@@ -365,13 +371,16 @@ class Probe:
         return dict(self._latest)
 
     def close(self, timeout: float = 10.0) -> CloseReport:
-        """Flushes the losses recorded since the last sample, removes every hook and closes
+        """Flushes the losses recorded since the last sample, removes every hook (model and
+        optimizer: a learning-rate backoff ends with the probe) and closes
         the transport, waiting at most ``timeout`` seconds for the server. Returns (and logs)
         what could not be delivered and where it is kept. Idempotent."""
         if self._close_report is not None:
             return self._close_report
         self._closed = True
-        self._hooks.disarm()
+        self._disarm()
+        if self._lr_scale is not None:
+            self._lr_scale.remove()  # the optimizer steps with the user's LR again
         self._batch_hooks.remove_all()
         try:
             if self._losses:
@@ -395,7 +404,8 @@ class Probe:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """The step counter and every quantity's warm-start state (for exact resume)."""
+        """The step counter, every quantity's warm-start state and the learning-rate
+        backoff in force (for exact resume)."""
         return {
             "version": _STATE_VERSION,
             "step": self._step,
@@ -403,6 +413,7 @@ class Probe:
             "weights": self._weights.state_dict(),
             "inputs": self._inputs.state_dict(),
             "quantities": {q.name: q.state_dict() for q in self.quantities},
+            "lr_scale": self._lr_scale.state_dict() if self._lr_scale is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -418,7 +429,9 @@ class Probe:
         for q in self.quantities:
             if q.name in saved:
                 q.load_state_dict(saved[q.name])
-        self._hooks.disarm()
+        if self._lr_scale is not None and state.get("lr_scale") and not self._closed:
+            self._lr_scale.load_state_dict(state["lr_scale"])
+        self._disarm()
         if not self._closed:
             self._arm(self._step)
 
@@ -485,10 +498,17 @@ class Probe:
         return {"every": self.config.every, "quantities": [q.name for q in self.quantities]}
 
     def _arm(self, step: int) -> None:
-        """Registers the hooks the quantities due at ``step`` need (none if nothing is due)."""
+        """Registers the hooks the quantities due at ``step`` need (none if nothing is due)
+        and lets each of them keep what the step starts from (``Quantity.arm``)."""
         due = [q for q in self.quantities if q.should_compute(step)]
         if not due:
             return
+        self._armed = True
+        for q in due:
+            try:
+                q.arm(step, self.targets)
+            except Exception as exc:
+                self._fail(q, step, exc)
         if any(q.needs_inputs for q in due):
             self._hooks.arm_inputs()
         if any(q.needs_attention for q in due) and self.sites:
@@ -496,10 +516,18 @@ class Probe:
         if any(q.needs_grads for q in due):
             self._hooks.arm_grads(self.params)
 
+    def _disarm(self) -> None:
+        """Removes the armed hooks and drops what the quantities kept for the next sample."""
+        self._armed = False
+        self._hooks.disarm()
+        for q in self.quantities:
+            q.disarm()
+
     def _sample(self, s: int, due: Sequence[Quantity]) -> None:
         # the forward/backward of this step are over: remove the hooks before any probe
-        # forward (Jacobian) can run through them
+        # forward (Jacobian) can run through them; the quantities' compute consumes the rest
         self._hooks.disarm()
+        self._armed = False
         ctx = StepContext(
             step=s,
             model=self.model,

@@ -44,10 +44,11 @@ State format (version 2)
 at the last evaluated step] | "*" (every target of "series", the usual case), "pending": [[step,
 target, value], ...], "series": {target: {...}}, "aggregate": {...} | null, "alert":
 {"firing", "episode", "first_step", "fired_step", "targets", "cooldown_until"}, "msign_steps":
-[steps at which this rule ordered MSign]}``. Per-series state holds ``n`` (finite samples
-seen), the latch (``run``, ``clean``, ``tripped``, ``since``) and only the statistics the
-condition needs (``b_sum``/``b_n`` baseline, ``ema``, z-score ``window``), so a row stays
-O(targets x window) and small: ingest rewrites it on every batch.
+[steps at which this rule ordered its command: MSign or a learning-rate backoff]}``.
+Per-series state holds ``n`` (finite samples seen), the latch (``run``, ``clean``,
+``tripped``, ``since``) and only the statistics the condition needs (``b_sum``/``b_n``
+baseline, ``ema``, z-score ``window``), so a row stays O(targets x window) and small: ingest
+rewrites it on every batch.
 Version 1 (which also kept each series' ``last_step`` and ``value``, and every statistic) is
 still read: ``evaluate`` and ``flush`` return it migrated to version 2.
 Reset the state (``new_state()``) when a rule's condition fields are edited.
@@ -77,11 +78,11 @@ import copy
 import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from fnmatch import fnmatchcase
 from math import isfinite
-from typing import Any
+from typing import Any, ClassVar
 
 STATE_VERSION = 2
 # State "expected" value meaning: the targets at the last evaluated step are all of "series".
@@ -128,7 +129,7 @@ class Severity(str, Enum):
 class TransitionKind(str, Enum):
     FIRING = "firing"
     RESOLVED = "resolved"
-    # A firing alert orders MSign again (``MSignAction.repeat_every``); no notification.
+    # A firing alert orders its command again (``repeat_every``); no notification.
     REPEAT = "repeat"
 
 
@@ -157,26 +158,62 @@ def _check_number(field_name: str, value: Any) -> float:
 
 
 @dataclass(frozen=True)
-class MSignAction:
-    """Order MSign when the rule fires, at most ``max_orders`` times per ``window_steps`` steps.
+class _Orders:
+    """When a rule orders its command: on firing, then (``repeat_every``) again every that
+    many steps while the alert keeps firing, at most ``max_orders`` times per
+    ``window_steps`` steps. ``enabled=False`` keeps the action in the rule (visible, one
+    switch to turn on) without acting. Subclasses say what is ordered (:meth:`command`)."""
 
-    ``enabled=False`` keeps the action in the rule (visible, one switch to turn on) without
-    acting. ``repeat_every``: while the alert keeps firing, order MSign again every that many
-    steps (the MSign paper restores periodically; one restoration may not hold), still within
-    the rate limit; None orders once per firing. ``targets`` is a group of docs/contract.md
-    (``"attention"``, ``"all_2d"``) or a tuple of fnmatch globs over target names.
-    """
-
+    field_name: ClassVar[str]  # the Rule field, for error messages
     enabled: bool = False
-    targets: str | tuple[str, ...] = "all_2d"
-    engine: str = "svd"
     max_orders: int = 1
     window_steps: int = 1000
     repeat_every: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
-            raise RuleError(f"msign.enabled={self.enabled!r} is not valid; use true or false")
+            raise RuleError(
+                f"{self.field_name}.enabled={self.enabled!r} is not valid; use true or false"
+            )
+        _check_int(f"{self.field_name}.max_orders", self.max_orders, 1)
+        _check_int(f"{self.field_name}.window_steps", self.window_steps, 1)
+        if self.repeat_every is not None:
+            _check_int(f"{self.field_name}.repeat_every", self.repeat_every, 1)
+
+    def command(self) -> dict[str, Any]:
+        """The body of ``POST /api/v1/runs/{run_id}/commands`` that this action orders."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        if not isinstance(data, Mapping):
+            raise RuleError(f"{cls.field_name}={data!r} is not valid; use an object or null")
+        valid = {f.name for f in fields(cls)}
+        unknown = set(data) - valid
+        if unknown:
+            raise RuleError(
+                f"{cls.field_name} has unknown field(s) {sorted(unknown)}; valid: "
+                f"{', '.join(sorted(valid))}"
+            )
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class MSignAction(_Orders):
+    """Order MSign when the rule fires (the MSign paper restores periodically, so
+    ``repeat_every`` may order it again while the trouble lasts). ``targets`` is a group of
+    docs/contract.md (``"attention"``, ``"all_2d"``) or a tuple of fnmatch globs over target
+    names."""
+
+    field_name: ClassVar[str] = "msign"
+    targets: str | tuple[str, ...] = "all_2d"
+    engine: str = "svd"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         targets: Any = self.targets
         if isinstance(targets, str):
             if targets not in MSIGN_GROUPS:
@@ -201,37 +238,39 @@ class MSignAction:
             raise RuleError(
                 f"msign.engine={self.engine!r} is not valid; use one of {MSIGN_ENGINES}"
             )
-        _check_int("msign.max_orders", self.max_orders, 1)
-        _check_int("msign.window_steps", self.window_steps, 1)
-        if self.repeat_every is not None:
-            _check_int("msign.repeat_every", self.repeat_every, 1)
 
     def command(self) -> dict[str, Any]:
-        """The body of ``POST /api/v1/runs/{run_id}/commands`` that this action orders."""
         targets = self.targets if isinstance(self.targets, str) else list(self.targets)
         return {"kind": "msign", "args": {"targets": targets, "engine": self.engine}}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "enabled": self.enabled,
-            "targets": self.targets if isinstance(self.targets, str) else list(self.targets),
-            "engine": self.engine,
-            "max_orders": self.max_orders,
-            "window_steps": self.window_steps,
-            "repeat_every": self.repeat_every,
-        }
+        data = super().to_dict()
+        if not isinstance(self.targets, str):
+            data["targets"] = list(self.targets)
+        return data
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MSignAction:
-        if not isinstance(data, Mapping):
-            raise RuleError(f"msign={data!r} is not valid; use an object or null")
-        valid = {"enabled", "targets", "engine", "max_orders", "window_steps", "repeat_every"}
-        unknown = set(data) - valid
-        if unknown:
+
+@dataclass(frozen=True)
+class LRBackoffAction(_Orders):
+    """Order a learning-rate backoff when the rule fires: the probe multiplies every
+    parameter group's learning rate by ``factor`` (in (0, 1)) on top of the user's schedule,
+    cumulatively; ``repeat_every`` keeps lowering it while the alert fires."""
+
+    field_name: ClassVar[str] = "lr_backoff"
+    factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        factor = _check_number("lr_backoff.factor", self.factor)
+        if not 0.0 < factor < 1.0:
             raise RuleError(
-                f"msign has unknown field(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}"
+                f"lr_backoff.factor={factor!r} is not valid; use a number in (0, 1) "
+                "(the learning rate is multiplied by it)"
             )
-        return cls(**dict(data))
+        object.__setattr__(self, "factor", factor)
+
+    def command(self) -> dict[str, Any]:
+        return {"kind": "scale_lr", "args": {"factor": self.factor}}
 
 
 @dataclass(frozen=True)
@@ -267,6 +306,7 @@ class Rule:
     min_step: int = 0
     notify: bool = True
     msign: MSignAction = field(default_factory=MSignAction)
+    lr_backoff: LRBackoffAction = field(default_factory=LRBackoffAction)
     description: str = ""
     runbook: str = ""
     enabled: bool = True
@@ -359,12 +399,29 @@ class Rule:
         for name in ("description", "runbook"):
             if not isinstance(getattr(self, name), str):
                 raise RuleError(f"{name}={getattr(self, name)!r} is not valid; use a string")
-        if isinstance(self.msign, Mapping):
-            object.__setattr__(self, "msign", MSignAction.from_dict(self.msign))
-        elif self.msign is None:
-            object.__setattr__(self, "msign", MSignAction())
-        elif not isinstance(self.msign, MSignAction):
-            raise RuleError(f"msign={self.msign!r} is not valid; use an object or null")
+        for action_cls in (MSignAction, LRBackoffAction):
+            name = action_cls.field_name
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, action_cls.from_dict(value))
+            elif value is None:
+                object.__setattr__(self, name, action_cls())
+            elif not isinstance(value, action_cls):
+                raise RuleError(f"{name}={value!r} is not valid; use an object or null")
+        if self.msign.enabled and self.lr_backoff.enabled:
+            raise RuleError(
+                "msign.enabled and lr_backoff.enabled are both true; a rule orders one kind "
+                "of command: turn one off, or make a second rule on the same quantity"
+            )
+
+    @property
+    def action(self) -> MSignAction | LRBackoffAction | None:
+        """The enabled action (its command is ordered when the rule fires), if any."""
+        if self.msign.enabled:
+            return self.msign
+        if self.lr_backoff.enabled:
+            return self.lr_backoff
+        return None
 
     # -- selection -------------------------------------------------------------------------
 
@@ -398,6 +455,7 @@ class Rule:
             "min_step": self.min_step,
             "notify": self.notify,
             "msign": self.msign.to_dict(),
+            "lr_backoff": self.lr_backoff.to_dict(),
             "description": self.description,
             "runbook": self.runbook,
             "enabled": self.enabled,
@@ -424,8 +482,9 @@ class Rule:
         """A copy with some fields changed (validated like a new rule)."""
         data = self.to_dict()
         data.update(changes)
-        if isinstance(data.get("msign"), MSignAction):
-            data["msign"] = data["msign"].to_dict()
+        for name in ("msign", "lr_backoff"):
+            if isinstance(data.get(name), (MSignAction, LRBackoffAction)):
+                data[name] = data[name].to_dict()
         return Rule.from_dict(data)
 
 
@@ -495,8 +554,9 @@ class Transition:
     ``episode`` counts firings of this rule in this run (1, 2, ...): (rule, run, episode) keys an
     alert. ``first_step`` is when the trouble began (the earliest step at which a reported target
     started to trip), ``step`` when the rule decided. ``targets`` are ordered by how early they
-    moved. ``command`` is the MSign command this firing orders (``None`` when the rule does not
-    act, or ``command_suppressed`` when its rate limit held it back). ``suggested_action`` may
+    moved. ``command`` is the command this firing orders (MSign or a learning-rate backoff;
+    ``None`` when the rule does not act, or ``command_suppressed`` when its rate limit held it
+    back). ``suggested_action`` may
     contain the literal ``{run_id}``, for the caller to fill in.
     """
 
@@ -595,7 +655,9 @@ def new_state() -> dict[str, Any]:
             "targets": [],
             "cooldown_until": None,
         },
-        "msign_steps": [],  # steps at which this rule ordered MSign (rate limit)
+        # steps at which this rule ordered its command (MSign or a learning-rate backoff; a
+        # rule orders one kind), for the rate limit; the key predates the backoff
+        "msign_steps": [],
     }
 
 
@@ -1098,12 +1160,7 @@ def _evaluate_step(
                 bound = target_hits[0].bound if target_hits else None
             message = f"[{rule.severity.value}] rule {rule.name!r}: {message} (step {step})"
             command, suppressed = (
-                _order_msign(rule, state, step)
-                if rule.msign.enabled
-                else (
-                    None,
-                    False,
-                )
+                _order(rule, state, step) if rule.action is not None else (None, False)
             )
             transitions.append(
                 Transition(
@@ -1125,7 +1182,7 @@ def _evaluate_step(
                 )
             )
     elif active and _repeat_due(rule, state, step):
-        command, suppressed = _order_msign(rule, state, step)
+        command, suppressed = _order(rule, state, step)
         if command is not None:
             transitions.append(
                 Transition(
@@ -1140,7 +1197,7 @@ def _evaluate_step(
                     value=agg_value,
                     bound=None,
                     message=f"[repeat] rule {rule.name!r} still firing at step {step}: "
-                    "MSign ordered again",
+                    f"{command['kind']} ordered again",
                     suggested_action=_runbook(rule),
                     notify=False,
                     command=command,
@@ -1180,24 +1237,26 @@ def _evaluate_step(
     return transitions
 
 
-def _order_msign(
-    rule: Rule, state: dict[str, Any], step: int
-) -> tuple[dict[str, Any] | None, bool]:
-    """The MSign command this step orders, or (None, True) when the rate limit holds it back."""
-    horizon = step - rule.msign.window_steps
+def _order(rule: Rule, state: dict[str, Any], step: int) -> tuple[dict[str, Any] | None, bool]:
+    """The command the rule's enabled action orders at this step, or (None, True) when the
+    rate limit holds it back."""
+    action = rule.action
+    assert action is not None  # callers check
+    horizon = step - action.window_steps
     recent = [s for s in state["msign_steps"] if s > horizon]
     command: dict[str, Any] | None = None
-    if len(recent) < rule.msign.max_orders:
-        command = rule.msign.command()
+    if len(recent) < action.max_orders:
+        command = action.command()
         recent.append(step)
     state["msign_steps"] = recent
     return command, command is None
 
 
 def _repeat_due(rule: Rule, state: dict[str, Any], step: int) -> bool:
-    """Whether a firing alert should order MSign again at ``step``."""
-    every = rule.msign.repeat_every
-    if not rule.msign.enabled or every is None:
+    """Whether a firing alert should order its command again at ``step``."""
+    action = rule.action
+    every = action.repeat_every if action is not None else None
+    if every is None:
         return False
     last = max(state["msign_steps"], default=None)
     return last is None or step - last >= every
@@ -1381,6 +1440,7 @@ __all__ = [
     "STATE_VERSION",
     "Aggregation",
     "Condition",
+    "LRBackoffAction",
     "MSignAction",
     "Rule",
     "RuleError",

@@ -11,7 +11,8 @@ Per ingest request (``Alerting.on_ingest``, inside the ingest transaction):
    per (rule, run) per batch, never a query per point;
 3. for each transition: an ``alerts`` row (firing creates, resolved closes it), an ``alert``
    event whose payload is ``Transition.to_dict()`` (the dashboard's markers and tables read
-   those), the MSign command the engine ordered (its rate limit lives in the state), and one
+   those), the command the engine ordered (MSign or a learning-rate backoff; its rate limit
+   lives in the state), and one
    pending ``webhook_deliveries`` row per enabled webhook of the project;
 4. after the commit, ``after_commit`` wakes the delivery worker: ingest never waits on a
    webhook.
@@ -86,7 +87,7 @@ _RULES_TABLE = cast(Table, AlertRule.__table__)
 SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
 # Fields whose edit does not change what the condition computes: the state is kept.
 _STATE_NEUTRAL = frozenset(
-    {"enabled", "notify", "msign", "description", "runbook", "severity", "name"}
+    {"enabled", "notify", "msign", "lr_backoff", "description", "runbook", "severity", "name"}
 )
 
 
@@ -526,7 +527,7 @@ class Alerting:
     def _queue_command(
         self, *, session: Session, run: Run, alert: Alert, tr: Transition, outcome: IngestOutcome
     ) -> None:
-        """Queues the MSign command a transition ordered (none for a finished run)."""
+        """Queues the command a transition ordered (none for a finished run)."""
         if tr.command is None or run.status != RunStatus.RUNNING.value:
             return
         command = storage.enqueue_command(

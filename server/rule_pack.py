@@ -27,6 +27,7 @@ from rankguard.server.alert_engine import (
     MSIGN_HOWTO,
     Aggregation,
     Condition,
+    LRBackoffAction,
     MSignAction,
     Rule,
     Severity,
@@ -41,13 +42,16 @@ NON_FINITE_VALUES = "non_finite_loss_or_grad"
 ATTENTION_LOGIT_HIGH = "attention_logit_high"
 ATTENTION_LOGIT_DIVERGENCE = "attention_logit_divergence"
 REPRESENTATION_COLLAPSE = "representation_collapse"
+UPDATE_RATIO_HIGH = "update_ratio_high"
 
-# Rules whose firing may order MSign (the critical spectral ones and the logit divergence).
+# Rules whose firing may order a command: MSign (the critical spectral ones and the logit
+# divergence) or, for the update ratio, a learning-rate backoff.
 REMEDIABLE = (
     SA_COLLAPSE,
     STABLE_RANK_COLLAPSE,
     ATTENTION_LOGIT_DIVERGENCE,
     REPRESENTATION_COLLAPSE,
+    UPDATE_RATIO_HIGH,
 )
 
 # Periodic while the trouble lasts: one MSign restores the stable rank, the alert resolves, and
@@ -84,13 +88,26 @@ _REPRESENTATION_MSIGN_OFF = MSignAction(
 )
 
 
+# The update-ratio rule halves the learning rate at every sample above the bound (at most 10
+# halvings per 100 steps) and resolves at the first sample under it: the update ratio is
+# proportional to the LR, so the backoff stops by itself once the steps are small again, and
+# starts again if the user's schedule heats up later. Resolving after 4 clean samples instead
+# (as the MSign rules do) kept halving through them and starved a development run of its
+# learning rate (1.19x its control instead of 1.10x; benchmarks/rescue.py).
+_LR_BACKOFF_OFF = LRBackoffAction(
+    enabled=False, factor=0.5, repeat_every=1, max_orders=10, window_steps=100
+)
+
+
 def default_rules(*, remediate: bool = False) -> list[Rule]:
-    """The default pack; ``remediate=True`` turns on the MSign action of the critical rules."""
+    """The default pack; ``remediate=True`` turns on the action of the critical rules (MSign,
+    or the learning-rate backoff of the update-ratio rule)."""
     msign = MSignAction(**{**_MSIGN_OFF.to_dict(), "enabled": remediate})
     attention_msign = MSignAction(**{**_ATTENTION_MSIGN_OFF.to_dict(), "enabled": remediate})
     representation_msign = MSignAction(
         **{**_REPRESENTATION_MSIGN_OFF.to_dict(), "enabled": remediate}
     )
+    lr_backoff = LRBackoffAction(**{**_LR_BACKOFF_OFF.to_dict(), "enabled": remediate})
     return [
         Rule(
             name=SA_COLLAPSE,
@@ -186,6 +203,35 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
                 "post-LN. MSign on every 2-D weight, repeated while the collapse lasts, "
                 "restores the spread (the rescue benchmark); also lower the LR or add "
                 "warmup. " + MSIGN_HOWTO
+            ),
+        ),
+        Rule(
+            name=UPDATE_RATIO_HIGH,
+            quantity="update_ratio",
+            condition=Condition.ABOVE,
+            # calibrated: 0.05 (no paper bound; a weight moving 5% of its norm in one optimizer
+            # step). On the development seeds the geometric mean over the 2-D weights peaks
+            # at 0.016-0.018 on healthy pre-LN runs and 0.033-0.034 on healthy post-LN ones
+            # (warmup), and reaches 0.06-0.15 on the LR ramp, 0.2-0.26 in the hot-LR window,
+            # ~1.3 at the 100x LR spike and 0.8 at step 0 of post-LN without warmup.
+            threshold=0.05,
+            aggregation=Aggregation.GMEAN,
+            consecutive=1,
+            clear_after=1,
+            severity=Severity.CRITICAL,
+            lr_backoff=lr_backoff,
+            description=(
+                "Geometric-mean update-to-weight ratio ||W_after - W_before||_F/||W_before||_F "
+                "of one optimizer step above 0.05 (calibrated on the benchmark models): the "
+                "learning rate is too high for the weights' scale."
+            ),
+            runbook=(
+                "Every step moves the weights by more than 5% of their norm: the learning rate "
+                "is too high (a ramp or warmup that overshoots, a wrong LR on resume, no "
+                "warmup). Lower it; with the action on, rankguard halves it at every sample "
+                'while this fires: POST /api/v1/runs/{run_id}/commands {"kind": "scale_lr", '
+                '"args": {"factor": 0.5}} with an operate-scope token (on top of your '
+                'schedule; {"factor": 2} undoes one halving, never above your schedule).'
             ),
         ),
         Rule(
@@ -367,6 +413,7 @@ __all__ = [
     "REPRESENTATION_COLLAPSE",
     "SA_COLLAPSE",
     "STABLE_RANK_COLLAPSE",
+    "UPDATE_RATIO_HIGH",
     "default_rule_dicts",
     "default_rules",
     "early_block_globs",

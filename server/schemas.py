@@ -249,6 +249,7 @@ class CommandKind(str, Enum):
     PSS = "pss"
     UNDO = "undo"
     SET_PROBE = "set_probe"
+    SCALE_LR = "scale_lr"
 
 
 class CommandCreate(WireModel):

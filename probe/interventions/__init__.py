@@ -1,4 +1,5 @@
-"""Weight interventions: MSign (stable-rank restoration) and PSS (spectrum smoothing).
+"""Interventions: MSign (stable-rank restoration) and PSS (spectrum smoothing) on the weights,
+and a learning-rate backoff on the optimizer (:class:`LearningRateScale`).
 
 Functions rewrite the given :class:`~rankguard.probe.targets.WeightTarget` matrices in place
 (fp32 math, written back in the parameter dtype) and return an :class:`InterventionResult`
@@ -14,6 +15,7 @@ with before/after statistics per matrix. Idempotence by command id is the caller
 
 from __future__ import annotations
 
+from .lr_scale import LearningRateScale
 from .msign import Engine, apply_msign, default_engine, msign_newton_schulz, msign_svd
 from .periodic import MSign
 from .polar import DEFAULT_STEPS, polar_factor, steps_for_floor
@@ -26,6 +28,7 @@ __all__ = [
     "DEFAULT_STEPS",
     "Engine",
     "InterventionResult",
+    "LearningRateScale",
     "MSign",
     "MatrixResult",
     "PSSVariant",

@@ -123,6 +123,16 @@ class Quantity(abc.ABC):
     def should_compute(self, step: int) -> bool:
         return self.schedule(step)
 
+    def arm(self, step: int, targets: Sequence[WeightTarget]) -> None:
+        """Called at the end of the step before ``step`` when ``step`` is due (after that
+        step's commands), so a quantity can keep what the next optimizer step starts from.
+        No host sync; the default keeps nothing."""
+        return None
+
+    def disarm(self) -> None:
+        """Drops what :meth:`arm` kept (the probe closes, or the armed step was skipped)."""
+        return None
+
     @abc.abstractmethod
     def compute(self, ctx: StepContext) -> list[Output]:
         """Results for ``ctx.step``, on the device; no host sync."""

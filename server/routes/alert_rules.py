@@ -151,13 +151,14 @@ def replace_alert_rule(
 def update_alert_rule(
     rule_id: RowId, body: AlertRuleUpdate, db: DbDep, principal: OperatePrincipal
 ) -> AlertRulePublic:
-    """Change some fields of a rule (e.g. ``{"rule": {"msign": {"enabled": true}}}``;
-    ``msign`` is merged field by field)."""
+    """Change some fields of a rule (e.g. ``{"rule": {"msign": {"enabled": true}}}``; the
+    actions ``msign`` and ``lr_backoff`` are merged field by field)."""
     with db.write() as session:
         row = _row_or_404(session, principal, rule_id)
         changes = dict(body.rule)
-        if isinstance(changes.get("msign"), dict):
-            changes["msign"] = {**row.rule.get("msign", {}), **changes["msign"]}
+        for action in ("msign", "lr_backoff"):
+            if isinstance(changes.get(action), dict):
+                changes[action] = {**(row.rule.get(action) or {}), **changes[action]}
         rule = _rule_or_422({**row.rule, **changes})
         return _save(session, row, rule)
 

@@ -60,7 +60,7 @@ def test_promtool_check_rules_is_clean() -> None:
         [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_every_rule_has_severity_and_annotations_and_mirrors_the_pack() -> None:
@@ -98,6 +98,7 @@ PACK_NAME = {
     "RankguardAttentionLogitHigh": ("attention_logit_high", "warning"),
     "RankguardAttentionLogitDivergence": ("attention_logit_divergence", "critical"),
     "RankguardRepresentationCollapse": ("representation_collapse", "critical"),
+    "RankguardUpdateRatioHigh": ("update_ratio_high", "critical"),
 }
 
 
@@ -137,6 +138,8 @@ def test_alerts_fire_on_their_signals(tmp_path: Path) -> None:
         _series("att", "attention_logit_max", "10 2000 20000 20000"),
         _series("rep", "representation_stable_rank", "1.5 1.5 1.01x10", aggregate="mean"),
         _series("rep-ok", "representation_stable_rank", "1.5 1.03x11", aggregate="mean"),
+        _series("hot", "update_ratio", "0.01 0.01 0.2 0.2", aggregate="mean"),
+        _series("calm", "update_ratio", "0.01 0.03 0.04 0.04", aggregate="mean"),
     ]
     tests = [
         # `for: 5m`: active from 2m, pending at 6m, firing at 7m
@@ -171,6 +174,8 @@ def test_alerts_fire_on_their_signals(tmp_path: Path) -> None:
             [("att", "attention_logit_max", "aggregate=max")],
         ),
         # below 1.02 from 2m: firing at 7m; the healthy-looking 1.03 never fires
+        _firing("RankguardUpdateRatioHigh", "1m", []),
+        _firing("RankguardUpdateRatioHigh", "2m", [("hot", "update_ratio", "aggregate=mean")]),
         _firing("RankguardRepresentationCollapse", "6m", []),
         _firing(
             "RankguardRepresentationCollapse",

@@ -65,11 +65,21 @@ def runner_for(model: nn.Module, changes: list[SetProbeCommand] | None = None) -
         ({"id": "a", "kind": "set_probe", "args": {"every": 0}}, "args.every"),
         ({"id": "a", "kind": "set_probe", "args": {"enable": "stable_rank"}}, "args.enable"),
         ({"kind": "undo"}, "id"),
+        ({"id": "a", "kind": "scale_lr"}, "args.factor"),
+        ({"id": "a", "kind": "scale_lr", "args": {"factor": 0}}, "args.factor"),
+        ({"id": "a", "kind": "scale_lr", "args": {"factor": "half"}}, "args.factor"),
+        ({"id": "a", "kind": "scale_lr", "args": {"lr": 1e-4}}, "args.lr"),
     ],
 )
 def test_invalid_commands_name_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(CommandError, match=field.replace(".", r"\.")):
         parse_command(raw)
+
+
+def test_scale_lr_without_an_optimizer_fails_and_says_so() -> None:
+    ack = runner_for(Tiny()).apply({"id": "s", "kind": "scale_lr", "args": {"factor": 0.5}}, 3)
+    assert ack["state"] == "failed"
+    assert "no optimizer" in ack["error"]
 
 
 def test_parse_fills_defaults() -> None:

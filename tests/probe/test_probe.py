@@ -79,6 +79,34 @@ def test_hooks_only_around_sampled_steps_and_close_removes_all(tiny_gpt, tmp_pat
     assert probe_hooks(tiny_gpt) == 0
 
 
+def test_update_ratio_is_the_sampled_steps_own_update(tiny_gpt, tmp_path) -> None:
+    """At every=3 the ratio at step 3 is ‖W₃ − W₂‖/‖W₂‖ (one optimizer step), not the
+    change since the last sample; no copy is held between samples or after close."""
+    probe = make_probe(tiny_gpt, tmp_path, every=3, quantities=["update_ratio"])
+    opt = torch.optim.SGD(tiny_gpt.parameters(), lr=0.5)
+    w = tiny_gpt.transformer.h[0].mlp.c_fc.weight
+    weights = []
+    for _ in range(4):
+        weights.append(w.detach().clone())
+        idx = torch.randint(0, 32, (2, 8))
+        tiny_gpt(idx).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        probe.step()
+        held = probe.quantities[0]._before  # type: ignore[attr-defined]
+        assert (len(held) > 0) == (probe.step_count % 3 == 0)  # armed only before a sample
+    got = probe.latest()[("update_ratio", "transformer.h.0.mlp.c_fc.weight")]
+    expected = (w.detach() - weights[3]).norm() / weights[3].norm()
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+    since_sample = (w.detach() - weights[1]).norm() / weights[1].norm()
+    assert got != pytest.approx(since_sample.item(), rel=1e-2)
+    for _ in range(2):  # steps 4-5: armed at the end of step 5 for step 6
+        probe.step()
+    assert probe.quantities[0]._before  # type: ignore[attr-defined]
+    probe.close()
+    assert probe.quantities[0]._before == {}  # type: ignore[attr-defined]
+
+
 def test_context_manager_closes(tiny_gpt, tmp_path, train) -> None:
     with make_probe(tiny_gpt, tmp_path, every=1) as probe:
         train(tiny_gpt, probe, 2)
@@ -192,10 +220,6 @@ def test_state_dict_round_trip(make_gpt, tmp_path, train) -> None:
     assert (
         again["quantities"]["jacobian_alignment"]["u"].keys()
         == state["quantities"]["jacobian_alignment"]["u"].keys()
-    )
-    assert (
-        again["quantities"]["update_ratio"]["prev"].keys()
-        == state["quantities"]["update_ratio"]["prev"].keys()
     )
     train(model, b, 2)  # continues: step 4 is sampled with warm vectors
     assert ("stable_rank", "transformer.h.0.mlp.c_fc.weight") in b.latest()

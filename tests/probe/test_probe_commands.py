@@ -68,3 +68,30 @@ def test_a_bad_command_is_acked_failed_and_training_goes_on(tiny_gpt, tmp_path, 
     assert all(torch.equal(p, before[n]) for n, p in tiny_gpt.named_parameters())
     train(tiny_gpt, probe, 2)
     probe.close()
+
+
+def test_scale_lr_backs_off_every_step_until_close(tiny_gpt, tmp_path) -> None:
+    transport = MemoryTransport()
+    opt = torch.optim.SGD(tiny_gpt.parameters(), lr=0.1)
+    probe = Probe(tiny_gpt, opt, run="lr", every=5, transport=transport, log_dir=tmp_path)
+    w = tiny_gpt.transformer.h[0].mlp.c_fc.weight
+
+    def sgd_step() -> torch.Tensor:
+        before = w.detach().clone()
+        for p in tiny_gpt.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        probe.step()
+        return w.detach() - before
+
+    torch.testing.assert_close(sgd_step(), torch.full_like(w, -0.1))
+    transport.push_command({"id": "lr1", "kind": "scale_lr", "args": {"factor": 0.5}})
+    sgd_step()  # applied at this step's boundary, after its optimizer step
+    ack = dict(transport.acks)["lr1"]
+    assert ack["state"] == "applied" and ack["result"]["scale"] == 0.5
+    for _ in range(2):
+        torch.testing.assert_close(sgd_step(), torch.full_like(w, -0.05))
+    assert probe.state_dict()["lr_scale"] == {"scale": 0.5}
+    probe.close()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert opt.param_groups[0]["lr"] == 0.1

@@ -16,6 +16,7 @@ from rankguard.server import alert_engine
 from rankguard.server.alert_engine import (
     Aggregation,
     Condition,
+    LRBackoffAction,
     MSignAction,
     Rule,
     RuleError,
@@ -417,6 +418,47 @@ def test_msign_glob_targets_in_command() -> None:
     assert action.command()["args"]["targets"] == ["h.0.*", "h.1.*"]
 
 
+def test_lr_backoff_halves_at_every_sample_while_firing_within_the_rate_limit() -> None:
+    backoff = LRBackoffAction(
+        enabled=True, factor=0.5, repeat_every=5, max_orders=4, window_steps=100
+    )
+    r = Rule(
+        name="hot",
+        quantity="update_ratio",
+        condition=Condition.ABOVE,
+        threshold=0.05,
+        aggregation="gmean",
+        clear_after=2,
+        lr_backoff=backoff,
+    )
+    values = [0.01, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.01, 0.01, 0.01]  # steps 0, 5, ... 45
+    _, transitions = drive(r, by_step(samples_for({"a": values, "b": values}, stride=5)))
+    ordered = [(t.kind, t.step, t.command) for t in transitions if t.command is not None]
+    command = {"kind": "scale_lr", "args": {"factor": 0.5}}
+    assert ordered == [
+        (TransitionKind.FIRING, 5, command),
+        (TransitionKind.REPEAT, 10, command),
+        (TransitionKind.REPEAT, 15, command),
+        (TransitionKind.REPEAT, 20, command),  # the 4th order: the rate limit holds the rest
+    ]
+    assert [t.step for t in transitions if t.kind is TransitionKind.RESOLVED] == [40]
+    assert "scale_lr ordered again" in transitions[1].message
+    assert Rule.from_dict(r.to_dict()) == r
+
+
+def test_a_rule_orders_one_kind_of_command() -> None:
+    with pytest.raises(RuleError, match="both true"):
+        rule(
+            condition="above",
+            threshold=1.0,
+            msign=MSignAction(enabled=True),
+            lr_backoff=LRBackoffAction(enabled=True),
+        )
+    r = rule(condition="above", threshold=1.0, lr_backoff={"enabled": True, "factor": 0.25})
+    assert r.action == LRBackoffAction(enabled=True, factor=0.25)
+    assert rule(condition="above", threshold=1.0).action is None
+
+
 # -- step order: out of order, replays, gaps, lag ----------------------------------------------
 
 
@@ -779,6 +821,18 @@ def test_transition_dict_round_trip_is_json_safe() -> None:
         ({"condition": "above", "threshold": 1.0, "msign": {"engine": "qr"}}, "msign.engine"),
         ({"condition": "above", "threshold": 1.0, "msign": {"targets": "mlp"}}, "msign.targets"),
         ({"condition": "above", "threshold": 1.0, "msign": {"max_orders": 0}}, "msign.max_orders"),
+        (
+            {"condition": "above", "threshold": 1.0, "lr_backoff": {"factor": 1.0}},
+            "lr_backoff.factor",
+        ),
+        (
+            {"condition": "above", "threshold": 1.0, "lr_backoff": {"factor": "x"}},
+            "lr_backoff.factor",
+        ),
+        (
+            {"condition": "above", "threshold": 1.0, "lr_backoff": {"repeat_every": 0}},
+            "lr_backoff.repeat_every",
+        ),
         ({"condition": "above", "threshold": 1.0, "name": ""}, "name"),
     ],
 )

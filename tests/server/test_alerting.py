@@ -16,7 +16,12 @@ from rankguard.server import notifications, storage
 from rankguard.server.alerting import _rank0_by_step
 from rankguard.server.config import Settings
 from rankguard.server.main import create_app
-from rankguard.server.rule_pack import SA_COLLAPSE, STABLE_RANK_COLLAPSE, default_rule_dicts
+from rankguard.server.rule_pack import (
+    SA_COLLAPSE,
+    STABLE_RANK_COLLAPSE,
+    UPDATE_RATIO_HIGH,
+    default_rule_dicts,
+)
 
 QUANTITY = "sa_sign_diversity"
 TARGETS = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(6)]
@@ -87,6 +92,34 @@ def alerts(api: Api, run_id: str) -> list[dict[str, Any]]:
     r = api.get(f"/runs/{run_id}/alerts")
     assert r.status_code == 200, r.text
     return list(reversed(r.json()["data"]))  # oldest first
+
+
+def test_update_ratio_rule_orders_lr_backoffs_once_its_action_is_on(project: Project) -> None:
+    ingest_api, operate, read = project.api["ingest"], project.api["operate"], project.api["read"]
+    run = project.new_run()
+    hot = rule_id(operate, run, UPDATE_RATIO_HIGH)
+    patch = patch_json(operate, f"/alert-rules/{hot}", {"rule": {"lr_backoff": {"enabled": True}}})
+    assert patch.status_code == 200, patch.text
+    assert patch.json()["rule"]["lr_backoff"]["factor"] == 0.5  # merged, not replaced
+    both = patch_json(operate, f"/alert-rules/{hot}", {"rule": {"msign": {"enabled": True}}})
+    assert both.status_code == 422 and "both true" in both.text
+
+    weights = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"]
+    ratios = [0.01, 0.01, 0.2, 0.2, 0.1, 0.01, 0.01]  # steps 0, 5, ... 30
+    steps = [5 * i for i, _ in enumerate(ratios) for _ in weights]
+    body = {
+        "quantity": ["update_ratio"] * len(steps),
+        "target": weights * len(ratios),
+        "step": steps,
+        "value": [v for v in ratios for _ in weights],
+    }
+    ingest(ingest_api, run, body)
+    [alert] = alerts(read, run)
+    assert (alert["fired_step"], alert["state"], alert["resolved_step"]) == (10, "resolved", 25)
+    commands = read.get(f"/runs/{run}/commands").json()["data"]
+    # fired at 10, halved again at each hot sample (15, 20), resolved by the first calm one
+    assert [(c["kind"], c["args"]) for c in commands] == [("scale_lr", {"factor": 0.5})] * 3
+    assert {c["created_by"] for c in commands} == {f"alert:{alert['id']}"}
 
 
 def test_new_run_gets_the_default_pack_specialised(project: Project) -> None:

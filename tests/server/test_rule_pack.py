@@ -32,7 +32,7 @@ def run_rule(rule: Rule, samples: list[tuple[str, int, Any]]) -> list[Transition
 
 def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
     rules = rule_pack.default_rules()
-    assert len({r.name for r in rules}) == len(rules) == 9
+    assert len({r.name for r in rules}) == len(rules) == 10
     contract = {
         "loss",
         "stable_rank",
@@ -42,6 +42,7 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         "non_finite",
         "attention_logit_max",
         "representation_stable_rank",
+        "update_ratio",
     }
     assert {r.quantity for r in rules} == contract
     assert all(r.runbook and r.description for r in rules)
@@ -95,6 +96,12 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
              "clear_threshold": 1.05, "clear_after": 4, "min_step": 10,
              "severity": Severity.CRITICAL},
         ),
+        (
+            rule_pack.UPDATE_RATIO_HIGH,
+            {"quantity": "update_ratio", "condition": Condition.ABOVE, "threshold": 0.05,
+             "aggregation": Aggregation.GMEAN, "consecutive": 1, "clear_after": 1,
+             "min_step": 0, "severity": Severity.CRITICAL},
+        ),
     ],
 )  # fmt: skip
 def test_calibrated_values(name: str, expected: dict[str, Any]) -> None:
@@ -107,10 +114,16 @@ def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
     off = by_name(rule_pack.default_rules())
     on = by_name(rule_pack.default_rules(remediate=True))
     for name in rule_pack.REMEDIABLE:
-        assert off[name].msign.enabled is False
-        assert off[name].msign.engine == "svd"
-        assert on[name].msign.enabled is True
+        assert off[name].action is None
+        assert on[name].action is not None
         assert on[name].severity is Severity.CRITICAL
+        if name != rule_pack.UPDATE_RATIO_HIGH:
+            assert on[name].msign.enabled is True and on[name].msign.engine == "svd"
+    # the update ratio halves the learning rate at every sample while it fires
+    hot = on[rule_pack.UPDATE_RATIO_HIGH]
+    assert hot.msign.enabled is False
+    assert hot.lr_backoff.factor == 0.5 and hot.lr_backoff.repeat_every == 1
+    assert hot.action.command() == {"kind": "scale_lr", "args": {"factor": 0.5}}
     for name in (rule_pack.SA_COLLAPSE, rule_pack.STABLE_RANK_COLLAPSE):
         assert on[name].msign.targets == "all_2d" and on[name].msign.repeat_every is None
     # the logit divergence repeats MSign on the attention weights while it fires
@@ -121,7 +134,7 @@ def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
     collapse = on[rule_pack.REPRESENTATION_COLLAPSE]
     assert collapse.msign.targets == "all_2d" and collapse.msign.repeat_every == 10
     for name in set(off) - set(rule_pack.REMEDIABLE):
-        assert on[name].msign.enabled is False
+        assert on[name].action is None
 
 
 def test_dicts_round_trip_through_json() -> None:
@@ -184,6 +197,26 @@ def test_pack_rules_fire_on_their_signals() -> None:
     ]
     dip = [(t, s, 1.03) for s in range(5, 60, 5) for t in ("h.0.attn", "h.1.mlp")]
     assert run_rule(rules[rule_pack.REPRESENTATION_COLLAPSE], dip) == []
+
+    # update ratio: one hot weight among calm ones is not the gmean crossing 0.05; all hot is,
+    # and the LR is halved at every hot sample; the first calm one resolves it, and a later
+    # hot one fires again
+    ratios = [0.01, 0.01, 0.2, 0.1, 0.06, 0.02, 0.02, 0.08, 0.02, 0.02]  # steps 0, 5, ...
+    one_hot = [("h.0.w", 5 * i, 0.2) for i in range(10)] + [
+        (f"h.{k}.w", 5 * i, 0.01) for i in range(10) for k in (1, 2, 3)
+    ]
+    assert run_rule(rules[rule_pack.UPDATE_RATIO_HIGH], one_hot) == []
+    hot = [(t, 5 * i, v) for i, v in enumerate(ratios) for t in ("h.0.w", "h.1.w")]
+    transitions = run_rule(rules[rule_pack.UPDATE_RATIO_HIGH], hot)
+    assert [(t.kind.value, t.step) for t in transitions] == [
+        ("firing", 10),
+        ("repeat", 15),
+        ("repeat", 20),
+        ("resolved", 25),
+        ("firing", 35),
+        ("resolved", 40),
+    ]
+    assert transitions[0].command == {"kind": "scale_lr", "args": {"factor": 0.5}}
 
     # a*M > 1 is routine on healthy runs; the calibrated rule waits for > 50 after step 50
     gain = [("h.0->h.1", s, v) for s, v in [(10, 80.0), (50, 20.0), (60, 49.0), (70, 60.0)]]

@@ -35,29 +35,39 @@ def test_grad_norm_prefers_hook_values(ctx_for) -> None:
     assert out.values.tolist() == [5.0, 3.0, 4.0]
 
 
-def test_update_ratio_between_samples(ctx_for) -> None:
+def test_update_ratio_of_the_armed_step(ctx_for) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    ctx = ctx_for(model, step=7)
     q = UpdateRatio()
-    assert q.compute(ctx_for(model)) == []  # first sample: nothing to compare with
+    assert q.compute(ctx) == []  # never armed: nothing to compare with
+    q.arm(7, ctx.targets)
     before = [m.weight.detach().clone() for m in model]
     with torch.no_grad():
         model[0].weight.add_(0.1)
-    out = q.compute(ctx_for(model))[0]
+    out = q.compute(ctx)[0]
     assert out.targets == ("0.weight", "1.weight")
     expected0 = (model[0].weight.detach() - before[0]).norm() / before[0].norm()
     torch.testing.assert_close(out.values[0], expected0)
     assert out.values[1].item() == 0.0
-    # state round trip: the copy of the previous weights travels
-    r = UpdateRatio()
-    r.load_state_dict(q.state_dict())
-    torch.testing.assert_close(r.state_dict()["prev"]["0.weight"], model[0].weight.detach())
+    assert q.compute(ctx) == []  # the copy was consumed: no stale comparison later
+
+
+def test_update_ratio_ignores_a_copy_armed_for_another_step(ctx_for) -> None:
+    model = nn.Linear(3, 3)
+    q = UpdateRatio()
+    q.arm(4, ctx_for(model).targets)
+    assert q.compute(ctx_for(model, step=9)) == []
+    q.arm(4, ctx_for(model).targets)
+    q.disarm()  # what the probe does on close or a skipped step
+    assert q.compute(ctx_for(model, step=4)) == []
 
 
 def test_update_ratio_reports_fused_parameter_once(tiny_gpt, ctx_for) -> None:
     q = UpdateRatio()
-    q.compute(ctx_for(tiny_gpt))
-    out = q.compute(ctx_for(tiny_gpt))[0]
+    ctx = ctx_for(tiny_gpt)
+    q.arm(0, ctx.targets)
+    out = q.compute(ctx)[0]
     assert "transformer.h.0.attn.c_attn.weight" in out.targets
     assert len(out.targets) == len(set(out.targets)) == 8
 
