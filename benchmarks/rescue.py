@@ -16,9 +16,13 @@ explosion (incl. non-finite), silent degradation (final trailing-25 loss > 1.15x
 control's, same seed), or none; plus the final loss relative to the control. The controls and
 the unprotected runs are the recordings of ``early_warning record`` (run that first)::
 
-    python -m benchmarks.early_warning record --seeds 11,12,13,14 --workers 2
-    python -m benchmarks.rescue run --seeds 11,12,13,14 --workers 2 --scenarios <all nine>
-    python -m benchmarks.rescue report --seeds 11,12,13,14 --tag heldout_fresh --plots
+    python -m benchmarks.early_warning record --seeds 15,16,17,18 --workers 2
+    python -m benchmarks.rescue run --seeds 15,16,17,18 --workers 2 --scenarios <all nine>
+    python -m benchmarks.rescue report --seeds 15,16,17,18 --tag heldout_1518 --plots
+    python -m benchmarks.rescue run --seeds 15,16,17,18 --workers 2 --scenarios <all nine> \
+        --msign-only
+    python -m benchmarks.rescue report --seeds 15,16,17,18 --tag heldout_1518_msign_only \
+        --msign-only
 """
 
 from __future__ import annotations
@@ -359,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--msign-only", action="store_true", help="no learning-rate backoff")
     rep = sub.add_parser("report", help="tabulate the outcomes")
     rep.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
-    rep.add_argument("--tag", default="heldout_fresh", help="results file: rescue_<tag>.json")
+    rep.add_argument("--tag", default="heldout_1518", help="results file: rescue_<tag>.json")
     rep.add_argument("--plots", action="store_true")
     rep.add_argument("--msign-only", action="store_true", help="report the MSign-only runs")
     args = parser.parse_args(argv)

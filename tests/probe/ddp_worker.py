@@ -57,14 +57,19 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         probe.step(loss)
         if step == 5 and rank == 0 and operate_token != "-":
-            httpx.post(
-                f"{server}/api/v1/runs/{probe.run_id}/commands",
-                json={"kind": "msign", "args": {"targets": "attention", "engine": "svd"}},
-                headers={"Authorization": f"Bearer {operate_token}"},
-                timeout=10,
-            ).raise_for_status()
+            for command in (
+                {"kind": "msign", "args": {"targets": "attention", "engine": "svd"}},
+                {"kind": "scale_lr", "args": {"factor": 0.25}},
+            ):
+                httpx.post(
+                    f"{server}/api/v1/runs/{probe.run_id}/commands",
+                    json=command,
+                    headers={"Authorization": f"Bearer {operate_token}"},
+                    timeout=10,
+                ).raise_for_status()
         time.sleep(0.02)
     pending_losses = len(probe._losses)  # what close() would still have to ship
+    lr_scale = probe.state_dict()["lr_scale"]
     report = probe.close(timeout=20)
     torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     log = {
@@ -72,6 +77,7 @@ def main() -> None:
         "commands": probe.command_log(),
         "delivered": report.delivered_all,
         "pending_losses": pending_losses,
+        "lr_scale": lr_scale,
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(log))
     dist.destroy_process_group()

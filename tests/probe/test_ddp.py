@@ -38,13 +38,20 @@ def test_command_applied_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
         assert log0["run_id"] == log1["run_id"]
         # rank 1 keeps no losses (rank 0 ships the loss): nothing piles up over the run
         assert log1["pending_losses"] == 0
-        assert len(log0["commands"]) == 1, log0
+        assert len(log0["commands"]) == 2, log0
         assert log0["commands"].keys() == log1["commands"].keys()
-        (command_id,) = log0["commands"]
-        ack0, ack1 = log0["commands"][command_id], log1["commands"][command_id]
-        assert ack0["state"] == ack1["state"] == "applied"
-        assert ack0["step"] == ack1["step"]
-        assert ack0["step"] % 2 == 0  # only at command-broadcast steps
+        for command_id in log0["commands"]:
+            ack0, ack1 = log0["commands"][command_id], log1["commands"][command_id]
+            assert ack0["state"] == ack1["state"] == "applied"
+            assert ack0["step"] == ack1["step"]
+            assert ack0["step"] % 2 == 0  # only at command-broadcast steps
+        # the learning-rate backoff is in force on both ranks (equal weights below show that
+        # both optimizers stepped with it from the same step)
+        assert log0["lr_scale"] == log1["lr_scale"] == {"scale": 0.25}
+        command_id = next(
+            c for c, ack in log0["commands"].items() if "matrices" in ack.get("result", {})
+        )
+        ack0 = log0["commands"][command_id]
         assert weights0.keys() == weights1.keys()
         for name in weights0:
             assert torch.equal(weights0[name], weights1[name]), name
