@@ -520,21 +520,27 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
 
 def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULTS) -> list[Path]:
     """One PNG per scenario: loss (each seed), the attention-logit, stable-rank and
-    representation-stable-rank precursors, the first rankguard alert and the failure step."""
+    representation-stable-rank precursors, the update ratio, the first rankguard precursor
+    alert (dashed), the first update-ratio alert (dash-dot) and the failure step (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rankguard.server.rule_pack import REPRESENTATION_COLLAPSE, default_rules
+    from rankguard.server.rule_pack import (
+        REPRESENTATION_COLLAPSE,
+        UPDATE_RATIO_HIGH,
+        default_rules,
+    )
 
-    collapse_bound = next(r.threshold for r in default_rules() if r.name == REPRESENTATION_COLLAPSE)
+    bounds = {r.name: r.threshold for r in default_rules()}
+    collapse_bound = bounds[REPRESENTATION_COLLAPSE]
     paths = []
     by_scenario: dict[str, list[Mapping[str, Any]]] = {}
     for r in result["runs"]:
         by_scenario.setdefault(r["scenario"], []).append(r)
     for name, rows in by_scenario.items():
-        fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
+        fig, axes = plt.subplots(5, 1, figsize=(8, 12), sharex=True)
         for i, r in enumerate(rows):
             rec = load_run(run_path(name, r["seed"], folder))
             color = f"C{i}"
@@ -552,21 +558,32 @@ def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULT
                 # SR(Z) - 1 on a log axis: the collapse is the approach to 1
                 steps, values = zip(*rsr, strict=True)
                 axes[3].semilogy(steps, [v - 1.0 for v in values], color=color, lw=0.8)
+            ratio = _gmean_by_step(rec["points"].get("update_ratio", []))
+            if ratio:
+                axes[4].semilogy(*zip(*ratio, strict=True), color=color, lw=0.8)
             fire = r["first_firing"]["rankguard_spectral_any"]
+            hot = r["first_firing"].get(UPDATE_RATIO_HIGH)
             fail = r["failure"]["step"]
             for ax in axes:
                 if fire is not None:
                     ax.axvline(fire, color=color, ls="--", lw=0.8)
+                if hot is not None:
+                    ax.axvline(hot, color=color, ls="-.", lw=0.8)
                 if fail is not None:
                     ax.axvline(fail, color=color, ls=":", lw=1.2)
         axes[0].set_ylabel("loss")
-        axes[0].set_title(f"{name}: dashed = first rankguard precursor alert, dotted = failure")
+        axes[0].set_title(
+            f"{name}: dashed = first precursor alert, dash-dot = update ratio, dotted = failure",
+            fontsize=9,
+        )
         axes[0].legend(fontsize=7)
         axes[1].set_ylabel("max attention logit")
         axes[2].set_ylabel("stable rank (gmean)")
         axes[3].set_ylabel("repr. stable rank − 1 (gmean)")
         axes[3].axhline(collapse_bound - 1.0, color="k", ls="-.", lw=0.6)
-        axes[3].set_xlabel("step")
+        axes[4].set_ylabel("update ratio (gmean)")
+        axes[4].axhline(bounds[UPDATE_RATIO_HIGH], color="k", ls="-.", lw=0.6)
+        axes[4].set_xlabel("step")
         fig.tight_layout()
         path = out / f"lead_time_{name}.png"
         fig.savefig(path, dpi=90)

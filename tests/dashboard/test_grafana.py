@@ -113,6 +113,7 @@ def test_required_panels_present() -> None:
         ("jacobian_alignment_gain", "max"),
         ("attention_logit_max", "max"),
         ("representation_stable_rank", "mean"),
+        ("update_ratio", "mean"),
     ]:
         assert f'quantity="{quantity}", aggregate="{aggregate}"' in joined, (quantity, aggregate)
     assert "rankguard_alerts_firing" in joined
