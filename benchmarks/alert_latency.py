@@ -8,7 +8,7 @@ Claims (issue 5):
     RANKGUARD_ALERTS_ENABLED=false on the same workload, ratio >= 0.8.
 
 The workload uses the contract's quantity names (stable_rank, sa_sign_diversity, ...) over
-96 targets so the default rule pack really evaluates (6 of its 9 rules match these
+96 targets so the default rule pack really evaluates (7 of its 10 rules match these
 quantities: all but the loss, gradient-norm and non-finite ones); the values stay healthy,
 so (b) measures evaluation, not alert traffic.
 
@@ -60,7 +60,9 @@ TRIP_RULE = {
 def healthy(q: str, step: int, t: int) -> float:
     if q == "sa_sign_diversity":
         return 0.6 + (step * 7 + t) % 30 / 100
-    if q in ("jacobian_alignment_gain", "update_ratio", "singularity_alignment"):
+    if q == "update_ratio":  # a healthy step moves a weight by ~1% (the rule's bound: 5%)
+        return 0.005 + (step + t) % 40 / 4000
+    if q in ("jacobian_alignment_gain", "singularity_alignment"):
         return 0.1 + (step + t) % 40 / 100
     return 5.0 + (step * 31 + t) % 97 / 97
 

@@ -329,8 +329,8 @@ def plot(result: Mapping[str, Any], out: Path = RESULTS, folder: Path = RESCUE_R
         ax.set_xlabel("step")
         ax.set_ylabel("loss (trailing mean of 10)")
         ax.set_title(
-            f"{name}: solid = auto-remedied, dotted = unprotected, grey = control; "
-            "vertical: MSign (solid), LR halving (dashed)",
+            f"{name}: remedied (solid), unprotected (dotted), control (grey);\n"
+            "vertical lines: MSign (solid), LR halving (dashed)",
             fontsize=9,
         )
         ax.legend(fontsize=7)

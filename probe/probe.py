@@ -371,10 +371,10 @@ class Probe:
         return dict(self._latest)
 
     def close(self, timeout: float = 10.0) -> CloseReport:
-        """Flushes the losses recorded since the last sample, removes every hook (model and
-        optimizer: a learning-rate backoff ends with the probe) and closes
-        the transport, waiting at most ``timeout`` seconds for the server. Returns (and logs)
-        what could not be delivered and where it is kept. Idempotent."""
+        """Flushes the losses recorded since the last sample, removes every hook (on the model
+        and on the optimizer: a learning-rate backoff ends with the probe) and closes the
+        transport, waiting at most ``timeout`` seconds for the server. Returns (and logs) what
+        could not be delivered and where it is kept. Idempotent."""
         if self._close_report is not None:
             return self._close_report
         self._closed = True
