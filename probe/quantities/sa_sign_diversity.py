@@ -40,10 +40,16 @@ def sign_diversity(c: Tensor) -> Tensor:
 
 def cosine_histogram(c: Tensor, bins: int) -> Tensor:
     """Counts of c on ``histogram_edges(bins)`` (the last bin closed). bucketize-free and
-    sync-free: torch.bincount/histc may read sizes back to the host on CUDA."""
-    idx = ((c.clamp(-1.0, 1.0) + 1.0) * (bins / 2.0)).floor().clamp_(0, bins - 1).long()
+    sync-free: torch.bincount/histc may read sizes back to the host on CUDA.
+
+    A NaN cosine (non-finite layer inputs, e.g. an fp16 overflow) has no bin and is not
+    counted. Cast to an index it would be out of range: an IndexError on the CPU, a
+    device-side assert that kills the process on CUDA."""
+    counted = ~torch.isnan(c)
+    position = ((c.clamp(-1.0, 1.0) + 1.0) * (bins / 2.0)).floor().clamp_(0, bins - 1)
+    idx = torch.where(counted, position, 0.0).long()
     counts = torch.zeros(bins, device=c.device, dtype=torch.float32)
-    return counts.index_add_(0, idx, torch.ones_like(c, dtype=torch.float32))
+    return counts.index_add_(0, idx, counted.to(torch.float32))
 
 
 class SaSignDiversity(Quantity):

@@ -71,3 +71,19 @@ def test_bad_factor_is_refused_and_changes_nothing(factor: object) -> None:
     with pytest.raises(ConfigError, match=r"args\.factor"):
         scale.multiply(factor)  # type: ignore[arg-type]
     assert scale.scale == 1.0 and not opt._optimizer_step_pre_hooks
+
+
+def test_a_chainable_scheduler_keeps_its_own_schedule() -> None:
+    """StepLR reads the group's LR to compute the next one: it must see its own value, never
+    the scaled one, or each step would compound the backoff into the schedule."""
+    layer, opt = sgd_pair()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scale = LearningRateScale(opt)
+    scale.multiply(0.1)
+    deltas = []
+    for _ in range(3):
+        deltas.append(step_delta(layer, opt)[0, 0].item())
+        scheduler.step()
+    assert deltas == pytest.approx([-0.01, -0.005, -0.0025])  # 0.1 x (0.1, 0.05, 0.025)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0125)  # the schedule alone
+    scale.remove()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -77,6 +79,18 @@ def test_histogram_edge_values() -> None:
     counts = cosine_histogram(c, 4)
     assert counts.tolist() == [2.0, 0.0, 1.0, 2.0]
     assert histogram_edges(4) == (-1.0, -0.5, 0.0, 0.5, 1.0)
+
+
+def test_histogram_skips_nan_cosines(layer: nn.Linear, ctx_for) -> None:
+    """Non-finite inputs (an fp16 overflow) give NaN cosines: they are not counted, and the
+    quantity keeps working (an out-of-range bin index used to disable it for the run)."""
+    c = torch.tensor([math.nan, -1.0, 0.25, math.nan])
+    assert cosine_histogram(c, 4).tolist() == [1.0, 0.0, 1.0, 0.0]
+    x = torch.randn(8, layer.in_features)
+    x[3] = math.nan
+    out = SaSignDiversity().compute(ctx_for(layer, captures=Captures(inputs={"weight": x})))
+    (hist,) = [o for o in out if isinstance(o, Histogram)]
+    assert hist.counts.sum().item() == 7.0
 
 
 def test_no_inputs_no_output(layer: nn.Linear, ctx_for) -> None:
