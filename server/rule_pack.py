@@ -6,14 +6,16 @@ them per run with ``Rule.to_dict()`` and users edit them through the rules API. 
 over early layers), §1.4 (a·M > 1), §6.4 (PSS gradient-norm trigger), §6.7 (attention logits).
 dashboard/prometheus/rules.yml carries the Prometheus equivalents; keep the two in step.
 
-The MSign action of the critical spectral rules is present but off: a user turns it on per
-rule, or installs ``default_rules(remediate=True)``.
+The actions of the critical rules are present but off: MSign on the spectral and attention
+rules, a learning-rate backoff (``scale_lr``) on the update-ratio rule. A user turns one on
+per rule, or installs ``default_rules(remediate=True)``.
 
 Calibration (benchmarks/early_warning.py, BENCHMARKS.md "Early warning"): thresholds marked
 "calibrated" were chosen on the scenario catalog's development seeds 0, 1, 3-6 (4-layer d=64
 GPTs, 400 steps) so that no healthy control fires, and evaluated on held-out seeds (7-10 for
-the pack of the second calibration; fresh seeds 11-14 once the representation rule joined). The
-absolute attention-logit bounds depend on the model (head dim, scale); re-check them on a
+the pack of the second calibration; fresh seeds 11-14 once the representation rule joined;
+fresh seeds 15-18 once the update-ratio rule joined). The absolute attention-logit and
+update-ratio bounds depend on the model (head dim, scale, initialisation); re-check them on a
 healthy run of your own model.
 """
 
