@@ -11,16 +11,16 @@ from __future__ import annotations
 from .config import ProbeConfig
 from .control import CommandError, CommandRunner, parse_command
 from .exceptions import ConfigError, ConfigTypeError, ProbeError, QuantityError, SelectorError
+from .http_transport import HttpTransport
 from .interventions import MSign, Snapshot, apply_msign, apply_pss
 from .probe import Probe
 from .quantities import REGISTRY as QUANTITIES
 from .quantities import Histogram, PowerIteration, Quantity, StepContext, Triplet, Values
 from .schedules import Every, Never, Schedule, every
-from .sink import FileSink, MemorySink, NullSink, Point, Sink, encode_batch, read_jsonl
+from .sink import FileSink, MemorySink, NullSink, Sink, read_jsonl
 from .targets import WeightTarget, find_blocks, find_targets, select
 from .transport import (
     CloseReport,
-    HttpTransport,
     MemoryTransport,
     NullTransport,
     SinkTransport,
@@ -28,6 +28,7 @@ from .transport import (
     TransportStats,
 )
 from .upload import upload
+from .wire import Point, encode_batch
 
 __all__ = [
     "QUANTITIES",

@@ -24,22 +24,23 @@ from .config import ProbeConfig
 from .control import CommandRunner, SetProbeCommand
 from .exceptions import ConfigError, ConfigTypeError, QuantityError
 from .hooks import CallCapture, HookSet, ProbeHooks, find_attention_sites
+from .http_transport import HttpTransport
 from .interventions import LearningRateScale
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
 from .quantities.jacobian_alignment import JacobianAlignment
 from .quantities.sharded import is_dtensor
 from .quantities.spectral import PowerIteration
 from .schedules import Every
-from .sink import FileSink, Point, Sink, encode_batch, encode_histogram, safe_file_name
+from .sink import FileSink, Sink, safe_file_name
 from .targets import WeightTarget, find_blocks, find_targets
 from .transport import (
     CloseReport,
-    HttpTransport,
     NullTransport,
     SinkTransport,
     Transport,
     TransportStats,
 )
+from .wire import Point, encode_batch, encode_histogram
 
 __all__ = ["Probe"]
 
@@ -451,12 +452,14 @@ class Probe:
             return HttpTransport(
                 self.server,
                 token=self.token,
-                run=self.registration(),
+                registration=self.registration(),
                 spill_path=path,
                 poll_interval=self.command_poll_interval,
                 poll_commands=self.rank == 0,  # rank 0 claims commands and relays them
             )
-        return SinkTransport(sink if sink is not None else FileSink(path, run=self.registration()))
+        return SinkTransport(
+            sink if sink is not None else FileSink(path, registration=self.registration())
+        )
 
     def _apply_commands(self, s: int) -> None:
         """Applies queued commands at this step boundary, identically on every rank."""
