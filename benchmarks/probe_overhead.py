@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpt import GPT, GPTConfig, random_batch
-from rankguard.probe import NullSink, Probe
+from rankguard.probe import Probe
+from rankguard.probe.sink import NullSink
 
 
 def train_block(model, opt, batches, probe=None, sync_check=False, calls=None) -> float:  # type: ignore[no-untyped-def]

@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .exceptions import ConfigError
+from .exceptions import CommandError, ConfigError
 from .interventions import LearningRateScale, Snapshot, apply_msign, apply_pss
 from .targets import WeightTarget, select
 
 __all__ = [
     "Command",
-    "CommandError",
     "CommandKind",
     "CommandRunner",
     "MSignCommand",
@@ -47,10 +46,6 @@ __all__ = [
     "UndoCommand",
     "parse_command",
 ]
-
-
-class CommandError(ConfigError):
-    """A command that cannot be applied: unknown kind, unknown target, bad argument."""
 
 
 class CommandKind(str, Enum):

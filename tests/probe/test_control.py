@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from rankguard.probe.control import (
-    CommandError,
     CommandRunner,
     MSignCommand,
     PSSCommand,
     SetProbeCommand,
     parse_command,
 )
+from rankguard.probe.exceptions import CommandError
 from rankguard.probe.targets import find_targets
 
 

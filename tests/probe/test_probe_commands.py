@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rankguard.probe import MemoryTransport, Probe
+from rankguard.probe import Probe
+from rankguard.probe.transport import MemoryTransport
 
 
 def test_msign_command_is_applied_after_the_step_it_arrives_at(tiny_gpt, tmp_path, train) -> None:
