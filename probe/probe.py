@@ -108,11 +108,8 @@ class Probe:
             raise ConfigError("sink: give either server= or sink=, not both")
         self.config = cfg = (config or ProbeConfig()).with_options(options)
         check_quantity_names(cfg)
-        self.model = model
-        self.optimizer = optimizer
-        self.run_name = run
-        self.server = server
-        self.token = token
+        self.model, self.optimizer, self.run_name = model, optimizer, run
+        self.server, self.token = server, token
         self.targets: list[WeightTarget] = find_weight_targets(model, cfg)
         self.blocks = resolve_blocks(model, blocks)
         self.sites = find_attention_sites(model)
@@ -142,14 +139,7 @@ class Probe:
         if self.probe_batch is None and any(
             isinstance(q, JacobianAlignment) for q in self.quantities
         ):
-            # the first forward's first sequences become the fixed probe batch
-            self._hooks.capture_call(
-                model,
-                self._batch_calls,
-                "model",
-                handles=self._batch_hooks,
-                sequences=cfg.jacobian_sequences,
-            )
+            self._capture_first_batch()
         self.run_id = shared_run_id(self.world_size)
         self._step = 0
         self._losses: list[Loss] = []
@@ -314,6 +304,16 @@ class Probe:
             self._arm(self._step)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _capture_first_batch(self) -> None:
+        """The first forward's first sequences become the Jacobian's fixed probe batch."""
+        self._hooks.capture_call(
+            self.model,
+            self._batch_calls,
+            "model",
+            handles=self._batch_hooks,
+            sequences=self.config.jacobian_sequences,
+        )
 
     def _on_this_rank(self, quantities: Sequence[Quantity]) -> list[Quantity]:
         return computed_on_rank(
