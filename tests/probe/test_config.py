@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 
@@ -122,3 +124,10 @@ def test_registration_config_keeps_its_keys() -> None:
         "histogram_bins",
         "exact",
     }
+
+
+def test_copies_and_pickles_keep_what_was_derived() -> None:
+    config = ProbeConfig(every=4, schedules={"stable_rank": 2})
+    for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert copied == config
+        assert copied.with_options({"every": 3}).jacobian_every == 30
