@@ -87,7 +87,7 @@ class ProbeCallback:
         jacobian_every: int = JACOBIAN_EVERY,
         on_batch: Any = None,
     ) -> None:
-        from rankguard.probe import MemoryTransport
+        from rankguard.probe.transport import MemoryTransport
 
         self.run = run
         self.every = every
@@ -127,7 +127,7 @@ class ProbeCallback:
 
 def points_by_quantity(batches: Sequence[Mapping[str, Any]]) -> dict[str, list[list[Any]]]:
     """``{quantity: [[target, step, value], ...]}`` in emission order (values as floats)."""
-    from rankguard.probe.sink import iter_points
+    from rankguard.probe.wire import iter_points
 
     out: dict[str, list[list[Any]]] = {}
     for p in iter_points(batches):

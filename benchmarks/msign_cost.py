@@ -6,7 +6,7 @@ error of the Newton–Schulz result's singular values against the target ‖W‖
 fraction of singular values within 1% of it, and stable rank / rank of the result.
 
 Part 2, amortised overhead of periodic MSign at P=100 on the benchmark GPT
-(benchmarks/gpt.py, all_2d targets): interleaved blocks of 100 AdamW steps without and
+(benchmarks/scenarios/model.py, all_2d targets): interleaved blocks of 100 AdamW steps without and
 with MSign (one application per block, at its 100th step); the ratio is time(with)/time
 (without), the median over block pairs, for each engine.
 
@@ -79,26 +79,28 @@ def matrix_table(sizes: list[tuple[int, int]], device: torch.device, steps: int)
         )
 
 
-def _gpt(device: torch.device) -> tuple[torch.nn.Module, Callable[[], tuple]]:
+def _gpt(device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """The GPT and its loss on one fixed batch of 16 sequences."""
     try:
-        from benchmarks.gpt import GPT, GPTConfig, random_batch
-    except ImportError as exc:  # pragma: no cover - the repo ships benchmarks/gpt.py
-        raise SystemExit(f"benchmarks/gpt.py is needed for part 2: {exc}") from exc
-    cfg = GPTConfig()
+        from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
+    except ImportError as exc:  # pragma: no cover - run from a source checkout
+        raise SystemExit(f"benchmarks/scenarios/model.py is needed for part 2: {exc}") from exc
+    cfg = ModelConfig(block_size=64, bias=True, attn_impl="sdpa")
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     gen = torch.Generator().manual_seed(0)
-    batch = random_batch(cfg, 16, gen, device)
-    return model, lambda: batch
+    idx, targets = random_batch(cfg, 16, gen, device)
+    return model, lambda: next_token_loss(model, idx, targets)
 
 
 def gpt_overhead(device: torch.device, pairs: int, period: int, engines: list[str]) -> None:
-    model, batch = _gpt(device)
+    model, loss_of_batch = _gpt(device)
     targets = find_targets(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"\n== periodic MSign overhead on benchmarks/gpt.py ({n_params / 1e6:.2f}M params, "
+        f"\n== periodic MSign overhead on benchmarks/scenarios/model.py "
+        f"({n_params / 1e6:.2f}M params, "
         f"{len(targets)} all_2d targets, batch 16×{model.config.block_size}), P={period} =="
     )
 
@@ -107,8 +109,7 @@ def gpt_overhead(device: torch.device, pairs: int, period: int, engines: list[st
         _sync(device)
         start = time.perf_counter()
         for _ in range(period):
-            idx, tgt = batch()
-            _, loss = model(idx, tgt)
+            loss = loss_of_batch()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

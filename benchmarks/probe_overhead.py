@@ -1,10 +1,11 @@
 """Claim: the probe costs <= 2% of a training step at the default cadence (every=50) on CPU.
 
-A small GPT (benchmarks/gpt.py) trains with and without the probe in the same process: two
-identical models (same init, same batches), one of them probed, trained in interleaved A/B
-blocks of whole sampling windows, so every B block carries its share of sampled steps
-(and of the sparser Jacobian steps, amortised over the blocks). Printed: the median over
-block pairs of t_probe/t_base and the spread (min-max), at every=50 and at every=1.
+A small GPT (benchmarks/scenarios/model.py, nanoGPT layout) trains with and without the probe
+in the same process: two identical models (same init, same batches), one of them probed,
+trained in interleaved A/B blocks of whole sampling windows, so every B block carries its
+share of sampled steps (and of the sparser Jacobian steps, amortised over the blocks).
+Printed: the median over block pairs of t_probe/t_base and the spread (min-max), at every=50
+and at every=1.
 On CUDA it also checks that non-sampled steps make no host sync
 (``torch.cuda.set_sync_debug_mode("error")``).
 
@@ -25,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpt import GPT, GPTConfig, random_batch
-from rankguard.probe import NullSink, Probe
+from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
+from rankguard.probe import Probe
+from rankguard.probe.sink import NullSink
 
 
 def train_block(model, opt, batches, probe=None, sync_check=False, calls=None) -> float:  # type: ignore[no-untyped-def]
@@ -35,7 +37,7 @@ def train_block(model, opt, batches, probe=None, sync_check=False, calls=None) -
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for x, y in batches:
-        _, loss = model(x, y)
+        loss = next_token_loss(model, x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -60,7 +62,7 @@ def train_block(model, opt, batches, probe=None, sync_check=False, calls=None) -
 
 
 def measure(
-    cfg: GPTConfig, every: int, args: argparse.Namespace, log_dir: str
+    cfg: ModelConfig, every: int, args: argparse.Namespace, log_dir: str
 ) -> tuple[list[float], float]:
     torch.manual_seed(0)
     base = GPT(cfg).to(args.device)
@@ -113,7 +115,7 @@ def measure(
 
 def model_loss(model, x, y):  # type: ignore[no-untyped-def]
     with torch.no_grad():
-        return model(x, y)[1]
+        return next_token_loss(model, x, y)
 
 
 def main() -> None:
@@ -130,11 +132,12 @@ def main() -> None:
     if args.pairs is None:
         args.pairs = 3 if args.quick else 8
     # --quick: a smaller model too, so the run stays short on a busy machine
-    cfg = (
-        GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32)
+    sizes = (
+        {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32}
         if args.quick
-        else GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64)
+        else {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
     )
+    cfg = ModelConfig(bias=True, attn_impl="sdpa", **sizes)
     print(
         f"torch {torch.__version__}, device {args.device}, {args.threads} threads; GPT "
         f"{cfg.n_layer}x{cfg.n_embd}, T={cfg.block_size}, batch {args.batch}; "

@@ -67,7 +67,7 @@ class AlertLoop:
         self.orders: list[dict[str, Any]] = []  # commands pushed (id, kind, step, rule)
 
     def __call__(self, step: int, batches: Sequence[Mapping[str, Any]], transport: Any) -> None:
-        from rankguard.probe.sink import iter_points
+        from rankguard.probe.wire import iter_points
         from rankguard.server.alert_engine import TransitionKind, evaluate
 
         by_quantity: dict[str, list[tuple[str, int, float]]] = {}

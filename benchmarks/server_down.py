@@ -1,10 +1,10 @@
 """Claim: with the server down, a training step costs what it costs with no server at all.
 
-Two identical probed GPTs (benchmarks/gpt.py) train on the same batches in interleaved A/B
-blocks: A with no server configured (offline: the probe appends to its local file), B with
-``server=`` pointing at a closed port (every request fails; the background thread spills to
-the same kind of file and retries). Printed: the median over block pairs of t_B/t_A, the
-spread, and B's transport counters (all spilled, none dropped).
+Two identical probed GPTs (benchmarks/scenarios/model.py) train on the same batches in
+interleaved A/B blocks: A with no server configured (offline: the probe appends to its local
+file), B with ``server=`` pointing at a closed port (every request fails; the background
+thread spills to the same kind of file and retries). Printed: the median over block pairs of
+t_B/t_A, the spread, and B's transport counters (all spilled, none dropped).
 
     python benchmarks/server_down.py [--quick] [--threads 2] [--every 5]
 """
@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpt import GPT, GPTConfig, random_batch
 from benchmarks.probe_overhead import train_block
+from benchmarks.scenarios.model import GPT, ModelConfig, random_batch
 from rankguard.probe import Probe
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pairs = args.pairs or (4 if args.quick else 10)
-    cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32)
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, bias=True, attn_impl="sdpa")
     torch.manual_seed(0)
     offline_model = GPT(cfg)
     down_model = copy.deepcopy(offline_model)

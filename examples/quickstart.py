@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for benchmarks.gpt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for benchmarks.scenarios
 
-from benchmarks.gpt import GPT, GPTConfig, random_batch
+from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
 from rankguard.probe import Probe
 
 
 def main() -> None:
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64)
+    cfg = ModelConfig(
+        vocab_size=128, block_size=32, n_layer=2, n_head=4, n_embd=64, bias=True, attn_impl="sdpa"
+    )
     model = GPT(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -32,7 +34,7 @@ def main() -> None:
     with Probe(model, optimizer, run="quickstart", server=None, every=10) as probe:
         for _ in range(100):
             x, y = random_batch(cfg, 16, gen)
-            _, loss = model(x, y)
+            loss = next_token_loss(model, x, y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,16 @@
-"""The probe's configuration: a plain dataclass validated at construction (no pydantic in the
-training process). Every error names the field, the value and what would be valid."""
+"""The probe's configuration: the one place its options live. A frozen, keyword-only dataclass
+validated at construction (no pydantic in the training process); every error names the field,
+the value and what would be valid.
+
+``Probe(model, optimizer, run=..., every=10)`` and
+``Probe(model, optimizer, run=..., config=ProbeConfig(every=10))`` are the same probe: keyword
+options are these fields, applied on top of ``config``. Cadence is set one way: ``every`` and
+``jacobian_every`` for the defaults, ``schedules`` for a quantity of its own.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,26 +29,58 @@ def _positive_int(name: str, value: object) -> None:
         raise ConfigError(f"{name}: must be >= 1, got {value}")
 
 
-def _globs(name: str, value: object, *, optional: bool) -> tuple[str, ...] | None:
-    if value is None:
-        if optional:
-            return None
-        return ()
+def _strings(name: str, value: object, what: str) -> tuple[str, ...]:
+    """One string or a sequence of strings, as a tuple; ``what`` names an entry in errors."""
     if isinstance(value, str):
         return (value,)
     if not isinstance(value, Sequence | set | frozenset):
-        raise ConfigTypeError(
-            f"{name}: expected a glob string or a sequence of glob strings, got {value!r}"
-        )
+        raise ConfigTypeError(f"{name}: expected a {what} or a sequence of them, got {value!r}")
     out = tuple(value)
-    for g in out:
-        if not isinstance(g, str):
-            raise ConfigTypeError(f"{name}: every entry must be a string, got {g!r}")
+    for entry in out:
+        if not isinstance(entry, str):
+            raise ConfigTypeError(f"{name}: every entry must be a {what}, got {entry!r}")
     return out
 
 
-@dataclass(kw_only=True)
+def _globs(name: str, value: object) -> tuple[str, ...] | None:
+    return None if value is None else _strings(name, value, "glob string")
+
+
+def _quantity_names(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        raise ConfigTypeError(
+            f"quantities: expected quantity names, got a mapping {dict(value)!r}; a quantity's "
+            "own cadence goes in schedules={name: every}"
+        )
+    return _strings("quantities", value, "quantity name")
+
+
+_DERIVED = ("jacobian_every", "command_every")  # None: derived from ``every``
+
+_POSITIVE_INTS = (
+    "max_rows",
+    "max_sequences",
+    "jacobian_sequences",
+    "power_iterations",
+    "cold_iterations",
+    "jacobian_iterations",
+    "jacobian_cold_iterations",
+    "histogram_bins",
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ProbeConfig:
+    """What the probe computes, how often, and how precisely.
+
+    Validated (and normalised: globs to tuples, the derived cadences to ints) at construction.
+    :func:`dataclasses.replace` keeps the derived cadences as they are (a ``set_probe``
+    changing ``every`` leaves the Jacobian's cadence alone); :meth:`with_options` derives
+    them again.
+    """
+
     every: int = 50
     """Default cadence: the cheap quantities are computed on steps 0, every, 2*every, ..."""
     jacobian_every: int | None = None
@@ -50,14 +90,18 @@ class ProbeConfig:
     registry."""
     schedules: Mapping[str, int] = field(default_factory=dict)
     """Per-quantity cadence overrides, name -> every."""
-    include: tuple[str, ...] | None = None
-    """fnmatch globs over weight target names; None: every 2-D weight."""
+    targets: tuple[str, ...] | None = None
+    """fnmatch globs over weight target names to include; None: every 2-D weight."""
     exclude: tuple[str, ...] = ()
+    """fnmatch globs over weight target names to leave out."""
     embeddings: bool = False
+    """Include the embedding matrices."""
     head: bool = False
+    """Include the LM head."""
     attention: tuple[str, ...] | None = None
     """Globs naming the attention targets; None: detected automatically."""
     log_dir: str = "rankguard_logs"
+    """Folder of the local sink file (offline runs) and of the spill file (live runs)."""
     strict: bool = False
     """Re-raise a failing quantity instead of logging it once and disabling it (tests)."""
     max_rows: int = 256
@@ -79,55 +123,89 @@ class ProbeConfig:
     cold_iterations: int = 30
     """Power iterations the first time a weight is seen (no warm vector yet)."""
     jacobian_iterations: int = 3
+    """Warm jvp/vjp power iterations per block Jacobian per Jacobian step."""
     jacobian_cold_iterations: int = 20
+    """Jacobian power iterations without a warm vector (first sample, shape change)."""
     histogram_bins: int = 41
+    """Bins of the SA cosine histogram."""
     exact: bool = False
     """Exact top singular triplets by torch.linalg.svd (checks, small models; syncs on CUDA)."""
+    command_every: int | None = None
+    """Under DDP or FSDP2, the cadence (in steps) at which rank 0's commands are broadcast to
+    every rank; each check is one collective, so it defaults to ``every``. A single process
+    reads its local inbox on every step (no I/O)."""
+    command_poll_interval: float = 1.0
+    """Seconds between the transport thread's command polls (the latency between an order
+    and its arrival in the inbox)."""
+    activations_per_rank: bool = False
+    """Under DDP or FSDP2, ranks other than 0 also ship the activation quantities of their own
+    batch (those computed from layer inputs or attention projections), labelled with their
+    rank. Weight and gradient quantities and the loss stay rank 0's."""
+    _derived: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    """The cadences derived from ``every`` (given as None), re-derived by :meth:`with_options`."""
 
     def __post_init__(self) -> None:
         _positive_int("every", self.every)
-        if self.jacobian_every is None:
-            self.jacobian_every = 10 * self.every
+        derived = {name for name in _DERIVED if getattr(self, name) is None}
+        _set(self, "_derived", frozenset(derived))
+        if "jacobian_every" in derived:
+            _set(self, "jacobian_every", 10 * self.every)
         _positive_int("jacobian_every", self.jacobian_every)
-        for name in (
-            "max_rows",
-            "max_sequences",
-            "jacobian_sequences",
-            "power_iterations",
-            "cold_iterations",
-            "jacobian_iterations",
-            "jacobian_cold_iterations",
-            "histogram_bins",
-        ):
+        if "command_every" in derived:
+            _set(self, "command_every", self.every)
+        _positive_int("command_every", self.command_every)
+        for name in _POSITIVE_INTS:
             _positive_int(name, getattr(self, name))
         if self.lanczos and self.power_iterations < 2:
             raise ConfigError(
                 f"power_iterations: must be >= 2 with lanczos (one Lanczos step never moves "
                 f"the warm vector), got {self.power_iterations}"
             )
-        if self.quantities is not None:
-            q = _globs("quantities", self.quantities, optional=False)
-            self.quantities = q
+        interval = self.command_poll_interval
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
+            raise ConfigError(f"command_poll_interval: expected seconds > 0, got {interval!r}")
+        if not isinstance(self.activations_per_rank, bool):
+            raise ConfigTypeError(
+                f"activations_per_rank: expected True or False, got {self.activations_per_rank!r}"
+            )
+        _set(self, "quantities", _quantity_names(self.quantities))
         if not isinstance(self.schedules, Mapping):
             raise ConfigTypeError(
                 f"schedules: expected a mapping quantity name -> every, got {self.schedules!r}"
             )
         for key, value in self.schedules.items():
             _positive_int(f"schedules[{key!r}]", value)
-        self.include = _globs("targets", self.include, optional=True)
-        self.exclude = _globs("exclude", self.exclude, optional=False) or ()
-        self.attention = _globs("attention", self.attention, optional=True)
+        _set(self, "schedules", dict(self.schedules))  # the caller's dict stays theirs
+        _set(self, "targets", _globs("targets", self.targets))
+        _set(self, "exclude", _globs("exclude", self.exclude) or ())
+        _set(self, "attention", _globs("attention", self.attention))
         if not isinstance(self.log_dir, str):
-            self.log_dir = str(self.log_dir)
+            _set(self, "log_dir", str(self.log_dir))
+
+    def with_options(self, options: Mapping[str, Any]) -> ProbeConfig:
+        """This configuration with some fields replaced (the probe's keyword options), as if
+        they had been given to the constructor: ``ProbeConfig().with_options({"every": 5})``
+        is ``ProbeConfig(every=5)`` (Jacobian every 50). An unknown name is a
+        :class:`ConfigTypeError` listing the valid ones."""
+        unknown = sorted(set(options) - _FIELD_NAMES)
+        if unknown:
+            raise ConfigTypeError(
+                f"{unknown[0]}: not a probe option; valid: {sorted(_FIELD_NAMES)}"
+            )
+        if not options:
+            return self
+        rederived: dict[str, Any] = {n: None for n in self._derived if n not in options}
+        return dataclasses.replace(self, **rederived, **options)
 
     def to_json(self) -> dict[str, Any]:
-        """The configuration as plain JSON (sent with the run registration)."""
+        """The configuration as plain JSON (sent with the run registration; the transport's
+        own settings, ``command_*`` and ``activations_per_rank``, are not part of it)."""
         return {
             "every": self.every,
             "jacobian_every": self.jacobian_every,
             "quantities": list(self.quantities) if self.quantities is not None else None,
             "schedules": dict(self.schedules),
-            "targets": list(self.include) if self.include is not None else None,
+            "targets": list(self.targets) if self.targets is not None else None,
             "exclude": list(self.exclude),
             "embeddings": self.embeddings,
             "head": self.head,
@@ -143,3 +221,11 @@ class ProbeConfig:
             "histogram_bins": self.histogram_bins,
             "exact": self.exact,
         }
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ProbeConfig) if f.init)
+
+
+def _set(config: ProbeConfig, name: str, value: object) -> None:
+    """Normalises a field of the frozen config during ``__post_init__``."""
+    object.__setattr__(config, name, value)

@@ -29,15 +29,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
-from .exceptions import ConfigError
-from .interventions import LearningRateScale, Snapshot, apply_msign, apply_pss
+from .exceptions import CommandError, ConfigError
+from .interventions import (
+    Engine,
+    LearningRateScale,
+    PSSVariant,
+    Snapshot,
+    apply_msign,
+    apply_pss,
+)
 from .targets import WeightTarget, select
 
 __all__ = [
     "Command",
-    "CommandError",
     "CommandKind",
     "CommandRunner",
     "MSignCommand",
@@ -49,10 +55,6 @@ __all__ = [
 ]
 
 
-class CommandError(ConfigError):
-    """A command that cannot be applied: unknown kind, unknown target, bad argument."""
-
-
 class CommandKind(str, Enum):
     MSIGN = "msign"
     PSS = "pss"
@@ -62,13 +64,14 @@ class CommandKind(str, Enum):
 
 
 Selector = str | tuple[str, ...]
+_Choice = TypeVar("_Choice", Engine, PSSVariant)
 
 
 @dataclass(frozen=True)
 class MSignCommand:
     id: str
     targets: Selector = "attention"
-    engine: str | None = None
+    engine: Engine | None = None
     snapshot: bool = True
 
 
@@ -76,7 +79,7 @@ class MSignCommand:
 class PSSCommand:
     id: str
     targets: Selector = "all_2d"
-    variant: str = "clip"
+    variant: PSSVariant = PSSVariant.CLIP
     k: int | None = None
     scale: float = 1.0
     temperature: float = 0.25
@@ -104,9 +107,6 @@ class ScaleLRCommand:
 
 Command = MSignCommand | PSSCommand | UndoCommand | SetProbeCommand | ScaleLRCommand
 
-_ENGINES = ("svd", "newton_schulz")
-_PSS_VARIANTS = ("clip", "conv", "softmax")
-
 
 def parse_command(raw: Mapping[str, Any]) -> Command:
     """Validates a command as the server sends it (``id``, ``kind``, ``args``)."""
@@ -128,18 +128,14 @@ def parse_command(raw: Mapping[str, Any]) -> Command:
 
     if kind == CommandKind.MSIGN:
         engine = args.get("engine")
-        if engine is not None and engine not in _ENGINES:
-            raise CommandError(f"args.engine: {engine!r} is not one of {list(_ENGINES)} or null")
         return MSignCommand(
             id=command_id,
             targets=_selector(args.get("targets", "attention")),
-            engine=engine,
+            engine=None if engine is None else _member(Engine, "engine", engine, " or null"),
             snapshot=_bool(args, "snapshot", True),
         )
     if kind == CommandKind.PSS:
-        variant = args.get("variant", "clip")
-        if variant not in _PSS_VARIANTS:
-            raise CommandError(f"args.variant: {variant!r} is not one of {list(_PSS_VARIANTS)}")
+        variant = _member(PSSVariant, "variant", args.get("variant", "clip"))
         k = args.get("k")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise CommandError(f"args.k: expected an integer >= 1 or null, got {k!r}")
@@ -176,6 +172,15 @@ _FIELDS: dict[CommandKind, set[str]] = {
     CommandKind.SET_PROBE: {"every", "enable", "disable"},
     CommandKind.SCALE_LR: {"factor"},
 }
+
+
+def _member(kind: type[_Choice], name: str, value: Any, alternative: str = "") -> _Choice:
+    """The member of an argument's closed set (the intervention's own enum)."""
+    try:
+        return kind(value)
+    except (ValueError, TypeError):
+        valid = [member.value for member in kind]
+        raise CommandError(f"args.{name}: {value!r} is not one of {valid}{alternative}") from None
 
 
 def _selector(value: Any) -> Selector:

@@ -1,10 +1,19 @@
 """The probe's exceptions. Configuration errors subclass ``ValueError``/``TypeError`` so that
 callers who catch the builtin kinds keep working; every message names the argument, the
-value given and what would be valid."""
+value given and what would be valid.
+
+    ProbeError
+    ├── ConfigError (ValueError)
+    │   ├── SelectorError
+    │   └── CommandError
+    ├── ConfigTypeError (TypeError)
+    └── QuantityError (RuntimeError)
+"""
 
 from __future__ import annotations
 
 __all__ = [
+    "CommandError",
     "ConfigError",
     "ConfigTypeError",
     "ProbeError",
@@ -27,6 +36,10 @@ class ConfigTypeError(ProbeError, TypeError):
 
 class SelectorError(ConfigError):
     """A target selector ('attention', 'all_2d' or globs) is unknown or selects nothing."""
+
+
+class CommandError(ConfigError):
+    """A command that cannot be applied: unknown kind, unknown target, bad argument."""
 
 
 class QuantityError(ProbeError, RuntimeError):

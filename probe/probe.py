@@ -2,17 +2,17 @@
 
 On most steps ``step`` records the loss (a detached device tensor, no sync) and returns. On a
 sampled step it computes every quantity due (on the device), makes one device->host copy of
-all results, and writes one batch to the sink. Hooks exist only around sampled steps: they are
-armed at the end of the step before, and removed when the sampled step is processed.
+all results (:mod:`.gather`), and writes one batch to the transport. Hooks exist only around
+sampled steps: they are armed at the end of the step before, and removed when the sampled step
+is processed. Construction is :mod:`.assembly`'s; the per-rank policy is :mod:`.distributed`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import time
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,43 +20,43 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .assembly import (
+    as_call,
+    build_quantities,
+    check_quantity_names,
+    find_weight_targets,
+    make_transport,
+    power_iterations,
+    resolve_blocks,
+    schedule_for,
+)
 from .config import ProbeConfig
 from .control import CommandRunner, SetProbeCommand
+from .distributed import (
+    PER_BATCH_WIRE_NAMES,
+    broadcast_from_rank0,
+    computed_on_rank,
+    rank_and_world,
+    shared_run_id,
+)
 from .exceptions import ConfigError, ConfigTypeError, QuantityError
+from .gather import Loss, gather
 from .hooks import CallCapture, HookSet, ProbeHooks, find_attention_sites
+from .http_transport import HttpTransport
 from .interventions import LearningRateScale
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
 from .quantities.jacobian_alignment import JacobianAlignment
 from .quantities.sharded import is_dtensor
-from .quantities.spectral import PowerIteration
-from .schedules import Every
-from .sink import FileSink, Point, Sink, encode_batch, encode_histogram, safe_file_name
-from .targets import WeightTarget, find_blocks, find_targets
-from .transport import (
-    CloseReport,
-    HttpTransport,
-    NullTransport,
-    SinkTransport,
-    Transport,
-    TransportStats,
-)
+from .sink import FileSink, Sink
+from .targets import WeightTarget
+from .transport import CloseReport, SinkTransport, Transport, TransportStats
+from .wire import encode_batch
 
 __all__ = ["Probe"]
 
 logger = logging.getLogger("rankguard.probe")
 
 _STATE_VERSION = 1
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except Exception:  # pragma: no cover - exotic builds
-        pass
-    return 0, 1
 
 
 class Probe:
@@ -72,39 +72,19 @@ class Probe:
         optimizer: its optimizer (optional; the ``scale_lr`` command acts on it, through
             step hooks that exist only while a backoff is in force).
         run: the run's name.
+        config: what to compute and how often (:class:`ProbeConfig`; default: its defaults).
         server: URL of the rankguard server (None: local JSON Lines file only).
         token: bearer token for the server.
-        every: cadence of the cheap quantities (steps 0, every, 2·every, ...).
-        targets: fnmatch globs over weight target names to include (None: all 2-D weights).
-        exclude: globs to leave out.
-        embeddings, head: include the embedding matrices / the LM head.
-        attention: globs naming the attention targets (None: detected).
         blocks: the repeated blocks for the Jacobian alignment, by name or module (None: the
             model's largest ModuleList of same-class children).
-        log_dir: folder of the local sink file.
-        quantities: names to compute (None: all), or a mapping name -> every.
-        jacobian_every: cadence of the Jacobian alignment (default 10·every).
         probe_batch: fixed input of the Jacobian probe forward: a tensor (``model(x)``), a
-            tuple of args or a dict of kwargs. None: the first ``max_sequences`` sequences of
-            the first forward the probe sees.
-        strict: re-raise a failing quantity or hook (tests); otherwise log once and disable.
+            tuple of args or a dict of kwargs. None: the first ``jacobian_sequences``
+            sequences of the first forward the probe sees.
         sink: where batches go when there is no server (default: a :class:`FileSink` under
             ``log_dir``, the same file a live run spills to).
         transport: replaces the default transport (HTTP when ``server`` is given) — tests.
-        command_every: under DDP or FSDP2, the cadence (in steps) at which rank 0's commands are
-            broadcast to every rank; each check is one collective, so it defaults to
-            ``every``. A single process reads its local inbox on every step (no I/O).
-        command_poll_interval: seconds between the transport thread's command polls (the
-            latency between an order and its arrival in the inbox).
-        activations_per_rank: under DDP or FSDP2, ranks other than 0 also ship the activation
-            quantities of their own batch (those computed from layer inputs or attention
-            projections: SA sign diversity, singularity alignment, representation stable rank,
-            attention logit max), labelled with their rank. Weight and gradient quantities
-            and the loss stay rank 0's (identical on every rank, or alerted on from rank 0).
-        schedules: per-quantity cadence overrides, name -> every.
-        exact: exact SVD for the weight spectra (checks; syncs on CUDA).
-        max_rows, max_sequences, jacobian_sequences, power_iterations, lanczos: bounds,
-            iteration counts and the warm estimate (see :class:`ProbeConfig`).
+        **options: any :class:`ProbeConfig` field (``every=10``, ``targets=[...]``,
+            ``schedules={"stable_rank": 5}``, ...), applied on top of ``config``.
     """
 
     def __init__(
@@ -113,138 +93,38 @@ class Probe:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         run: str,
+        config: ProbeConfig | None = None,
         server: str | None = None,
         token: str | None = None,
-        every: int = 50,
-        targets: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] = (),
-        embeddings: bool = False,
-        head: bool = False,
-        attention: str | Sequence[str] | None = None,
         blocks: Sequence[str | nn.Module] | None = None,
-        log_dir: str | Path = "rankguard_logs",
-        quantities: Iterable[str] | Mapping[str, int] | None = None,
-        jacobian_every: int | None = None,
         probe_batch: Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
-        strict: bool = False,
         sink: Sink | None = None,
         transport: Transport | None = None,
-        command_every: int | None = None,
-        command_poll_interval: float = 1.0,
-        schedules: Mapping[str, int] | None = None,
-        exact: bool = False,
-        max_rows: int = 256,
-        max_sequences: int = 2,
-        jacobian_sequences: int = 1,
-        power_iterations: int = 3,
-        lanczos: bool = False,
-        activations_per_rank: bool = False,
+        **options: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ConfigTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(run, str) or not run.strip():
-            raise ConfigError(f"run: expected a non-empty run name, got {run!r}")
-        if optimizer is not None and not hasattr(optimizer, "param_groups"):
-            raise ConfigTypeError(
-                "optimizer: expected a torch.optim.Optimizer or None, got "
-                f"{type(optimizer).__name__}"
-            )
         # checked before any hook is installed: a bad argument leaves the model untouched
-        if command_every is not None and command_every <= 0:
-            raise ConfigError(f"command_every: expected an integer >= 1, got {command_every!r}")
-        if not isinstance(activations_per_rank, bool):
-            raise ConfigTypeError(
-                f"activations_per_rank: expected True or False, got {activations_per_rank!r}"
-            )
-        names, overrides = _split_quantities(quantities)
-        overrides.update(schedules or {})
-        self.config = ProbeConfig(
-            every=every,
-            jacobian_every=jacobian_every,
-            quantities=names,
-            schedules=overrides,
-            # globs are validated and normalised to tuples by ProbeConfig.__post_init__
-            include=targets,  # type: ignore[arg-type]
-            exclude=exclude,  # type: ignore[arg-type]
-            embeddings=embeddings,
-            head=head,
-            attention=attention,  # type: ignore[arg-type]
-            log_dir=str(log_dir),
-            strict=strict,
-            exact=exact,
-            max_rows=max_rows,
-            max_sequences=max_sequences,
-            jacobian_sequences=jacobian_sequences,
-            power_iterations=power_iterations,
-            lanczos=lanczos,
-        )
-        cfg = self.config
-        unknown = [n for n in (*(cfg.quantities or ()), *cfg.schedules) if n not in REGISTRY]
-        if unknown:
-            raise ConfigError(
-                f"quantities: unknown quantity name(s) {unknown!r}; valid: {sorted(REGISTRY)}"
-            )
-
-        self.model = model
-        self.optimizer = optimizer
-        self.run_name = run
-        self.server = server
-        self.token = token
-        self.targets: list[WeightTarget] = find_targets(
-            model,
-            include=cfg.include,
-            exclude=cfg.exclude,
-            embeddings=cfg.embeddings,
-            head=cfg.head,
-            attention=cfg.attention,
-        )
-        if not self.targets:
-            raise ConfigError(
-                "targets: no 2-D weight found to probe (nn.Linear, HF Conv1D, "
-                "nn.MultiheadAttention; embeddings/head only with embeddings=True/head=True); "
-                f"targets={cfg.include!r}, exclude={list(cfg.exclude)!r}"
-            )
-        self.blocks = _resolve_blocks(model, blocks)
+        _check_arguments(model, optimizer, run, config)
+        if transport is None and server is not None and sink is not None:
+            raise ConfigError("sink: give either server= or sink=, not both")
+        self.config = cfg = (config or ProbeConfig()).with_options(options)
+        check_quantity_names(cfg)
+        self.model, self.optimizer, self.run_name = model, optimizer, run
+        self.server, self.token = server, token
+        self.targets: list[WeightTarget] = find_weight_targets(model, cfg)
+        self.blocks = resolve_blocks(model, blocks)
         self.sites = find_attention_sites(model)
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters())
-        self.rank, self.world_size = _dist_rank_world()
-
-        self.quantities: list[Quantity] = []
-        wanted = cfg.quantities if cfg.quantities is not None else tuple(REGISTRY)
-        for name in wanted:
-            cls = REGISTRY[name]
-            n = cfg.schedules.get(name)
-            if n is None:
-                n = cfg.jacobian_every if cls.default_cadence == "jacobian_every" else cfg.every
-            schedule = Every(int(n))  # type: ignore[arg-type]
-            if cls is JacobianAlignment:
-                if len(self.blocks) < 2:
-                    if cfg.quantities is not None:
-                        raise ConfigError(
-                            "blocks: jacobian_alignment needs at least 2 blocks; found "
-                            f"{[b for b, _ in self.blocks]!r} (pass blocks=[...] explicitly)"
-                        )
-                    continue  # the default set: silently without it
-                self.quantities.append(
-                    JacobianAlignment(
-                        schedule=schedule,
-                        iterations=cfg.jacobian_iterations,
-                        cold_iterations=cfg.jacobian_cold_iterations,
-                    )
-                )
-            else:
-                self.quantities.append(cls(schedule=schedule))
-        self._weights = PowerIteration(
-            iterations=cfg.power_iterations,
-            cold_iterations=cfg.cold_iterations,
-            lanczos=cfg.lanczos,
-            exact=cfg.exact,
+        self.rank, self.world_size = rank_and_world()
+        # FSDP2: parameters are DTensor shards, so weight quantities are collectives
+        # (all-reduces of vectors) that every rank must run, in the same order.
+        self.sharded = any(is_dtensor(p) for _, p in self.params)
+        self.quantities: list[Quantity] = build_quantities(
+            cfg,
+            self.blocks,
+            cfg.quantities if cfg.quantities is not None else REGISTRY,
+            explicit=cfg.quantities is not None,
         )
-        self._inputs = PowerIteration(
-            iterations=cfg.power_iterations,
-            cold_iterations=cfg.cold_iterations,
-            lanczos=cfg.lanczos,
-        )
+        self._weights, self._inputs = power_iterations(cfg)
         self._hooks = ProbeHooks(
             model,
             self.targets,
@@ -255,47 +135,35 @@ class Probe:
         )
         self._batch_hooks = HookSet()
         self._batch_calls: dict[str, CallCapture] = {}
-        self.probe_batch = _as_call(probe_batch)
+        self.probe_batch = as_call(probe_batch)
         if self.probe_batch is None and any(
             isinstance(q, JacobianAlignment) for q in self.quantities
         ):
-            # the first forward's first sequences become the fixed probe batch
-            self._hooks.capture_call(
-                model,
-                self._batch_calls,
-                "model",
-                handles=self._batch_hooks,
-                sequences=cfg.jacobian_sequences,
-            )
-
-        self.activations_per_rank = activations_per_rank
-        self.command_every = command_every or cfg.every
-        self.command_poll_interval = command_poll_interval
-        self.run_id = _shared_run_id(self.world_size)
+            self._capture_first_batch()
+        self.run_id = shared_run_id(self.world_size)
         self._step = 0
-        self._losses: list[tuple[int, Tensor | float, float]] = []
+        self._losses: list[Loss] = []
         self._latest: dict[tuple[str, str], float] = {}
         self._failed: set[str] = set()
         self._armed = False  # hooks or quantity copies are held for the next step
         self._closed = False
-        self.transport: Transport = (
-            transport if transport is not None else self._default_transport(sink)
-        )
+        if transport is None:
+            # before the per-rank filter: every rank registers the run's quantities
+            transport = make_transport(
+                cfg,
+                rank=self.rank,
+                registration=self.registration(),
+                server=server,
+                token=token,
+                sink=sink,
+            )
+        self.transport: Transport = transport
+        self.quantities = self._on_this_rank(self.quantities)
         self._lr_scale = LearningRateScale(optimizer) if optimizer is not None else None
         self._commands = CommandRunner(
             targets=self.targets, reconfigure=self._reconfigure, lr_scale=self._lr_scale
         )
         self._close_report: CloseReport | None = None
-        # FSDP2: parameters are DTensor shards, so weight quantities are collectives
-        # (all-reduces of vectors) that every rank must run, in the same order.
-        self.sharded = any(is_dtensor(p) for _, p in self.params)
-        if self.rank != 0 and not self.sharded:
-            # DDP: weight quantities are identical on every rank: rank 0 ships them. The
-            # other ranks take part in the command broadcast and, if asked, compute the
-            # activation quantities of their own batch.
-            self.quantities = [
-                q for q in self.quantities if activations_per_rank and _per_batch(type(q))
-            ]
         self._arm(self._step)
 
     # -- public API -------------------------------------------------------------------------
@@ -437,33 +305,30 @@ class Probe:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _default_transport(self, sink: Sink | None) -> Transport:
-        if self.rank != 0 and not self.activations_per_rank:
-            return NullTransport()
-        suffix = f"-rank{self.rank}" if self.rank else ""  # one spill file per shipping rank
-        path = (
-            Path(self.config.log_dir)
-            / f"{safe_file_name(self.run_name)}-{self.run_id[:8]}{suffix}.jsonl"
+    def _capture_first_batch(self) -> None:
+        """The first forward's first sequences become the Jacobian's fixed probe batch."""
+        self._hooks.capture_call(
+            self.model,
+            self._batch_calls,
+            "model",
+            handles=self._batch_hooks,
+            sequences=self.config.jacobian_sequences,
         )
-        if self.server is not None:
-            if sink is not None:
-                raise ConfigError("sink: give either server= or sink=, not both")
-            return HttpTransport(
-                self.server,
-                token=self.token,
-                run=self.registration(),
-                spill_path=path,
-                poll_interval=self.command_poll_interval,
-                poll_commands=self.rank == 0,  # rank 0 claims commands and relays them
-            )
-        return SinkTransport(sink if sink is not None else FileSink(path, run=self.registration()))
+
+    def _on_this_rank(self, quantities: Sequence[Quantity]) -> list[Quantity]:
+        return computed_on_rank(
+            quantities,
+            rank=self.rank,
+            sharded=self.sharded,
+            activations_per_rank=self.config.activations_per_rank,
+        )
 
     def _apply_commands(self, s: int) -> None:
         """Applies queued commands at this step boundary, identically on every rank."""
         if self.world_size > 1:
-            if s % self.command_every != 0:
+            if s % (self.config.command_every or self.config.every) != 0:
                 return
-            commands = _broadcast_from_rank0(self.transport.take_commands())
+            commands = broadcast_from_rank0(self.transport.take_commands())
         else:
             commands = self.transport.take_commands()
         for raw in commands:
@@ -474,7 +339,8 @@ class Probe:
                 self.transport.ack(str(raw.get("id")), ack)
 
     def _reconfigure(self, command: SetProbeCommand) -> dict[str, Any]:
-        """Applies a ``set_probe`` command: cadence and which quantities run."""
+        """Applies a ``set_probe`` command: cadence and which quantities run. A quantity it
+        enables is built, scheduled and assigned to ranks exactly as at construction."""
         unknown = [n for n in (*command.enable, *command.disable) if n not in REGISTRY]
         if unknown:
             raise ConfigError(
@@ -482,19 +348,16 @@ class Probe:
                 f"valid: {sorted(REGISTRY)}"
             )
         if command.every is not None:
-            self.config.every = command.every
+            self.config = dataclasses.replace(self.config, every=command.every)
             for q in self.quantities:
-                if q.name not in self.config.schedules and q.default_cadence == "every":
-                    q.schedule = Every(command.every)
-        if self.rank == 0 or self.sharded:  # the ranks that compute quantities
-            running = {q.name for q in self.quantities}
-            for name in command.enable:
-                if name not in running and not (
-                    REGISTRY[name] is JacobianAlignment and len(self.blocks) < 2
-                ):
-                    self.quantities.append(REGISTRY[name](schedule=Every(self.config.every)))
-                    self._failed.discard(name)
-            self.quantities = [q for q in self.quantities if q.name not in command.disable]
+                q.schedule = schedule_for(self.config, type(q))
+        running = {q.name for q in self.quantities}
+        wanted = [name for name in dict.fromkeys(command.enable) if name not in running]
+        added = self._on_this_rank(
+            build_quantities(self.config, self.blocks, wanted, explicit=False)
+        )
+        self._failed.difference_update(q.name for q in added)
+        self.quantities = [q for q in (*self.quantities, *added) if q.name not in command.disable]
         return {"every": self.config.every, "quantities": [q.name for q in self.quantities]}
 
     def _arm(self, step: int) -> None:
@@ -579,157 +442,25 @@ class Probe:
             self._losses.clear()
 
     def _emit_unsafe(self, outputs: Sequence[Values | Histogram], s: int) -> None:
-        wall = time.time()
-        chunks: list[Tensor] = []
-        for o in outputs:
-            t = o.values if isinstance(o, Values) else o.counts
-            chunks.append(_local(t.detach()).reshape(-1).to(torch.float32))
-        loss_tensors = [_local(v) for _, v, _ in self._losses if isinstance(v, Tensor)]
-        chunks.extend(v.reshape(-1)[:1].to(torch.float32) for v in loss_tensors)
-        host = _to_host(chunks)
-        pos = 0
-        points: list[Point] = []
-        histograms: list[dict[str, Any]] = []
-        rank = self.rank
-        for o in outputs:
-            if isinstance(o, Values):
-                vals = host[pos : pos + len(o.targets)]
-                pos += len(o.targets)
-                for target, value in zip(o.targets, vals, strict=True):
-                    points.append(Point(o.quantity, target, s, value, rank, wall))
-            else:
-                n = o.counts.numel()
-                counts = host[pos : pos + n]
-                pos += n
-                histograms.append(
-                    encode_histogram(o.quantity, o.target, s, o.edges, counts, rank=rank)
-                )
-        for loss_step, loss_value, loss_wall in self._losses:
-            if isinstance(loss_value, Tensor):
-                v = host[pos]
-                pos += 1
-            else:
-                v = loss_value
-            points.append(Point("loss", "global", loss_step, v, rank, loss_wall))
+        points, histograms = gather(outputs, self._losses, s, self.rank)
         for p in points:
             if p.step == s or p.quantity == "loss":
                 self._latest[(p.quantity, p.target)] = p.value
-        if rank != 0:  # other ranks ship only what differs per rank: their batch's activations
-            points = [p for p in points if p.quantity in _PER_BATCH_WIRE_NAMES]
-            histograms = [h for h in histograms if h["quantity"] in _PER_BATCH_WIRE_NAMES]
+        if self.rank != 0:  # other ranks ship only what differs per rank: their activations
+            points = [p for p in points if p.quantity in PER_BATCH_WIRE_NAMES]
+            histograms = [h for h in histograms if h["quantity"] in PER_BATCH_WIRE_NAMES]
         if points or histograms:
             self.transport.send(encode_batch(points, histograms))
 
 
-def _per_batch(cls: type[Quantity]) -> bool:
-    """Whether a quantity is computed from the batch (layer inputs, attention projections),
-    so that its value differs between data-parallel ranks."""
-    return cls.needs_inputs or cls.needs_attention
-
-
-_PER_BATCH_WIRE_NAMES = frozenset(
-    name for cls in REGISTRY.values() if _per_batch(cls) for name in cls.wire_names()
-)
-
-
-def _local(t: Tensor) -> Tensor:
-    """A plain tensor for a result computed with DTensor ops (FSDP2: gradient norms, update
-    ratios, non-finite counts come out Partial or Replicate): ``full_tensor()`` reduces those
-    few values, one all-reduce per output; every rank emits the same outputs at the step."""
-    return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
-
-
-def _shared_run_id(world_size: int) -> str:
-    """A fresh run id, the same on every rank (rank 0's, broadcast once at construction)."""
-    run_id = str(uuid.uuid4())
-    if world_size > 1:
-        run_id = _broadcast_from_rank0([run_id])[0]
-    return run_id
-
-
-def _broadcast_from_rank0(items: list[Any]) -> list[Any]:
-    """Rank 0's list on every rank (one collective; every rank must call it at the same step)."""
-    import torch.distributed as dist
-
-    box: list[Any] = [items]
-    dist.broadcast_object_list(box, src=0)
-    return list(box[0])
-
-
-def _to_host(chunks: Sequence[Tensor]) -> list[float]:
-    if not chunks:
-        return []
-    by_device: dict[torch.device, list[int]] = {}
-    for i, c in enumerate(chunks):
-        by_device.setdefault(c.device, []).append(i)
-    out: list[float] = [math.nan] * sum(c.numel() for c in chunks)
-    offsets = [0]
-    for c in chunks:
-        offsets.append(offsets[-1] + c.numel())
-    for idx in by_device.values():
-        flat = torch.cat([chunks[i] for i in idx])
-        values = flat.cpu().tolist()  # one device->host copy per sample step (per device)
-        pos = 0
-        for i in idx:
-            n = chunks[i].numel()
-            out[offsets[i] : offsets[i] + n] = values[pos : pos + n]
-            pos += n
-    return out
-
-
-def _split_quantities(
-    quantities: Iterable[str] | Mapping[str, int] | None,
-) -> tuple[tuple[str, ...] | None, dict[str, int]]:
-    if quantities is None:
-        return None, {}
-    if isinstance(quantities, str):
-        return (quantities,), {}
-    if isinstance(quantities, Mapping):
-        return tuple(quantities), dict(quantities)
-    try:
-        return tuple(quantities), {}
-    except TypeError:
+def _check_arguments(model: object, optimizer: object, run: object, config: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(run, str) or not run.strip():
+        raise ConfigError(f"run: expected a non-empty run name, got {run!r}")
+    if optimizer is not None and not hasattr(optimizer, "param_groups"):
         raise ConfigTypeError(
-            f"quantities: expected names or a mapping name -> every, got {quantities!r}"
-        ) from None
-
-
-def _resolve_blocks(
-    model: nn.Module, blocks: Sequence[str | nn.Module] | None
-) -> list[tuple[str, nn.Module]]:
-    if blocks is None:
-        return find_blocks(model)
-    modules = dict(model.named_modules())
-    names_by_id = {id(m): n for n, m in modules.items()}
-    out: list[tuple[str, nn.Module]] = []
-    for b in blocks:
-        if isinstance(b, str):
-            if b not in modules:
-                raise ConfigError(
-                    f"blocks: no module named {b!r} in the model (names look like "
-                    f"{[n for n in list(modules)[1:4]]!r})"
-                )
-            out.append((b, modules[b]))
-        elif isinstance(b, nn.Module):
-            name = names_by_id.get(id(b))
-            if name is None:
-                raise ConfigError(f"blocks: module {type(b).__name__} is not part of the model")
-            out.append((name, b))
-        else:
-            raise ConfigTypeError(f"blocks: expected module names or modules, got {b!r}")
-    return out
-
-
-def _as_call(batch: Tensor | tuple[Any, ...] | Mapping[str, Any] | None) -> CallCapture | None:
-    if batch is None:
-        return None
-    if isinstance(batch, Tensor):
-        return CallCapture((batch.detach(),), {})
-    if isinstance(batch, tuple):
-        return CallCapture(tuple(batch), {})
-    if isinstance(batch, Mapping):
-        return CallCapture((), dict(batch))
-    raise ConfigTypeError(
-        f"probe_batch: expected a tensor, a tuple of args or a dict of kwargs, got "
-        f"{type(batch).__name__}"
-    )
+            f"optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+    if config is not None and not isinstance(config, ProbeConfig):
+        raise ConfigTypeError(f"config: expected a ProbeConfig or None, got {config!r}")

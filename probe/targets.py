@@ -17,6 +17,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -173,17 +174,84 @@ def _inside(module_name: str, prefixes: Sequence[str]) -> bool:
 def _raw_targets(model: nn.Module) -> list[tuple[WeightTarget, str]]:
     """Every candidate 2-D weight with its kind ('linear', 'embedding'), detected groups
     still to be filled in. Tied parameters appear once (first name wins)."""
-    param_names: dict[int, str] = {}
-    for pname, p in model.named_parameters():
-        param_names.setdefault(id(p), pname)
-    blocks = [name for name, _ in find_blocks(model)]
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    collector = _Collector(model)
+    for module_name, module in model.named_modules():
+        collector.add_module(module_name, module)
+    return collector.targets()
 
-    out: list[tuple[WeightTarget, str]] = []
-    seen: set[tuple[int, str]] = set()
-    extra_groups: dict[tuple[int, str], set[str]] = {}
 
-    def add(
+class _Collector:
+    """The candidate targets of one model, in module order, with their groups; a tied
+    parameter (embedding and LM head) is one target carrying both roles."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._param_names: dict[int, str] = {}
+        for pname, p in model.named_parameters():
+            self._param_names.setdefault(id(p), pname)
+        self._blocks = [name for name, _ in find_blocks(model)]
+        self._embedding_params = {
+            id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
+        }
+        self._out: list[tuple[WeightTarget, str]] = []
+        self._seen: set[tuple[int, str]] = set()
+        self._extra_groups: dict[tuple[int, str], set[str]] = {}
+
+    def add_module(self, module_name: str, module: nn.Module) -> None:
+        if isinstance(module, nn.MultiheadAttention):
+            if module.in_proj_weight is not None:
+                d = module.in_proj_weight.shape[0] // 3
+                for i, part in enumerate(_FUSED_PARTS):
+                    self._add(
+                        module_name,
+                        module.in_proj_weight,
+                        "linear",
+                        rows=slice(i * d, (i + 1) * d),
+                        part=part,
+                        attention=True,
+                    )
+            else:
+                for part in _FUSED_PARTS:
+                    weight = getattr(module, f"{part}_proj_weight")
+                    self._add(module_name, weight, "linear", attention=True)
+            # out_proj is an nn.Linear child: found on its own, grouped as attention by its leaf
+        elif isinstance(module, nn.Linear):
+            self._add_linear(module_name, module.weight, transposed=False)
+        elif _is_conv1d(module):
+            self._add_linear(module_name, cast(Tensor, module.weight), transposed=True)
+        elif isinstance(module, nn.Embedding):
+            self._add(module_name, module.weight, EMBEDDING)
+
+    def targets(self) -> list[tuple[WeightTarget, str]]:
+        """The targets found, each with every role its parameter plays."""
+        merged: list[tuple[WeightTarget, str]] = []
+        for target, kind in self._out:
+            key = (id(target.parameter), target.name.partition("[")[2][:-1])
+            extra = self._extra_groups.get(key)
+            if extra:
+                target = dataclasses.replace(target, groups=target.groups | extra)
+            merged.append((target, kind))
+        return merged
+
+    def _add_linear(self, module_name: str, weight: Tensor, *, transposed: bool) -> None:
+        # a fused QKV projection is split in thirds of its output dimension
+        out_dim = weight.shape[1] if transposed else weight.shape[0]
+        if _leaf(module_name) in _FUSED_LEAVES and weight.dim() == 2 and out_dim % 3 == 0:
+            d = out_dim // 3
+            for i, part in enumerate(_FUSED_PARTS):
+                self._add(
+                    module_name,
+                    weight,
+                    "linear",
+                    rows=slice(i * d, (i + 1) * d),
+                    part=part,
+                    transposed=transposed,
+                    attention=True,
+                )
+        else:
+            self._add(module_name, weight, "linear", transposed=transposed)
+
+    def _add(
+        self,
         module_name: str,
         param: Tensor,
         kind: str,
@@ -196,88 +264,38 @@ def _raw_targets(model: nn.Module) -> list[tuple[WeightTarget, str]]:
         if not isinstance(param, nn.Parameter) or param.dim() != 2:
             return
         key = (id(param), part or "")
-        in_block = _inside(module_name, blocks)
-        groups: set[str] = set()
-        if kind == EMBEDDING:
-            groups.add(EMBEDDING)
-        elif id(param) in embedding_params or (not in_block and _leaf(module_name) in _HEAD_LEAVES):
-            groups.add(HEAD)
-        elif attention or _in_attention(module_name):
-            groups.add(ATTENTION)
-        elif in_block or not blocks:
-            groups.add(MLP)
-        if key in seen:
+        groups = self._groups(module_name, param, kind, attention)
+        if key in self._seen:
             # a tied weight (embedding and LM head): one target carrying both roles
-            extra_groups.setdefault(key, set()).update(groups & {EMBEDDING, HEAD})
+            self._extra_groups.setdefault(key, set()).update(groups & {EMBEDDING, HEAD})
             return
-        seen.add(key)
-        pname = param_names.get(id(param))
+        self._seen.add(key)
+        pname = self._param_names.get(id(param))
         if pname is None:  # not a parameter of this model (should not happen)
             return
-        name = f"{pname}[{part}]" if part else pname
         target = WeightTarget(
-            name=name,
+            name=f"{pname}[{part}]" if part else pname,
             module_name=module_name,
             parameter=param,
             rows=rows,
             transposed=transposed,
             groups=frozenset(groups),
         )
-        out.append((target, kind))
+        self._out.append((target, kind))
 
-    def add_linear(module_name: str, weight: Tensor, *, transposed: bool) -> None:
-        # a fused QKV projection is split in thirds of its output dimension
-        out_dim = weight.shape[1] if transposed else weight.shape[0]
-        if _leaf(module_name) in _FUSED_LEAVES and weight.dim() == 2 and out_dim % 3 == 0:
-            d = out_dim // 3
-            for i, part in enumerate(_FUSED_PARTS):
-                add(
-                    module_name,
-                    weight,
-                    "linear",
-                    rows=slice(i * d, (i + 1) * d),
-                    part=part,
-                    transposed=transposed,
-                    attention=True,
-                )
-        else:
-            add(module_name, weight, "linear", transposed=transposed)
-
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            if module.in_proj_weight is not None:
-                d = module.in_proj_weight.shape[0] // 3
-                for i, part in enumerate(_FUSED_PARTS):
-                    add(
-                        module_name,
-                        module.in_proj_weight,
-                        "linear",
-                        rows=slice(i * d, (i + 1) * d),
-                        part=part,
-                        attention=True,
-                    )
-            else:
-                for part in _FUSED_PARTS:
-                    add(
-                        module_name,
-                        getattr(module, f"{part}_proj_weight"),
-                        "linear",
-                        attention=True,
-                    )
-            # out_proj is an nn.Linear child: found below, grouped as attention by its leaf name
-        elif isinstance(module, nn.Linear):
-            add_linear(module_name, module.weight, transposed=False)
-        elif _is_conv1d(module):
-            add_linear(module_name, module.weight, transposed=True)
-        elif isinstance(module, nn.Embedding):
-            add(module_name, module.weight, EMBEDDING)
-    merged: list[tuple[WeightTarget, str]] = []
-    for target, kind in out:
-        extra = extra_groups.get((id(target.parameter), target.name.partition("[")[2][:-1]))
-        if extra:
-            target = dataclasses.replace(target, groups=target.groups | extra)
-        merged.append((target, kind))
-    return merged
+    def _groups(self, module_name: str, param: Tensor, kind: str, attention: bool) -> set[str]:
+        in_block = _inside(module_name, self._blocks)
+        if kind == EMBEDDING:
+            return {EMBEDDING}
+        if id(param) in self._embedding_params or (
+            not in_block and _leaf(module_name) in _HEAD_LEAVES
+        ):
+            return {HEAD}
+        if attention or _in_attention(module_name):
+            return {ATTENTION}
+        if in_block or not self._blocks:
+            return {MLP}
+        return set()
 
 
 def _check_globs(argument: str, globs: Iterable[str] | str | None) -> list[str]:

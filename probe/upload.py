@@ -4,7 +4,7 @@ An offline run (``server=None``) and a run whose server stayed down both leave a
 file whose first line registers the run. Uploading opens an :class:`HttpTransport` on that
 very file: it registers the run and replays every line not yet marked delivered, exactly as
 a live probe does when its server comes back. Ingest is idempotent, so uploading a file
-twice stores each point once.
+twice stores each point once. Needs httpx only (no torch): it runs in the server image.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from .transport import CloseReport, HttpTransport
+from .http_transport import HttpTransport
+from .transport import CloseReport
 
 __all__ = ["upload"]
 
@@ -26,11 +27,13 @@ def upload(
     with file.open(encoding="utf-8") as f:
         first = f.readline()
     try:
-        run = json.loads(first)["run"]
+        registration = json.loads(first)["run"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ValueError(
             f"path: {file} does not start with a run registration line; "
             "is it a rankguard sink or spill file?"
         ) from None
-    transport = HttpTransport(server, token=token, run=run, spill_path=file, poll_commands=False)
+    transport = HttpTransport(
+        server, token=token, registration=registration, spill_path=file, poll_commands=False
+    )
     return transport.close(timeout=timeout)

@@ -4,10 +4,15 @@ Layout follows nanoGPT so probes find the usual names: ``transformer.wte``, ``tr
 ``transformer.h[i].attn.c_attn`` (fused QKV, (3C, C)), ``.attn.c_proj``, ``.mlp.c_fc``,
 ``.mlp.c_proj``, ``transformer.ln_f``, ``lm_head``. The attention module carries ``n_head``.
 
-Knobs: pre-LN or post-LN, per-head qk-LayerNorm, tied embeddings, init scale and µP-style
-multipliers (hidden 2-D init ×m, W_Q = 0, output projections ÷√(2L)), and attention either
-with explicit matmuls (so attention logits can be read and forward-mode AD works) or SDPA.
-The explicit path can compute the logits q·kᵀ in bf16/fp16, the low-precision failure mode.
+Knobs: pre-LN or post-LN, per-head qk-LayerNorm, tied embeddings, biases, init scale and
+µP-style multipliers (hidden 2-D init ×m, W_Q = 0, output projections ÷√(2L)), and attention
+either with explicit matmuls (so attention logits can be read and forward-mode AD works) or
+SDPA. The explicit path can compute the logits q·kᵀ in bf16/fp16, the low-precision failure
+mode.
+
+The cost benchmarks (probe_overhead, server_down, msign_cost) and examples/quickstart.py
+time this model too, as ``ModelConfig(bias=True, attn_impl="sdpa", ...)`` (nanoGPT's own
+layout) on the toy task of :func:`random_batch`, with :func:`next_token_loss`.
 """
 
 from __future__ import annotations
@@ -208,3 +213,23 @@ class GPT(nn.Module):
             v = block.attn.last_logit_max
             out.append(float("nan") if v is None else float(v))
         return out
+
+
+def next_token_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the model's logits on ``idx`` (B, T) against ``targets`` (B, T)."""
+    logits = model(idx)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def random_batch(
+    cfg: ModelConfig,
+    batch_size: int,
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable toy task for the cost benchmarks: the next token is (previous token + 1)
+    mod vocab, with a random start per sequence. Returns inputs and targets, each (B, T)."""
+    start = torch.randint(0, cfg.vocab_size, (batch_size, 1), generator=generator)
+    seq = (start + torch.arange(cfg.block_size + 1)) % cfg.vocab_size
+    seq = seq.to(device)
+    return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()

@@ -133,11 +133,7 @@ def apply_msign(
     if stats is None:
         mode = StatsMode.EXACT if resolved is Engine.SVD else StatsMode.ESTIMATE
     else:
-        try:
-            mode = StatsMode(stats)
-        except ValueError:
-            valid = ", ".join(repr(s.value) for s in StatsMode)
-            raise ConfigError(f"stats: {stats!r} is invalid; valid: {valid}") from None
+        mode = StatsMode.parse(stats)
 
     def transform(w: Tensor) -> Transformed:
         if resolved is Engine.SVD:

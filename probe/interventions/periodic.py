@@ -60,7 +60,7 @@ class MSign:
         self.engine = _resolve_engine(engine, self._targets[0].parameter.device)
         self.steps = steps
         self.rank_tol = rank_tol
-        self.stats = StatsMode(stats)
+        self.stats = StatsMode.parse(stats)
         self.step_count = 0
         self.applications = 0
         self.last_result: InterventionResult | None = None

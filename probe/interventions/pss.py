@@ -123,11 +123,7 @@ def apply_pss(
             raise ConfigError(
                 f"k: {k} must be smaller than min(out, in) of every target; too small: {too_small}"
             )
-    try:
-        mode = StatsMode(stats)
-    except ValueError:
-        valid = ", ".join(repr(s.value) for s in StatsMode)
-        raise ConfigError(f"stats: {stats!r} is invalid; valid: {valid}") from None
+    mode = StatsMode.parse(stats)
 
     def transform(w: Tensor) -> Transformed:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)  # U (m, n'), S (n',), Vh (n', n)

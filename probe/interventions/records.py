@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..sink import encode_float
+from ..wire import encode_float
 
 __all__ = ["InterventionResult", "MatrixResult"]
 

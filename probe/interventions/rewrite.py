@@ -42,6 +42,15 @@ class StatsMode(str, Enum):
     ESTIMATE = "estimate"  # power iteration, matmuls only (a lower bound of σ₁)
     NONE = "none"  # no records (the periodic optimizer's default: no host sync)
 
+    @classmethod
+    def parse(cls, value: StatsMode | str) -> StatsMode:
+        """``value`` as a mode; anything else is a :class:`ConfigError` naming the valid ones."""
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(repr(s.value) for s in cls)
+            raise ConfigError(f"stats: {value!r} is invalid; valid: {valid}") from None
+
 
 @dataclass(frozen=True)
 class Transformed:
@@ -146,7 +155,7 @@ def rewrite_targets(
     with ``StatsMode.NONE`` there are no records and no host sync beyond the transform's.
     """
     chosen = _check_targets(targets)
-    stats = StatsMode(stats)
+    stats = StatsMode.parse(stats)
     start = time.perf_counter()
     _check_finite(chosen)
     rows: list[Tensor] = []  # per matrix (4,): ‖W‖_F, σ₁ before; ‖W‖_F, σ₁ after

@@ -9,7 +9,7 @@ every result of a step into one device->host copy.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,6 +82,14 @@ class StepContext:
                 hit = self.weights.triplet(target.name, target.matrix())
             self._weight_cache[target.name] = hit
         return hit
+
+    def input_triplets(self) -> Iterator[tuple[WeightTarget, Triplet]]:
+        """(target, top triplet of its sampled inputs) for every target whose module ran a
+        forward on this step, in target order."""
+        for target in self.targets:
+            tri = self.input_triplet(target)
+            if tri is not None:
+                yield target, tri
 
     def input_triplet(self, target: WeightTarget) -> Triplet | None:
         """Top triplet of the target's sampled input rows Z (N, in), or None if the module

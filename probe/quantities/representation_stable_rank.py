@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
 from .base import Output, Quantity, StepContext, Values, stack
 
@@ -22,12 +21,8 @@ class RepresentationStableRank(Quantity):
 
     @torch.no_grad()
     def compute(self, ctx: StepContext) -> list[Output]:
-        names: list[str] = []
-        values: list[Tensor] = []
-        for t in ctx.targets:
-            tri = ctx.input_triplet(t)
-            if tri is None:
-                continue
-            names.append(t.name)
-            values.append(tri.stable_rank)
-        return [Values(self.name, tuple(names), stack(values))] if names else []
+        pairs = list(ctx.input_triplets())
+        if not pairs:
+            return []
+        names = tuple(t.name for t, _ in pairs)
+        return [Values(self.name, names, stack([tri.stable_rank for _, tri in pairs]))]

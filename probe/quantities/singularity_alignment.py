@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor
 
 from .base import Output, Quantity, StepContext, Values, stack
 
@@ -20,12 +19,10 @@ class SingularityAlignment(Quantity):
 
     @torch.no_grad()
     def compute(self, ctx: StepContext) -> list[Output]:
-        names: list[str] = []
-        values: list[Tensor] = []
-        for t in ctx.targets:
-            tri = ctx.input_triplet(t)
-            if tri is None:
-                continue
-            names.append(t.name)
-            values.append(torch.dot(ctx.triplet(t).v, tri.v).abs())
-        return [Values(self.name, tuple(names), stack(values))] if names else []
+        pairs = list(ctx.input_triplets())
+        if not pairs:
+            return []
+        names = tuple(t.name for t, _ in pairs)
+        # both vectors live in the input space (in,)
+        phi = [torch.dot(ctx.triplet(t).v, tri.v).abs() for t, tri in pairs]
+        return [Values(self.name, names, stack(phi))]

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from rankguard.probe.control import (
-    CommandError,
     CommandRunner,
     MSignCommand,
     PSSCommand,
     SetProbeCommand,
     parse_command,
 )
+from rankguard.probe.exceptions import CommandError
+from rankguard.probe.interventions import Engine, PSSVariant
 from rankguard.probe.targets import find_targets
 
 
@@ -159,3 +160,16 @@ def test_set_probe_goes_to_the_probe() -> None:
     )
     assert ack["state"] == "applied"
     assert changes == [SetProbeCommand(id="s", every=5, disable=("jacobian_alignment",))]
+
+
+def test_engines_and_variants_are_the_interventions_own_enums() -> None:
+    msign = parse_command({"id": "a", "kind": "msign", "args": {"engine": "newton_schulz"}})
+    assert isinstance(msign, MSignCommand) and msign.engine is Engine.NEWTON_SCHULZ
+    for variant in PSSVariant:
+        pss = parse_command({"id": "b", "kind": "pss", "args": {"variant": variant.value}})
+        assert isinstance(pss, PSSCommand) and pss.variant is variant
+    expected = r"args\.engine: 'qr' is not one of \['svd', 'newton_schulz'\] or null"
+    with pytest.raises(CommandError, match=expected):
+        parse_command({"id": "c", "kind": "msign", "args": {"engine": "qr"}})
+    with pytest.raises(CommandError, match=r"args\.variant: \['clip'\] is not one of"):
+        parse_command({"id": "d", "kind": "pss", "args": {"variant": ["clip"]}})

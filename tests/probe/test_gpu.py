@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rankguard.probe import MemorySink, Probe
+from rankguard.probe import Probe
 from rankguard.probe.quantities.spectral import PowerIteration
+from rankguard.probe.sink import MemorySink
 
 pytestmark = pytest.mark.gpu
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from rankguard.probe import MemorySink, Probe
+from rankguard.probe import Probe
 from rankguard.probe.exceptions import ConfigError, ConfigTypeError, QuantityError
 from rankguard.probe.quantities import REGISTRY
 from rankguard.probe.quantities.base import Quantity, StepContext
-from rankguard.probe.sink import iter_points
+from rankguard.probe.sink import MemorySink
+from rankguard.probe.wire import iter_points
 
 
 def probe_hooks(model: nn.Module) -> int:

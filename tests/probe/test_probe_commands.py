@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from rankguard.probe import MemoryTransport, Probe
+from rankguard.probe import Probe
+from rankguard.probe.schedules import Every
+from rankguard.probe.transport import MemoryTransport
 
 
 def test_msign_command_is_applied_after_the_step_it_arrives_at(tiny_gpt, tmp_path, train) -> None:
@@ -95,3 +97,46 @@ def test_scale_lr_backs_off_every_step_until_close(tiny_gpt, tmp_path) -> None:
     probe.close()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert opt.param_groups[0]["lr"] == 0.1
+
+
+def test_set_probe_brings_a_quantity_back_as_configured(tiny_gpt, tmp_path) -> None:
+    # set_probe once re-enabled a quantity at `every`, ignoring jacobian_every, schedules and
+    # the Jacobian's iteration counts: enabling now builds it exactly as construction does
+    transport = MemoryTransport()
+    probe = Probe(
+        tiny_gpt,
+        run="enable",
+        every=2,
+        jacobian_every=6,
+        schedules={"stable_rank": 3},
+        jacobian_iterations=2,
+        transport=transport,
+        log_dir=tmp_path,
+    )
+    configured = {q.name: q.schedule for q in probe.quantities}
+    heavy = ["jacobian_alignment", "stable_rank"]
+    transport.push_command({"id": "off", "kind": "set_probe", "args": {"disable": heavy}})
+    probe.step()
+    assert not set(heavy) & {q.name for q in probe.quantities}
+    transport.push_command({"id": "on", "kind": "set_probe", "args": {"enable": heavy}})
+    probe.step()
+    assert dict(transport.acks)["on"]["state"] == "applied"
+    restored = {q.name: q.schedule for q in probe.quantities}
+    assert restored == configured
+    assert (restored["jacobian_alignment"], restored["stable_rank"]) == (Every(6), Every(3))
+    jacobian = next(q for q in probe.quantities if q.name == "jacobian_alignment")
+    assert jacobian.iterations == 2  # type: ignore[attr-defined]
+    probe.close()
+
+
+def test_set_probe_cadence_keeps_own_schedules_and_the_jacobian(tiny_gpt, tmp_path) -> None:
+    transport = MemoryTransport()
+    probe = Probe(tiny_gpt, run="every", every=2, schedules={"stable_rank": 3}, transport=transport)
+    transport.push_command({"id": "e", "kind": "set_probe", "args": {"every": 5}})
+    probe.step()
+    schedules = {q.name: q.schedule for q in probe.quantities}
+    assert schedules.pop("stable_rank") == Every(3)
+    assert schedules.pop("jacobian_alignment") == Every(20)  # 10 x the configured every
+    assert set(schedules.values()) == {Every(5)}
+    assert probe.config.every == 5 and probe.config.command_every == 2
+    probe.close()

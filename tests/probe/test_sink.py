@@ -1,59 +1,17 @@
-"""The JSON Lines sink: encoding of non-finite floats, columnar points, file round trip."""
+"""The JSON Lines sink: file round trip, registration on the first line."""
 
 from __future__ import annotations
 
-import json
 import math
 
-import pytest
-
 from rankguard.probe import Probe
-from rankguard.probe.sink import (
-    FileSink,
-    Point,
-    decode_float,
-    encode_batch,
-    encode_float,
-    encode_histogram,
-    iter_points,
-    read_jsonl,
-)
-
-
-@pytest.mark.parametrize(
-    ("value", "encoded"),
-    [(1.5, 1.5), (math.nan, "NaN"), (math.inf, "Infinity"), (-math.inf, "-Infinity"), (0.0, 0.0)],
-)
-def test_float_encoding_round_trip(value: float, encoded: object) -> None:
-    assert encode_float(value) == encoded or (math.isnan(value) and encode_float(value) == "NaN")
-    back = decode_float(encode_float(value))
-    assert back == value or (math.isnan(value) and math.isnan(back))
-
-
-def test_decode_rejects_other_strings() -> None:
-    with pytest.raises(ValueError, match="value"):
-        decode_float("nan")
-
-
-def test_batch_is_columnar() -> None:
-    points = [Point("loss", "global", 3, math.nan, 0, 1.0), Point("stable_rank", "w", 3, 2.0)]
-    batch = encode_batch(points, [encode_histogram("sa_cosine", "w", 3, [-1, 0, 1], [2, 3])])
-    assert batch["v"] == 1 and "run" not in batch
-    assert batch["points"] == {
-        "quantity": ["loss", "stable_rank"],
-        "target": ["global", "w"],
-        "rank": [0, 0],
-        "step": [3, 3],
-        "wall_time": [1.0, None],
-        "value": ["NaN", 2.0],
-    }
-    assert batch["histograms"][0]["counts"] == [2, 3]
-    json.dumps(batch, allow_nan=False)  # valid strict JSON
+from rankguard.probe.sink import FileSink, read_jsonl
+from rankguard.probe.wire import Point, encode_batch, iter_points
 
 
 def test_file_sink_round_trip(tmp_path) -> None:
     run = {"id": "abc", "name": "r", "config": {}, "world_size": 1, "parameters": []}
-    sink = FileSink(tmp_path / "sub" / "r.jsonl", run=run)
+    sink = FileSink(tmp_path / "sub" / "r.jsonl", registration=run)
     first = [Point("loss", "global", 0, 1.0), Point("loss", "global", 1, math.inf)]
     sink.write(encode_batch(first))
     sink.write(encode_batch([Point("stable_rank", "w[q]", 1, 3.25)]))

@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from rankguard.probe.http_transport import HttpTransport
 from rankguard.probe.sink import read_jsonl
-from rankguard.probe.transport import HttpTransport, MemoryTransport, NullTransport
+from rankguard.probe.transport import MemoryTransport, NullTransport
 
 
 class FakeServer:
@@ -98,7 +99,7 @@ def make_transport(server: FakeServer, tmp_path: Path) -> Iterator[Any]:
         )
         options: dict[str, Any] = {
             "token": "t0k",
-            "run": {"id": str(uuid.uuid4()), "name": "unit"},
+            "registration": {"id": str(uuid.uuid4()), "name": "unit"},
             "spill_path": tmp_path / "spill.jsonl",
             "client": client,
             "poll_interval": 0.05,
@@ -201,11 +202,11 @@ def test_a_restarted_job_replays_what_its_last_life_left(
 ) -> None:
     run = {"id": str(uuid.uuid4()), "name": "resumed"}
     server.up = False
-    first = make_transport(run=run)
+    first = make_transport(registration=run)
     first.send(batch(0))
     first.close(timeout=1)
     server.up = True
-    second = make_transport(run=run)
+    second = make_transport(registration=run)
     second.send(batch(1))
     assert second.close(timeout=10).delivered_all
     assert {key[2] for key in server.points} == {0, 1}
@@ -237,7 +238,9 @@ def test_commands_reach_the_inbox_and_acks_reach_the_server(
 
 def test_constructor_validates() -> None:
     with pytest.raises(ValueError, match="max_queue"):
-        HttpTransport("http://x", token=None, run={"id": "r"}, spill_path="/tmp/x", max_queue=0)
+        HttpTransport(
+            "http://x", token=None, registration={"id": "r"}, spill_path="/tmp/x", max_queue=0
+        )
 
 
 def test_null_and_memory_transports_follow_the_protocol() -> None:

@@ -154,6 +154,7 @@ def test_delegation_and_records(tiny_model: TinyModel) -> None:
         ({"period": 2.5}, "period: 2.5"),
         ({"engine": "qr"}, "engine: 'qr'"),
         ({"steps": -1}, "steps: -1"),
+        ({"stats": "fast"}, "stats: 'fast' is invalid; valid: 'exact', 'estimate', 'none'"),
     ],
 )
 def test_invalid_arguments(tiny_model: TinyModel, kwargs: dict[str, object], match: str) -> None:

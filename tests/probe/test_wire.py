@@ -1,0 +1,70 @@
+"""The wire codec: non-finite floats as strings, columnar points, strict JSON, merging."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from rankguard.probe.wire import (
+    Point,
+    decode_float,
+    encode_batch,
+    encode_float,
+    encode_histogram,
+    encode_json,
+    merge_batches,
+    point_count,
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [(1.5, 1.5), (math.nan, "NaN"), (math.inf, "Infinity"), (-math.inf, "-Infinity"), (0.0, 0.0)],
+)
+def test_float_encoding_round_trip(value: float, encoded: object) -> None:
+    assert encode_float(value) == encoded or (math.isnan(value) and encode_float(value) == "NaN")
+    back = decode_float(encode_float(value))
+    assert back == value or (math.isnan(value) and math.isnan(back))
+
+
+def test_decode_rejects_other_strings() -> None:
+    with pytest.raises(ValueError, match="value"):
+        decode_float("nan")
+
+
+def test_batch_is_columnar() -> None:
+    points = [Point("loss", "global", 3, math.nan, 0, 1.0), Point("stable_rank", "w", 3, 2.0)]
+    batch = encode_batch(points, [encode_histogram("sa_cosine", "w", 3, [-1, 0, 1], [2, 3])])
+    assert batch["v"] == 1 and "run" not in batch
+    assert batch["points"] == {
+        "quantity": ["loss", "stable_rank"],
+        "target": ["global", "w"],
+        "rank": [0, 0],
+        "step": [3, 3],
+        "wall_time": [1.0, None],
+        "value": ["NaN", 2.0],
+    }
+    assert batch["histograms"][0]["counts"] == [2, 3]
+    json.dumps(batch, allow_nan=False)  # valid strict JSON
+
+
+def test_encode_json_turns_stray_non_finite_floats_into_strings() -> None:
+    body = {"state": "applied", "result": {"x": math.nan, "ys": [1.0, -math.inf, (math.inf,)]}}
+    assert json.loads(encode_json(body)) == {
+        "state": "applied",
+        "result": {"x": "NaN", "ys": [1.0, "-Infinity", ["Infinity"]]},
+    }
+    assert encode_json({"a": [1, 2.5]}) == '{"a":[1,2.5]}'
+
+
+def test_merged_batches_keep_every_point_and_histogram_in_order() -> None:
+    hist = encode_histogram("sa_cosine", "w", 1, [-1, 0, 1], [1, 1])
+    first = encode_batch([Point("loss", "global", 0, 1.0)])
+    second = encode_batch([Point("loss", "global", 1, 2.0), Point("x", "w", 1, 3.0)], [hist])
+    merged = merge_batches([first, second])
+    assert point_count(merged) == 3 == point_count(first) + point_count(second)
+    assert merged["points"]["step"] == [0, 1, 1]
+    assert merged["histograms"] == [hist]
+    assert merge_batches([first]) is first
