@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,7 +20,8 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from rankguard.server.models import CommandState, RunStatus, Scope
+from rankguard.server.models import Scope
+from rankguard.server.vocab import CommandKind, CommandState, RunStatus, Severity, WebhookFormat
 from rankguard.server.wire import wire_floats
 
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
@@ -244,14 +244,6 @@ class EventsPublic(WireModel):
 # --- commands ---------------------------------------------------------------------------
 
 
-class CommandKind(str, Enum):
-    MSIGN = "msign"
-    PSS = "pss"
-    UNDO = "undo"
-    SET_PROBE = "set_probe"
-    SCALE_LR = "scale_lr"
-
-
 class CommandCreate(WireModel):
     kind: CommandKind
     args: WireObject = Field(default_factory=dict)
@@ -297,7 +289,7 @@ class CommandAck(WireModel):
 
 
 class AlertRuleCreate(WireModel):
-    """A rule (the fields of ``alert_engine.Rule``: name, quantity, condition, threshold,
+    """A rule (the fields of ``alerts.Rule``: name, quantity, condition, threshold,
     targets, aggregation, ...; validated by the engine) for a project or one of its runs."""
 
     rule: dict[str, Any]
@@ -361,18 +353,6 @@ class AlertsPublic(WireModel):
     count: int
 
 
-class WebhookFormat(str, Enum):
-    JSON = "json"
-    SLACK = "slack"
-    ALERTMANAGER = "alertmanager"
-
-
-class AlertSeverity(str, Enum):
-    INFO = "info"
-    WARNING = "warning"
-    CRITICAL = "critical"
-
-
 WebhookUrl = Annotated[
     str, StringConstraints(min_length=8, max_length=2048, pattern=r"^https?://[^\s\x00]+$")
 ]
@@ -387,7 +367,7 @@ class WebhookCreate(WireModel):
         default=None, description="signs each body (HMAC-SHA256); write-only"
     )
     enabled: bool = True
-    min_severity: AlertSeverity = AlertSeverity.INFO
+    min_severity: Severity = Severity.INFO
     project: ProjectName | None = Field(
         default=None, description="project name; defaults to the token's project"
     )
@@ -403,7 +383,7 @@ class WebhookUpdate(WireModel):
     secret: WebhookSecret | None = Field(default=None, description="write-only")
     clear_secret: bool = False
     enabled: bool | None = None
-    min_severity: AlertSeverity | None = None
+    min_severity: Severity | None = None
 
 
 class WebhookPublic(WireModel):
@@ -414,7 +394,7 @@ class WebhookPublic(WireModel):
     format: WebhookFormat
     has_secret: bool
     enabled: bool
-    min_severity: AlertSeverity
+    min_severity: Severity
     created_at: dt.datetime
     updated_at: dt.datetime
 
