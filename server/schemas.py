@@ -21,7 +21,13 @@ from pydantic import (
 )
 
 from rankguard.server.models import Scope
-from rankguard.server.vocab import CommandKind, CommandState, RunStatus, Severity, WebhookFormat
+from rankguard.server.vocab import (
+    AlertSeverity,
+    CommandKind,
+    CommandState,
+    RunStatus,
+    WebhookFormat,
+)
 from rankguard.server.wire import wire_floats
 
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
@@ -367,7 +373,7 @@ class WebhookCreate(WireModel):
         default=None, description="signs each body (HMAC-SHA256); write-only"
     )
     enabled: bool = True
-    min_severity: Severity = Severity.INFO
+    min_severity: AlertSeverity = AlertSeverity.INFO
     project: ProjectName | None = Field(
         default=None, description="project name; defaults to the token's project"
     )
@@ -383,7 +389,7 @@ class WebhookUpdate(WireModel):
     secret: WebhookSecret | None = Field(default=None, description="write-only")
     clear_secret: bool = False
     enabled: bool | None = None
-    min_severity: Severity | None = None
+    min_severity: AlertSeverity | None = None
 
 
 class WebhookPublic(WireModel):
@@ -394,7 +400,7 @@ class WebhookPublic(WireModel):
     format: WebhookFormat
     has_secret: bool
     enabled: bool
-    min_severity: Severity
+    min_severity: AlertSeverity
     created_at: dt.datetime
     updated_at: dt.datetime
 

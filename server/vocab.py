@@ -17,9 +17,12 @@ def values(enum: type[Enum]) -> tuple[str, ...]:
     return tuple(str(member.value) for member in enum)
 
 
-class Severity(str, Enum):
-    """How bad an alert is; ordered ``info < warning < critical`` (:attr:`order`)."""
+# Enums that the API schemas use carry comments, not docstrings: a docstring would become
+# their description in /openapi.json.
 
+
+# How bad an alert is; ordered info < warning < critical (``order``).
+class AlertSeverity(str, Enum):
     INFO = "info"
     WARNING = "warning"
     CRITICAL = "critical"
@@ -34,20 +37,18 @@ class Severity(str, Enum):
         return _SEVERITY_ORDER.get(value, 0)
 
 
-_SEVERITY_ORDER = {severity.value: i for i, severity in enumerate(Severity)}
+_SEVERITY_ORDER = {severity.value: i for i, severity in enumerate(AlertSeverity)}
 
 
+# The payload format of an outbound webhook (``server/notify/payloads.py``).
 class WebhookFormat(str, Enum):
-    """The payload format of an outbound webhook (``server/notify/payloads.py``)."""
-
     JSON = "json"
     SLACK = "slack"
     ALERTMANAGER = "alertmanager"
 
 
+# What a command orders the probe to do (docs/contract.md, Commands).
 class CommandKind(str, Enum):
-    """What a command orders the probe to do (docs/contract.md, Commands)."""
-
     MSIGN = "msign"
     PSS = "pss"
     UNDO = "undo"
@@ -89,9 +90,8 @@ class AlertState(str, Enum):
     RESOLVED = "resolved"
 
 
+# Where one webhook delivery stands in the outbox (``webhook_deliveries.outcome``).
 class DeliveryOutcome(str, Enum):
-    """Where one webhook delivery stands in the outbox (``webhook_deliveries.outcome``)."""
-
     PENDING = "pending"
     SENDING = "sending"
     DELIVERED = "delivered"
@@ -116,6 +116,7 @@ class EventKind(str, Enum):
 
 
 __all__ = [
+    "AlertSeverity",
     "AlertState",
     "CommandKind",
     "CommandState",
@@ -123,7 +124,6 @@ __all__ = [
     "EventKind",
     "MSignEngine",
     "RunStatus",
-    "Severity",
     "TargetGroup",
     "WebhookFormat",
     "values",

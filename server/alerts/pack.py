@@ -35,7 +35,7 @@ from rankguard.server.alerts.rules import (
     Rule,
 )
 from rankguard.server.alerts.runbook import MSIGN_HOWTO
-from rankguard.server.vocab import MSignEngine, Severity, TargetGroup
+from rankguard.server.vocab import AlertSeverity, MSignEngine, TargetGroup
 
 SA_COLLAPSE = "sa_sign_diversity_collapse"
 STABLE_RANK_COLLAPSE = "stable_rank_collapse"
@@ -118,7 +118,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             aggregation=Aggregation.ANY,
             consecutive=3,
             clear_after=3,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             min_step=50,
             cooldown=_REMEDY_COOLDOWN,
             msign=msign,
@@ -152,7 +152,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             consecutive=2,
             clear_threshold=0.15,
             clear_after=2,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             min_step=50,  # the first steps' fall of the stable rank is learning, not collapse
             cooldown=_REMEDY_COOLDOWN,
             msign=msign,
@@ -183,7 +183,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             # 1.05): a lift just over the bound right after an MSign is not yet a recovery.
             clear_threshold=1.05,
             clear_after=4,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             min_step=10,
             msign=_repeating_msign(TargetGroup.ALL_2D, remediate),
             description=(
@@ -215,7 +215,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             aggregation=Aggregation.GMEAN,
             consecutive=1,
             clear_after=1,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             lr_backoff=_halving_lr(remediate),
             description=(
                 "Geometric-mean update-to-weight ratio ||W_after - W_before||_F/||W_before||_F "
@@ -240,7 +240,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             threshold=50.0,
             aggregation=Aggregation.ANY,
             consecutive=1,
-            severity=Severity.WARNING,
+            severity=AlertSeverity.WARNING,
             min_step=50,
             cooldown=200,
             description=(
@@ -270,7 +270,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             warmup=50,
             min_step=50,
             cooldown=30,
-            severity=Severity.WARNING,
+            severity=AlertSeverity.WARNING,
             description=(
                 "Global gradient norm above 4x its EMA (alpha 0.1) after 50 samples and step "
                 "50, cooldown 30 steps: the PSS trigger (papers.md §6.4 uses 2.5x; calibrated)."
@@ -287,7 +287,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             quantity="loss",
             condition=Condition.NON_FINITE,
             targets=("global",),
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             description="The training loss is NaN or infinite.",
             runbook=(
                 "The run has diverged or hit a numerical fault (overflow in fp16/bf16, a bad "
@@ -301,7 +301,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             condition=Condition.ABOVE,
             threshold=0.0,
             targets=("loss", "grad"),
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             description="The probe counted NaN/Inf elements in the loss or the gradients.",
             runbook=(
                 "Non-finite gradients reach the optimizer state and then the weights. Skip the "
@@ -317,7 +317,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             # loss had already degraded in the logit-growth runs.
             threshold=50.0,
             aggregation=Aggregation.ANY,
-            severity=Severity.WARNING,
+            severity=AlertSeverity.WARNING,
             cooldown=200,
             description="Max attention logit above 50 (calibrated; Wortsman et al. use 1e3, "
             "papers.md §6.7).",
@@ -334,7 +334,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             condition=Condition.ABOVE,
             threshold=1e3,  # calibrated: 1e3 (papers: 1e4, reached only after the failure here)
             aggregation=Aggregation.ANY,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             # Resolve only after 4 clean samples and re-fire at once: a logit that dips under
             # the bound right after an MSign is not yet a recovery.
             clear_after=4,

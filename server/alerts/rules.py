@@ -14,7 +14,7 @@ from enum import Enum
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
-from rankguard.server.vocab import CommandKind, MSignEngine, Severity, TargetGroup, values
+from rankguard.server.vocab import AlertSeverity, CommandKind, MSignEngine, TargetGroup, values
 
 
 class RuleError(ValueError):
@@ -215,7 +215,7 @@ class Rule:
     aggregation: Aggregation = Aggregation.ANY
     k: int | None = None
     consecutive: int = 1
-    severity: Severity = Severity.WARNING
+    severity: AlertSeverity = AlertSeverity.WARNING
     cooldown: int = 0
     clear_threshold: float | None = None
     clear_after: int = 1
@@ -248,7 +248,7 @@ class Rule:
                 raise RuleError(f"{name}={value!r} is not valid; use a non-empty string")
         self._set("condition", _coerce_enum(Condition, "condition", self.condition))
         self._set("aggregation", _coerce_enum(Aggregation, "aggregation", self.aggregation))
-        self._set("severity", _coerce_enum(Severity, "severity", self.severity))
+        self._set("severity", _coerce_enum(AlertSeverity, "severity", self.severity))
         raw: Any = self.targets
         targets = _globs((raw,) if isinstance(raw, str) else raw)
         if targets is None:

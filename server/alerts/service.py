@@ -46,11 +46,11 @@ from rankguard.server.db import utcnow
 from rankguard.server.models import Alert, AlertRule, Delivery, Project, Run, Webhook
 from rankguard.server.notify import payloads
 from rankguard.server.vocab import (
+    AlertSeverity,
     AlertState,
     DeliveryOutcome,
     EventKind,
     RunStatus,
-    Severity,
     WebhookFormat,
 )
 
@@ -265,7 +265,9 @@ class Alerting:
     ) -> int:
         """One pending delivery per webhook that wants this severity; returns how many. The
         bodies are rendered now, in the ingest transaction, so the worker only sends them."""
-        wanted = [h for h in webhooks if tr.severity.order >= Severity.order_of(h.min_severity)]
+        wanted = [
+            h for h in webhooks if tr.severity.order >= AlertSeverity.order_of(h.min_severity)
+        ]
         if not wanted:
             return 0
         project = session.get(Project, run.project_id)

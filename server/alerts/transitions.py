@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from rankguard.server.alerts.rules import Aggregation, Rule
-from rankguard.server.vocab import Severity
+from rankguard.server.vocab import AlertSeverity
 from rankguard.server.wire import decode_float, encode_float
 
 
@@ -69,7 +69,7 @@ class Transition:
     kind: TransitionKind
     rule: str
     quantity: str
-    severity: Severity
+    severity: AlertSeverity
     episode: int
     step: int
     first_step: int
@@ -108,7 +108,7 @@ class Transition:
             kind=TransitionKind(data["kind"]),
             rule=str(data["rule"]),
             quantity=str(data["quantity"]),
-            severity=Severity(data["severity"]),
+            severity=AlertSeverity(data["severity"]),
             episode=int(data["episode"]),
             step=int(data["step"]),
             first_step=int(data["first_step"]),

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from rankguard.server.alerts.transitions import Transition
-from rankguard.server.vocab import AlertState, Severity, WebhookFormat, values
+from rankguard.server.vocab import AlertSeverity, AlertState, WebhookFormat, values
 from rankguard.server.wire import encode_float
 
 # Alertmanager's zero time: what it sends as endsAt of an alert that has not ended.
@@ -137,9 +137,9 @@ def generic_payload(notice: AlertNotice) -> dict[str, Any]:
 
 
 _SLACK_EMOJI = {
-    Severity.INFO.value: ":information_source:",
-    Severity.WARNING.value: ":warning:",
-    Severity.CRITICAL.value: ":rotating_light:",
+    AlertSeverity.INFO.value: ":information_source:",
+    AlertSeverity.WARNING.value: ":warning:",
+    AlertSeverity.CRITICAL.value: ":rotating_light:",
 }
 
 
@@ -167,7 +167,7 @@ def slack_payload(notice: AlertNotice) -> dict[str, Any]:
                 {"type": "mrkdwn", "text": f"*Quantity*\n{notice.quantity}"},
                 {"type": "mrkdwn", "text": f"*First step*\n{notice.first_step}"},
                 {"type": "mrkdwn", "text": f"*Step*\n{notice.step}"},
-                {"type": "mrkdwn", "text": f"*Severity*\n{notice.severity}"},
+                {"type": "mrkdwn", "text": f"*AlertSeverity*\n{notice.severity}"},
             ],
         },
     ]

@@ -29,7 +29,7 @@ from rankguard.server.schemas import (
     WebhookTestResult,
     WebhookUpdate,
 )
-from rankguard.server.vocab import DeliveryOutcome, Severity, WebhookFormat
+from rankguard.server.vocab import AlertSeverity, DeliveryOutcome, WebhookFormat
 
 # Integer primary keys (32-bit on PostgreSQL): larger ids cannot exist.
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -48,7 +48,7 @@ def _public(hook: Webhook, project: str) -> WebhookPublic:
         format=WebhookFormat(hook.format),
         has_secret=hook.secret is not None,
         enabled=hook.enabled,
-        min_severity=Severity(hook.min_severity),
+        min_severity=AlertSeverity(hook.min_severity),
         created_at=hook.created_at,
         updated_at=hook.updated_at,
     )

@@ -797,7 +797,7 @@ def test_aggregate_message_names_targets_that_did_not_trip_themselves() -> None:
     # b is new at step 3 (its own warm-up not done), so no target trips on its own: the
     # message names every target, without a "since".
     r = rule(condition="below", threshold=1.0, aggregation="mean", warmup=2)
-    data = samples_for({"a": [5, 5, 5, 5, 5]}) + [("b", 3, -10.0), ("b", 4, 5.0)]
+    data = [*samples_for({"a": [5, 5, 5, 5, 5]}), ("b", 3, -10.0), ("b", 4, 5.0)]
     _, transitions = drive(r, by_step(data))
     firing = transitions[0]
     assert firing.kind is TransitionKind.FIRING and firing.step == 3

@@ -17,7 +17,7 @@ from rankguard.server.alerts import (
     flush,
     pack,
 )
-from rankguard.server.vocab import Severity
+from rankguard.server.vocab import AlertSeverity
 
 
 def by_name(rules: list[Rule]) -> dict[str, Rule]:
@@ -54,14 +54,14 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         (
             pack.SA_COLLAPSE,
             {"quantity": "sa_sign_diversity", "condition": Condition.BELOW, "threshold": 0.0,
-             "aggregation": Aggregation.ANY, "consecutive": 3, "severity": Severity.CRITICAL,
+             "aggregation": Aggregation.ANY, "consecutive": 3, "severity": AlertSeverity.CRITICAL,
              "min_step": 50},
         ),
         (
             pack.STABLE_RANK_COLLAPSE,
             {"quantity": "stable_rank", "condition": Condition.DROP_FROM_BASELINE,
              "threshold": 0.12, "aggregation": Aggregation.GMEAN, "targets": ("*",),
-             "severity": Severity.CRITICAL, "min_step": 50},
+             "severity": AlertSeverity.CRITICAL, "min_step": 50},
         ),
         (
             pack.JACOBIAN_GAIN,
@@ -83,24 +83,32 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         ),
         (
             pack.ATTENTION_LOGIT_HIGH,
-            {"quantity": "attention_logit_max", "threshold": 50.0, "severity": Severity.WARNING},
+            {
+                "quantity": "attention_logit_max",
+                "threshold": 50.0,
+                "severity": AlertSeverity.WARNING,
+            },
         ),
         (
             pack.ATTENTION_LOGIT_DIVERGENCE,
-            {"quantity": "attention_logit_max", "threshold": 1e3, "severity": Severity.CRITICAL},
+            {
+                "quantity": "attention_logit_max",
+                "threshold": 1e3,
+                "severity": AlertSeverity.CRITICAL,
+            },
         ),
         (
             pack.REPRESENTATION_COLLAPSE,
             {"quantity": "representation_stable_rank", "condition": Condition.BELOW,
              "threshold": 1.02, "aggregation": Aggregation.GMEAN, "consecutive": 2,
              "clear_threshold": 1.05, "clear_after": 4, "min_step": 10,
-             "severity": Severity.CRITICAL},
+             "severity": AlertSeverity.CRITICAL},
         ),
         (
             pack.UPDATE_RATIO_HIGH,
             {"quantity": "update_ratio", "condition": Condition.ABOVE, "threshold": 0.05,
              "aggregation": Aggregation.GMEAN, "consecutive": 1, "clear_after": 1,
-             "min_step": 0, "severity": Severity.CRITICAL},
+             "min_step": 0, "severity": AlertSeverity.CRITICAL},
         ),
     ],
 )  # fmt: skip
@@ -116,7 +124,7 @@ def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
     for name in pack.REMEDIABLE:
         assert off[name].action is None
         assert on[name].action is not None
-        assert on[name].severity is Severity.CRITICAL
+        assert on[name].severity is AlertSeverity.CRITICAL
         if name != pack.UPDATE_RATIO_HIGH:
             assert on[name].msign.enabled is True and on[name].msign.engine == "svd"
     # the update ratio halves the learning rate at every sample while it fires

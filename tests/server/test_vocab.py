@@ -6,20 +6,20 @@ from __future__ import annotations
 from rankguard.probe import control, targets
 from rankguard.probe.interventions import msign
 from rankguard.server.vocab import (
+    AlertSeverity,
     CommandKind,
     CommandState,
     EventKind,
     MSignEngine,
-    Severity,
     TargetGroup,
     values,
 )
 
 
 def test_severity_order() -> None:
-    assert [s.order for s in Severity] == [0, 1, 2]
-    assert Severity.INFO.order < Severity.WARNING.order < Severity.CRITICAL.order
-    assert Severity.order_of("critical") == 2 and Severity.order_of("unknown") == 0
+    assert [s.order for s in AlertSeverity] == [0, 1, 2]
+    assert AlertSeverity.INFO.order < AlertSeverity.WARNING.order < AlertSeverity.CRITICAL.order
+    assert AlertSeverity.order_of("critical") == 2 and AlertSeverity.order_of("unknown") == 0
 
 
 def test_command_vocabulary_matches_the_probe() -> None:
