@@ -452,11 +452,7 @@ class InboundResult(WireModel):
     ignored: list[InboundIgnored]
 
 
-# --- errors and health ------------------------------------------------------------------
-
-
-class ErrorDetail(BaseModel):
-    detail: str
+# --- health -----------------------------------------------------------------------------
 
 
 class Health(WireModel):

@@ -225,8 +225,9 @@ def _fire(at: _Step, agg: _Aggregate) -> Transition:
         message = aggregate_firing(rule, at.step, len(at.members), detail(agg.check), hits)
         bound = agg.check.bound
     else:
-        verdicts = [detail(at.checks.of(h.target)) for h in hits[:5]]
-        message = targets_firing(rule, at.step, len(at.members), hits, verdicts)
+        message = targets_firing(
+            rule, at.step, len(at.members), hits, lambda target: detail(at.checks.of(target))
+        )
         bound = hits[0].bound if hits else None
     order = _order(rule, at.state, at.step) if rule.action is not None else (None, False)
     return _transition(

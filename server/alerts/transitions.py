@@ -8,7 +8,7 @@ non-finite values as the contract's strings (``server/wire.py``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -163,13 +163,15 @@ def aggregate_firing(
 
 
 def targets_firing(
-    rule: Rule, step: int, members: int, hits: Sequence[TargetHit], verdicts: Sequence[str]
+    rule: Rule,
+    step: int,
+    members: int,
+    hits: Sequence[TargetHit],
+    verdict: Callable[[str], str],
 ) -> str:
-    """A boolean aggregation fired: each reported target's verdict (``verdicts`` follow
-    ``hits``; only the first few are shown)."""
+    """A boolean aggregation fired: the verdict on each of the first reported targets."""
     parts = [
-        f"{h.target}: {v}" + _since(h, " since step {}")
-        for h, v in zip(hits[:_SHOWN], verdicts, strict=False)
+        f"{h.target}: {verdict(h.target)}" + _since(h, " since step {}") for h in hits[:_SHOWN]
     ]
     more = f" and {len(hits) - _SHOWN} more" if len(hits) > _SHOWN else ""
     text = (
