@@ -139,7 +139,7 @@ class DemoCallback:
     def _register_and_allow_msign(self, probe: Probe) -> None:
         # Registering here (the probe would do it on its own thread) lets the demo turn on the
         # attention-logit rule's MSign action before any data arrives. The default pack sets
-        # it up (rule_pack): once the logits pass 1e3, MSign on the attention weights every
+        # it up (alerts.pack): once the logits pass 1e3, MSign on the attention weights every
         # 10 steps while the alert fires — the MSign paper's periodic restoration.
         self.api.post("/runs", json=probe.registration()).raise_for_status()
         rules = self.api.get("/alert-rules", params={"run_id": probe.run_id}).json()["data"]

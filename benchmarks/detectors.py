@@ -1,6 +1,6 @@
 """Instability detectors compared by the lead-time benchmark, each returning its first firing step.
 
-Baselines (what trainers without rankguard have; /work/shared/reference/peers.md):
+Baselines (what trainers without rankguard have; the project's notes on peers, peers.md):
 
 - :func:`olmo_loss_spike`: OLMo-core's loss-spike detector (``StabilityMonitorCallback``): the
   loss is more than ``sigmas`` (6) standard deviations above the mean of the previous
@@ -17,7 +17,7 @@ callback itself would not, as NaN > threshold is false) and need ``min_history``
 earlier values before they can fire on a finite one.
 
 rankguard: :func:`rule_first_firings` runs rules of the alert engine
-(``rankguard.server.alert_engine``) offline over recorded probe series, in step order, and
+(``rankguard.server.alerts``) offline over recorded probe series, in step order, and
 returns each rule's first ``firing`` step (the step at which the engine decided).
 """
 
@@ -28,7 +28,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from rankguard.server.alert_engine import Rule, TransitionKind, evaluate, flush
+from rankguard.server.alerts import Rule, TransitionKind, evaluate, flush
 
 __all__ = [
     "grad_norm_threshold",

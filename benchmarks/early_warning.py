@@ -11,7 +11,7 @@ per-step loss and pre-clip gradient norm of the training loop. The detectors of
   gradient-norm threshold (> 10x the running median of the last 100). (OLMo-core applies its
   6-sigma rule to the gradient norm too; on these runs it fired on 21 of 24 healthy runs, so
   it is no comparator and is not in the table);
-- every rule of rankguard's default pack (``server/rule_pack.py``), through the alert engine.
+- every rule of rankguard's default pack (``server/alerts/pack.py``), through the alert engine.
 
 Failure step (``failure_step``): an explosion's step from ``failure.find_explosion``; for a
 silent degradation, the first step from which the run's trailing-25 mean loss stays above
@@ -358,7 +358,7 @@ def load_records(seeds: Sequence[int], folder: Path = RUNS) -> dict[tuple[str, i
 
 def analyse(seeds: Sequence[int], folder: Path = RUNS) -> dict[str, Any]:
     """Per-run detector firings, failure steps and lead times, plus the summary tables."""
-    from rankguard.server.rule_pack import default_rules, specialise
+    from rankguard.server.alerts.pack import default_rules, specialise
 
     records = load_records(seeds, folder)
     runs: list[dict[str, Any]] = []
@@ -527,7 +527,7 @@ def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULT
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rankguard.server.rule_pack import (
+    from rankguard.server.alerts.pack import (
         REPRESENTATION_COLLAPSE,
         UPDATE_RATIO_HIGH,
         default_rules,

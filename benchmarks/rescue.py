@@ -68,7 +68,7 @@ class AlertLoop:
 
     def __call__(self, step: int, batches: Sequence[Mapping[str, Any]], transport: Any) -> None:
         from rankguard.probe.wire import iter_points
-        from rankguard.server.alert_engine import TransitionKind, evaluate
+        from rankguard.server.alerts import TransitionKind, evaluate
 
         by_quantity: dict[str, list[tuple[str, int, float]]] = {}
         for p in iter_points(batches):
@@ -103,8 +103,8 @@ def rules_for(names: Sequence[str], *, msign_only: bool = False) -> list[Any]:
     every 2-D weight once per stable-rank (or SA) collapse, on the attention weights every 10
     steps while the attention-logit divergence fires, on every 2-D weight every 10 steps while
     the representations are collapsed, and the LR halved at every sample while the update
-    ratio is too high (``rule_pack``); ``msign_only`` leaves the LR alone."""
-    from rankguard.server.rule_pack import UPDATE_RATIO_HIGH, default_rules, specialise
+    ratio is too high (``alerts.pack``); ``msign_only`` leaves the LR alone."""
+    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH, default_rules, specialise
 
     rules = specialise(default_rules(remediate=True), names)
     if msign_only:

@@ -465,7 +465,7 @@ def marker_events(events: Sequence[Event]) -> list[dict[str, Any]]:
 
 def alert_rows(events: Sequence[Event], run_id: str) -> list[dict[str, Any]]:
     """One row per alert event, newest first, with what tripped and the suggested action.
-    The payload follows ``alert_engine.Transition.to_dict`` where the server writes one."""
+    The payload follows ``alerts.Transition.to_dict`` where the server writes one."""
     rows = []
     for e in events:
         if e.kind != "alert":

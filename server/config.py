@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     migrate_on_start: bool = True
     retry_after_s: int = Field(default=1, ge=1)
 
-    # --- alerting (server/alerting.py, server/delivery.py) ---
+    # --- alerting (server/alerts/service.py, server/notify/worker.py) ---
     # false: rules are still installed and editable, but ingest evaluates none of them.
     alerts_enabled: bool = True
     # The dashboard's public address (https://rg.example); alert payloads link to it.

@@ -15,11 +15,12 @@ from sqlalchemy import exc as sa_exc
 
 from rankguard.dashboard import routes as dashboard_routes
 from rankguard.server import exposition, storage
-from rankguard.server.alerting import Alerting
+from rankguard.server.alerts.service import Alerting
 from rankguard.server.config import Settings
 from rankguard.server.db import Database, WriteBusyError, make_engine, upgrade_schema
-from rankguard.server.delivery import DeliveryWorker
 from rankguard.server.deps import SeriesCache
+from rankguard.server.middleware import BodyLimitMiddleware, WireJSONResponse
+from rankguard.server.notify.worker import DeliveryWorker
 from rankguard.server.routes import (
     alert_rules,
     alerts,
@@ -35,7 +36,6 @@ from rankguard.server.routes import (
     tokens,
     webhooks,
 )
-from rankguard.server.wire import BodyLimitMiddleware, WireJSONResponse
 
 API_PREFIX = "/api/v1"
 logger = logging.getLogger("rankguard.server")
@@ -47,6 +47,32 @@ def bootstrap(db: Database, settings: Settings) -> str | None:
     with db.write() as session:
         storage.ensure_project(session=session, name=settings.default_project)
         return storage.ensure_admin_token(session=session, secret=admin)
+
+
+def _add_database_error_handlers(app: FastAPI, *, retry_after_s: int) -> None:
+    """A busy or unreachable database answers 503 with ``Retry-After``, never a 500."""
+    retry_after = {"Retry-After": str(retry_after_s)}
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _pool_exhausted(_: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "all database connections are busy; retry shortly"},
+            status_code=503,
+            headers=retry_after,
+        )
+
+    @app.exception_handler(WriteBusyError)
+    async def _write_busy(_: Request, exc: WriteBusyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after)
+
+    @app.exception_handler(sa_exc.OperationalError)
+    async def _db_unavailable(_: Request, exc: sa_exc.OperationalError) -> JSONResponse:
+        logger.warning("database operational error: %s", exc.orig)
+        return JSONResponse(
+            {"detail": f"database unavailable: {type(exc.orig).__name__}; retry shortly"},
+            status_code=503,
+            headers=retry_after,
+        )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -97,29 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         templates=lambda: exposition.route_templates(app),
     )
 
-    retry_after = {"Retry-After": str(settings.retry_after_s)}
-
-    @app.exception_handler(sa_exc.TimeoutError)
-    async def _pool_exhausted(_: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
-        return JSONResponse(
-            {"detail": "all database connections are busy; retry shortly"},
-            status_code=503,
-            headers=retry_after,
-        )
-
-    @app.exception_handler(WriteBusyError)
-    async def _write_busy(_: Request, exc: WriteBusyError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers=retry_after)
-
-    @app.exception_handler(sa_exc.OperationalError)
-    async def _db_unavailable(_: Request, exc: sa_exc.OperationalError) -> JSONResponse:
-        logger.warning("database operational error: %s", exc.orig)
-        return JSONResponse(
-            {"detail": f"database unavailable: {type(exc.orig).__name__}; retry shortly"},
-            status_code=503,
-            headers=retry_after,
-        )
-
+    _add_database_error_handlers(app, retry_after_s=settings.retry_after_s)
     app.include_router(health.router)
     app.include_router(exposition.router)  # /metrics: see exposition.py about its token
     for module in (projects, tokens, runs, points, histograms, series, events, commands):

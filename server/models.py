@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from rankguard.server.db import Base, FloatValue, UTCDateTime, utcnow
+from rankguard.server.vocab import AlertState, CommandState, DeliveryOutcome, RunStatus
 
 NAME_LEN = 255
 BLOCK = 64  # steps per PointBlock
@@ -36,21 +37,6 @@ class Scope(str, Enum):
     READ = "read"
     OPERATE = "operate"
     ADMIN = "admin"
-
-
-class RunStatus(str, Enum):
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-
-
-class CommandState(str, Enum):
-    QUEUED = "queued"
-    DELIVERED = "delivered"
-    APPLIED = "applied"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLED = "cancelled"
 
 
 class Project(Base):
@@ -197,23 +183,11 @@ class Command(Base):
     __table_args__ = (Index(None, "run_id", "state"),)
 
 
-# --- alerting (server/alerting.py) ---------------------------------------------------------
-
-
-class AlertState(str, Enum):
-    FIRING = "firing"
-    RESOLVED = "resolved"
-
-
-class DeliveryOutcome(str, Enum):
-    PENDING = "pending"
-    SENDING = "sending"
-    DELIVERED = "delivered"
-    FAILED = "failed"
+# --- alerting (server/alerts/) --------------------------------------------------------------
 
 
 class AlertRule(Base):
-    """One alert rule (``alert_engine.Rule.to_dict()`` in ``rule``). ``run_id`` NULL: a
+    """One alert rule (``alerts.Rule.to_dict()`` in ``rule``). ``run_id`` NULL: a
     project-level rule, copied into each new run of the project; otherwise the rule of one
     run, with the engine's state for that (rule, run) in ``state``."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -21,7 +20,14 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from rankguard.server.models import CommandState, RunStatus, Scope
+from rankguard.server.models import Scope
+from rankguard.server.vocab import (
+    AlertSeverity,
+    CommandKind,
+    CommandState,
+    RunStatus,
+    WebhookFormat,
+)
 from rankguard.server.wire import wire_floats
 
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
@@ -244,14 +250,6 @@ class EventsPublic(WireModel):
 # --- commands ---------------------------------------------------------------------------
 
 
-class CommandKind(str, Enum):
-    MSIGN = "msign"
-    PSS = "pss"
-    UNDO = "undo"
-    SET_PROBE = "set_probe"
-    SCALE_LR = "scale_lr"
-
-
 class CommandCreate(WireModel):
     kind: CommandKind
     args: WireObject = Field(default_factory=dict)
@@ -297,7 +295,7 @@ class CommandAck(WireModel):
 
 
 class AlertRuleCreate(WireModel):
-    """A rule (the fields of ``alert_engine.Rule``: name, quantity, condition, threshold,
+    """A rule (the fields of ``alerts.Rule``: name, quantity, condition, threshold,
     targets, aggregation, ...; validated by the engine) for a project or one of its runs."""
 
     rule: dict[str, Any]
@@ -359,18 +357,6 @@ class AlertPublic(WireModel):
 class AlertsPublic(WireModel):
     data: list[AlertPublic]
     count: int
-
-
-class WebhookFormat(str, Enum):
-    JSON = "json"
-    SLACK = "slack"
-    ALERTMANAGER = "alertmanager"
-
-
-class AlertSeverity(str, Enum):
-    INFO = "info"
-    WARNING = "warning"
-    CRITICAL = "critical"
 
 
 WebhookUrl = Annotated[
@@ -466,11 +452,7 @@ class InboundResult(WireModel):
     ignored: list[InboundIgnored]
 
 
-# --- errors and health ------------------------------------------------------------------
-
-
-class ErrorDetail(BaseModel):
-    detail: str
+# --- health -----------------------------------------------------------------------------
 
 
 class Health(WireModel):

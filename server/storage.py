@@ -22,22 +22,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rankguard.server import auth
+from rankguard.server.alerts.store import install_run_rules
 from rankguard.server.db import utcnow
 from rankguard.server.models import (
     BLOCK,
     Command,
-    CommandState,
     Event,
     Histogram,
     Point,
     PointBlock,
     Project,
     Run,
-    RunStatus,
     Scope,
     Series,
     Token,
 )
+from rankguard.server.vocab import CommandState, RunStatus
 
 SeriesKey = tuple[str, str, int]  # (quantity, target, rank)
 
@@ -176,6 +176,7 @@ def register_run(
         with session.begin_nested():  # a concurrent registration of the same id wins the race
             session.add(run)
             session.flush()
+            install_run_rules(session=session, run=run)
     except IntegrityError:
         existing = known()
         if existing is None:

@@ -9,8 +9,8 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
 
-from rankguard.server import alerting, storage
-from rankguard.server.alert_engine import Rule, RuleError
+from rankguard.server import storage
+from rankguard.server.alerts import Rule, RuleError, store
 from rankguard.server.auth import Principal
 from rankguard.server.deps import DbDep, OperatePrincipal, ReadPrincipal, SettingsDep, run_or_404
 from rankguard.server.models import AlertRule, Project
@@ -52,7 +52,7 @@ def _public(row: AlertRule, project: str) -> AlertRulePublic:
         name=row.name,
         quantity=row.quantity,
         rule=row.rule,
-        firing=alerting.rule_firing(row),
+        firing=store.rule_firing(row),
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -73,7 +73,7 @@ def _rule_or_422(data: dict[str, Any]) -> Rule:
 
 
 def _row_or_404(session: Session, principal: Principal, rule_id: int) -> AlertRule:
-    row = alerting.get_rule(session=session, rule_id=rule_id, project_id=principal.project_id)
+    row = store.get_rule(session=session, rule_id=rule_id, project_id=principal.project_id)
     if row is None:
         raise HTTPException(404, detail=RULE_NOT_FOUND)
     return row
@@ -96,7 +96,7 @@ def read_alert_rules(
         else:
             found = scoped_project(session, principal, project, settings.default_project)
         assert found is not None
-        rows = alerting.list_rules(
+        rows = store.list_rules(
             session=session, project_id=found.id, run_id=run_id, project_level=run_id is None
         )
         data = [_public(r, found.name) for r in rows]
@@ -116,7 +116,7 @@ def create_alert_rule(
         else:
             project = scoped_project(session, principal, body.project, settings.default_project)
         assert project is not None
-        row = alerting.create_rule(
+        row = store.create_rule(
             session=session, project_id=project.id, run_id=body.run_id, rule=rule
         )
         return _public(row, project.name)
@@ -132,7 +132,7 @@ def read_alert_rule(rule_id: RowId, db: DbDep, principal: ReadPrincipal) -> Aler
 
 
 def _save(session: Session, row: AlertRule, rule: Rule) -> AlertRulePublic:
-    alerting.update_rule(session=session, row=row, rule=rule)
+    store.update_rule(session=session, row=row, rule=rule)
     names = storage.project_names(session=session, ids={row.project_id})
     return _public(row, names[row.project_id])
 

@@ -9,10 +9,10 @@ from fastapi import APIRouter, HTTPException, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rankguard.server import alerting
+from rankguard.server.alerts import store
 from rankguard.server.auth import Principal
 from rankguard.server.deps import DbDep, ReadPrincipal, SettingsDep, run_or_404
-from rankguard.server.models import Alert, AlertState, Delivery
+from rankguard.server.models import Alert, Delivery
 from rankguard.server.routes.alert_rules import scoped_project
 from rankguard.server.schemas import (
     AlertPublic,
@@ -21,6 +21,7 @@ from rankguard.server.schemas import (
     DeliveryPublic,
     ProjectName,
 )
+from rankguard.server.vocab import AlertState
 
 router = APIRouter(tags=["alerts"])
 
@@ -39,7 +40,7 @@ def read_run_alerts(
     """A run's alerts, newest first."""
     with db.read() as session:
         run_or_404(session, principal, run_id)
-        rows = alerting.list_alerts(session=session, run_id=run_id, state=state, limit=limit)
+        rows = store.list_alerts(session=session, run_id=run_id, state=state, limit=limit)
         data = [AlertPublic.model_validate(a) for a in rows]
     return AlertsPublic(data=data, count=len(data))
 
@@ -56,14 +57,14 @@ def read_project_alerts(
     """The alerts of every run of a project, newest first."""
     with db.read() as session:
         found = scoped_project(session, principal, project, settings.default_project)
-        rows = alerting.list_alerts(session=session, project_id=found.id, state=state, limit=limit)
+        rows = store.list_alerts(session=session, project_id=found.id, state=state, limit=limit)
         data = [AlertPublic.model_validate(a) for a in rows]
     return AlertsPublic(data=data, count=len(data))
 
 
 def _alert_or_404(session: Session, alert_id: str, principal: Principal) -> Alert:
     """The alert, if it is in the caller's project; 404 otherwise (as for an unknown id)."""
-    alert = alerting.get_alert(session=session, alert_id=alert_id, project_id=principal.project_id)
+    alert = store.get_alert(session=session, alert_id=alert_id, project_id=principal.project_id)
     if alert is None:
         raise HTTPException(404, detail=ALERT_NOT_FOUND)
     return alert

@@ -17,7 +17,7 @@ from rankguard.server.deps import (
     SettingsDep,
     run_or_404,
 )
-from rankguard.server.models import Command, CommandState, RunStatus
+from rankguard.server.models import Command
 from rankguard.server.schemas import (
     CommandAck,
     CommandClaim,
@@ -25,6 +25,7 @@ from rankguard.server.schemas import (
     CommandPublic,
     CommandsPublic,
 )
+from rankguard.server.vocab import CommandState, RunStatus
 
 router = APIRouter(prefix="/runs", tags=["commands"])
 

@@ -2,7 +2,7 @@
 
 A firing alert that names a run (label ``rankguard_run`` or ``run``) and asks for MSign
 (label or annotation ``rankguard_action: msign``) queues an MSign command for that run
-(``notifications.inbound_command``). Alertmanager re-sends a firing alert at every
+(``server/inbound.py``). Alertmanager re-sends a firing alert at every
 ``repeat_interval``; a command already queued or delivered for the same alert (same
 ``created_by``) is not queued twice. Alerts that order nothing are listed as ignored, with
 the reason, and never fail the request (a receiver that errors makes Alertmanager retry)."""
@@ -15,13 +15,14 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from rankguard.server import notifications, storage
+from rankguard.server import inbound, storage
 from rankguard.server.auth import Principal
 from rankguard.server.db import Database
 from rankguard.server.deps import DbDep, OperatePrincipal, SettingsDep
-from rankguard.server.models import Command, RunStatus
+from rankguard.server.models import Command
 from rankguard.server.routes.alert_rules import unprocessable
 from rankguard.server.schemas import CommandPublic, InboundIgnored, InboundResult
+from rankguard.server.vocab import RunStatus
 
 router = APIRouter(prefix="/inbound", tags=["inbound"])
 
@@ -30,26 +31,15 @@ def _handle(
     db: Database, principal: Principal, source: str, payload: Any, ttl_s: float
 ) -> InboundResult:
     try:
-        alerts = notifications.parse_inbound(payload)
-    except notifications.InboundPayloadError as exc:
+        alerts = inbound.parse_inbound(payload)
+    except inbound.InboundPayloadError as exc:
         raise unprocessable("payload", str(exc), None) from exc
     queued: list[CommandPublic] = []
     ignored: list[InboundIgnored] = []
     with db.write() as session:
         for alert in alerts:
-            try:
-                body = notifications.inbound_command(alert)
-            except notifications.InboundPayloadError as exc:
-                ignored.append(InboundIgnored(alertname=alert.alertname, reason=str(exc)))
-                continue
+            body, reason = inbound.decide(alert)
             if body is None:
-                reason = (
-                    f"status is {alert.status!r}"
-                    if alert.status != "firing"
-                    else "no run label (rankguard_run or run)"
-                    if not alert.run_id
-                    else "no rankguard_action=msign label or annotation"
-                )
                 ignored.append(InboundIgnored(alertname=alert.alertname, reason=reason))
                 continue
             run = storage.get_run(
@@ -67,8 +57,7 @@ def _handle(
                     InboundIgnored(alertname=alert.alertname, reason=f"run is {run.status}")
                 )
                 continue
-            key = alert.fingerprint or notifications.fingerprint(dict(alert.labels))
-            created_by = f"inbound:{source}:{key}"[:255]
+            created_by = f"inbound:{source}:{alert.key}"[:255]
             open_one = session.scalars(
                 select(Command.id).where(
                     Command.run_id == run.id,

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from rankguard.server import storage
-from rankguard.server.alerting import Alerting
+from rankguard.server.alerts.service import Alerting
 from rankguard.server.auth import Principal
 from rankguard.server.db import Database
 from rankguard.server.deps import DbDep, IngestPrincipal, SeriesCache, SeriesCacheDep, run_or_404

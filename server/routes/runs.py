@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
 from rankguard.server import storage
-from rankguard.server.alerting import Alerting
+from rankguard.server.alerts.service import Alerting
 from rankguard.server.auth import Principal
 from rankguard.server.deps import (
     DbDep,
@@ -18,8 +18,9 @@ from rankguard.server.deps import (
     SettingsDep,
     run_or_404,
 )
-from rankguard.server.models import Project, Run, RunStatus
+from rankguard.server.models import Project, Run
 from rankguard.server.schemas import RunCreate, RunFinish, RunPublic, RunsPublic
+from rankguard.server.vocab import RunStatus
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 

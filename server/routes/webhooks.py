@@ -12,24 +12,24 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from rankguard.server import notifications, storage
+from rankguard.server import storage
 from rankguard.server.auth import Principal
 from rankguard.server.db import utcnow
 from rankguard.server.deps import DbDep, OperatePrincipal, ReadPrincipal, SettingsDep
-from rankguard.server.models import Delivery, DeliveryOutcome, Webhook
+from rankguard.server.models import Delivery, Webhook
+from rankguard.server.notify import delivery, payloads
 from rankguard.server.routes.alert_rules import scoped_project
 from rankguard.server.schemas import (
-    AlertSeverity,
     DeliveriesPublic,
     DeliveryPublic,
     ProjectName,
     WebhookCreate,
-    WebhookFormat,
     WebhookPublic,
     WebhooksPublic,
     WebhookTestResult,
     WebhookUpdate,
 )
+from rankguard.server.vocab import AlertSeverity, DeliveryOutcome, WebhookFormat
 
 # Integer primary keys (32-bit on PostgreSQL): larger ids cannot exist.
 RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -146,10 +146,10 @@ def delete_webhook(webhook_id: RowId, db: DbDep, principal: OperatePrincipal) ->
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-def sample_notice(project: str, base_url: str | None) -> notifications.AlertNotice:
+def sample_notice(project: str, base_url: str | None) -> payloads.AlertNotice:
     """A notice that says what it is: sent by ``POST /webhooks/{id}/test``, never by a rule."""
     links = {"dashboard": base_url.rstrip("/")} if base_url else {}
-    return notifications.AlertNotice(
+    return payloads.AlertNotice(
         alert_id="test",
         status="firing",
         rule="webhook_test",
@@ -160,7 +160,7 @@ def sample_notice(project: str, base_url: str | None) -> notifications.AlertNoti
         step=0,
         message="rankguard test notification: this webhook is set up (no alert fired)",
         suggested_action="Nothing to do.",
-        targets=(notifications.NoticeTarget("transformer.h.0.attn.c_attn.weight", 1.0, 0),),
+        targets=(payloads.NoticeTarget("transformer.h.0.attn.c_attn.weight", 1.0, 0),),
         run_name="webhook-test",
         project=project,
         links=links,
@@ -177,14 +177,14 @@ def test_webhook(
         hook = _hook_or_404(session, principal, webhook_id)
         url, fmt, secret, project = hook.url, hook.format, hook.secret, _name(session, hook)
     options = {}
-    if fmt == notifications.PayloadFormat.ALERTMANAGER.value:
+    if fmt == WebhookFormat.ALERTMANAGER.value:
         options["external_url"] = settings.public_base_url or ""
-    body = notifications.render(fmt, sample_notice(project, settings.public_base_url), **options)
-    once = notifications.RetryPolicy(
+    body = payloads.render(fmt, sample_notice(project, settings.public_base_url), **options)
+    once = delivery.RetryPolicy(
         max_attempts=1, max_total_s=settings.webhook_timeout_s, timeout_s=settings.webhook_timeout_s
     )
     with httpx.Client() as client:
-        result = notifications.deliver(client, url, body, secret=secret, policy=once)
+        result = delivery.deliver(client, url, body, secret=secret, policy=once)
     attempt = result.attempts[-1]
     return WebhookTestResult(
         delivered=result.delivered,

@@ -17,7 +17,7 @@ from benchmarks import detectors  # noqa: E402
 from benchmarks.early_warning import degradation_step, failure_of, trailing_mean  # noqa: E402
 from benchmarks.rescue import AlertLoop  # noqa: E402
 from rankguard.probe import MemoryTransport  # noqa: E402
-from rankguard.server.alert_engine import Condition, MSignAction, Rule  # noqa: E402
+from rankguard.server.alerts import Condition, MSignAction, Rule  # noqa: E402
 
 
 def noisy(n: int, level: float = 2.5, sd: float = 0.05, seed: int = 0) -> list[float]:
@@ -186,7 +186,7 @@ def test_alert_loop_orders_msign_once_per_firing_within_rate_limit() -> None:
 
 def test_rescue_rules_back_off_the_lr_unless_msign_only() -> None:
     from benchmarks.rescue import rules_for
-    from rankguard.server.rule_pack import UPDATE_RATIO_HIGH
+    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH
 
     names = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(4)]
     full = {r.name: r for r in rules_for(names)}

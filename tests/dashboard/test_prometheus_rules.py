@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from rankguard.server import rule_pack
+from rankguard.server.alerts.pack import default_rules
 
 RULES = Path(__file__).resolve().parents[2] / "dashboard" / "prometheus" / "rules.yml"
 
@@ -69,7 +69,7 @@ def test_every_rule_has_severity_and_annotations_and_mirrors_the_pack() -> None:
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
         assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
     mirrored = {rule["labels"]["rankguard_rule"] for rule in rules}
-    pack = {r.name: r for r in rule_pack.default_rules()}
+    pack = {r.name: r for r in default_rules()}
     assert mirrored == set(pack)
     for rule in rules:
         assert rule["labels"]["severity"] == pack[rule["labels"]["rankguard_rule"]].severity.value

@@ -18,7 +18,7 @@ import pytest
 from helpers.live_server import running_server
 from helpers.webhook_receiver import Received, webhook_receiver
 
-from rankguard.server import notifications
+from rankguard.server.notify import signing
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def post_points(ingest: httpx.Client, run: str, body: bytes) -> dict[str, Any]:
 
 def check_signed(got: list[Received]) -> None:
     for g in got:
-        assert notifications.verify_signature(
+        assert signing.verify_signature(
             g.body,
             SECRET,
             g.headers.get("X-Rankguard-Signature"),

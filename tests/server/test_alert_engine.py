@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from rankguard.server import alert_engine
-from rankguard.server.alert_engine import (
+from rankguard.server import alerts
+from rankguard.server.alerts import (
     Aggregation,
     Condition,
     LRBackoffAction,
@@ -22,9 +22,12 @@ from rankguard.server.alert_engine import (
     RuleError,
     Transition,
     TransitionKind,
+    checks,
+    engine,
     evaluate,
     evaluate_steps,
     flush,
+    runbook,
 )
 
 NAN, INF = math.nan, math.inf
@@ -309,7 +312,7 @@ def test_aggregation(
     ],
 )
 def test_aggregate_values(aggregation: str, values: list[float], expected: float) -> None:
-    got = alert_engine._aggregate(Aggregation(aggregation), values)
+    got = engine._combine(Aggregation(aggregation), values)
     if math.isnan(expected):
         assert math.isnan(got)
     else:
@@ -610,16 +613,16 @@ def test_all_inside_shortcut_matches_the_per_series_path(
             level = min(8.0, max(1.0, level + rng.gauss(0, 0.8)))
             data.append((target, i, level if rng.random() > 0.01 else NAN))
     shortcuts = 0
-    step_inside = alert_engine._step_inside
+    step_inside = checks._step_inside
 
     def counted(*args: Any) -> None:
         nonlocal shortcuts
         shortcuts += 1
         step_inside(*args)
 
-    monkeypatch.setattr(alert_engine, "_step_inside", counted)
+    monkeypatch.setattr(checks, "_step_inside", counted)
     fast_state, fast = _in_order(r, data)
-    monkeypatch.setattr(alert_engine, "_REBUILDABLE", frozenset())  # no fused path at all
+    monkeypatch.setattr(checks, "REBUILDABLE", frozenset())  # no fused path at all
     slow_state, slow = _in_order(r, data)
     assert len(fast) > 4, "the data must fire and resolve, or the comparison proves little"
     assert shortcuts > 50, "the data rarely took the shortcut: the comparison proves little"
@@ -770,8 +773,10 @@ def test_firing_message_names_value_bound_and_rule() -> None:
     assert "sa_collapse" in t.message and "0.03 < 0.1" in t.message
     assert "h.3.attn.weight" in t.message and "since step 1" in t.message
     assert t.targets[0].bound == 0.1 and t.targets[0].value == 0.03 and t.targets[0].since == 1
-    assert "POST /api/v1/runs/{run_id}/commands" in t.suggested_action
-    assert '"kind": "msign"' in t.suggested_action
+    # The engine reports the rule's own runbook (none here); the service completes it.
+    assert t.suggested_action == ""
+    action = runbook.suggested_action(r, "run-7")
+    assert "POST /api/v1/runs/run-7/commands" in action and '"kind": "msign"' in action
 
 
 def test_aggregate_message_names_baseline_bound() -> None:
@@ -786,6 +791,17 @@ def test_aggregate_message_names_baseline_bound() -> None:
     (t,) = transitions
     assert "gmean(stable_rank)" in t.message and "0.5 x baseline 8 = 4" in t.message
     assert t.value == pytest.approx(2.0) and t.bound == pytest.approx(4.0)
+
+
+def test_aggregate_message_names_targets_that_did_not_trip_themselves() -> None:
+    # b is new at step 3 (its own warm-up not done), so no target trips on its own: the
+    # message names every target, without a "since".
+    r = rule(condition="below", threshold=1.0, aggregation="mean", warmup=2)
+    data = [*samples_for({"a": [5, 5, 5, 5, 5]}), ("b", 3, -10.0), ("b", 4, 5.0)]
+    _, transitions = drive(r, by_step(data))
+    firing = transitions[0]
+    assert firing.kind is TransitionKind.FIRING and firing.step == 3
+    assert "layers that moved first: a = 5, b = -10 (step 3)" in firing.message
 
 
 def test_transition_dict_round_trip_is_json_safe() -> None:
@@ -885,14 +901,29 @@ def test_rule_matches() -> None:
 
 
 def test_engine_imports_only_the_standard_library() -> None:
-    source = Path(alert_engine.__file__).read_text()
+    """The pure engine (the alerts package but its service, store and runbook) imports only
+    the standard library and the server's own stdlib-only modules (vocab, wire)."""
+    package = Path(alerts.__file__).parent
+    pure = {"__init__", "rules", "state", "checks", "buffer", "engine", "transitions", "pack"}
+    own = {f"rankguard.server.alerts.{name}" for name in pure} | {
+        "rankguard.server.alerts",
+        "rankguard.server.vocab",
+        "rankguard.server.wire",
+        # the pack's runbook texts; itself stdlib-only (checked below)
+        "rankguard.server.alerts.runbook",
+    }
+    server = Path(alerts.__file__).parents[1]
+    sources = [package / f"{name}.py" for name in [*pure, "runbook"]]
+    sources += [server / "vocab.py", server / "wire.py"]
     modules = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            modules.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            modules.add(node.module.split(".")[0])
-    assert modules - set(sys.stdlib_module_names) == set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module)
+    outside = {m for m in modules - own if m.split(".")[0] not in sys.stdlib_module_names}
+    assert outside == set()
     assert modules, "the walk found no imports: the check is broken"
 
 

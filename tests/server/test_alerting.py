@@ -12,16 +12,17 @@ import pytest
 from helpers.webhook_receiver import webhook_receiver
 from server_helpers import ADMIN_TOKEN, Api, Project, TestClient, make_settings
 
-from rankguard.server import notifications, storage
-from rankguard.server.alerting import _rank0_by_step
-from rankguard.server.config import Settings
-from rankguard.server.main import create_app
-from rankguard.server.rule_pack import (
+from rankguard.server import storage
+from rankguard.server.alerts.pack import (
     SA_COLLAPSE,
     STABLE_RANK_COLLAPSE,
     UPDATE_RATIO_HIGH,
     default_rule_dicts,
 )
+from rankguard.server.alerts.service import _rank0_by_step
+from rankguard.server.config import Settings
+from rankguard.server.main import create_app
+from rankguard.server.notify import signing
 
 QUANTITY = "sa_sign_diversity"
 TARGETS = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(6)]
@@ -299,7 +300,7 @@ def test_webhooks_deliver_signed_payloads_and_log_them(project: Project) -> None
         got = receiver.wait_for(3)
         by_path = {g.path: g for g in got}
         for g in got:
-            assert notifications.verify_signature(
+            assert signing.verify_signature(
                 g.body,
                 "s3",
                 g.headers.get("X-Rankguard-Signature"),
@@ -346,7 +347,7 @@ def test_test_notification_is_sent_signed_in_each_format(project: Project) -> No
             )
             [got] = [g for g in receiver.wait_for(1) if g.path == f"/{fmt}"]
             assert got.json() == result["body"]
-            assert notifications.verify_signature(
+            assert signing.verify_signature(
                 got.body,
                 "k",
                 got.headers.get("X-Rankguard-Signature"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import socket
@@ -16,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from rankguard.server import notifications as nt
-from rankguard.server.alert_engine import Rule, Transition, evaluate, flush
+from rankguard.server import inbound
+from rankguard.server.alerts import Rule, Transition, evaluate, flush, runbook
+from rankguard.server.notify import delivery, payloads, signing
+from rankguard.server.vocab import WebhookFormat
 
 START = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 END = datetime(2025, 3, 1, 12, 30, 0, tzinfo=timezone.utc)
@@ -43,10 +46,12 @@ def transitions() -> list[Transition]:
     ]
     state, out = evaluate(rule, None, samples)
     _, rest = flush(rule, state)
-    return out + rest
+    # As the service hands them over: the suggested action completed for the run.
+    action = runbook.suggested_action(rule, "run-42")
+    return [dataclasses.replace(t, suggested_action=action) for t in out + rest]
 
 
-def notices() -> tuple[nt.AlertNotice, nt.AlertNotice]:
+def notices() -> tuple[payloads.AlertNotice, payloads.AlertNotice]:
     firing, resolved = transitions()
     common: dict[str, Any] = {
         "alert_id": "a-17",
@@ -57,15 +62,15 @@ def notices() -> tuple[nt.AlertNotice, nt.AlertNotice]:
         "base_url": "https://rg.example/",
     }
     return (
-        nt.notice_from_transition(firing, **common),
-        nt.notice_from_transition(resolved, ends_at=END, **common),
+        payloads.notice_from_transition(firing, **common),
+        payloads.notice_from_transition(resolved, ends_at=END, **common),
     )
 
 
 # -- outbound payloads -------------------------------------------------------------------------
 
 
-def test_notice_fills_run_id_and_links() -> None:
+def test_notice_carries_the_action_and_links() -> None:
     firing, _ = notices()
     assert "{run_id}" not in firing.suggested_action
     assert "POST /api/v1/runs/run-42/commands" in firing.suggested_action
@@ -75,7 +80,7 @@ def test_notice_fills_run_id_and_links() -> None:
 
 def test_generic_payload_shape() -> None:
     firing, resolved = notices()
-    body = json.loads(nt.render("json", firing))
+    body = json.loads(payloads.render("json", firing))
     assert body["status"] == "firing" and body["alert_id"] == "a-17"
     assert body["rule"] == "sa_sign_diversity_collapse" and body["severity"] == "critical"
     assert body["run"] == {"id": "run-42", "name": "gpt-lr3e-3", "project": "demo"}
@@ -87,13 +92,13 @@ def test_generic_payload_shape() -> None:
     assert "sa_sign_diversity_collapse" in body["message"] and "0.04 < 0.1" in body["message"]
     assert body["starts_at"] == "2025-03-01T12:00:00Z" and body["ends_at"] is None
     assert set(body["links"]) == {"run", "alert", "commands"}
-    done = json.loads(nt.render("json", resolved))
+    done = json.loads(payloads.render("json", resolved))
     assert done["status"] == "resolved" and done["ends_at"] == "2025-03-01T12:30:00Z"
     assert done["step"] == 30 and done["first_step"] == 10
 
 
 def test_payloads_carry_nan_as_contract_string() -> None:
-    notice = nt.AlertNotice(
+    notice = payloads.AlertNotice(
         alert_id="x",
         status="firing",
         rule="loss_non_finite",
@@ -104,18 +109,18 @@ def test_payloads_carry_nan_as_contract_string() -> None:
         step=5,
         message="loss is NaN",
         suggested_action="stop",
-        targets=(nt.NoticeTarget("global", math.nan, 5),),
+        targets=(payloads.NoticeTarget("global", math.nan, 5),),
     )
-    for fmt in nt.PayloadFormat:
-        raw = nt.render(fmt, notice)
+    for fmt in WebhookFormat:
+        raw = payloads.render(fmt, notice)
         json.loads(raw)  # strict JSON: no NaN literal
         assert b"NaN" in raw
-    assert json.loads(nt.render("json", notice))["targets"][0]["value"] == "NaN"
+    assert json.loads(payloads.render("json", notice))["targets"][0]["value"] == "NaN"
 
 
 def test_slack_payload_shape() -> None:
     firing, resolved = notices()
-    body = json.loads(nt.render(nt.PayloadFormat.SLACK, firing))
+    body = json.loads(payloads.render(WebhookFormat.SLACK, firing))
     assert set(body) == {"text", "blocks"}
     assert "CRITICAL" in body["text"] and "gpt-lr3e-3" in body["text"]
     types = [b["type"] for b in body["blocks"]]
@@ -124,14 +129,14 @@ def test_slack_payload_shape() -> None:
     assert len(body["blocks"][0]["text"]["text"]) <= 150  # Slack's header limit
     text = json.dumps(body["blocks"])
     assert "transformer.h.3.attn.c_attn.weight[q]" in text and "Suggested action" in text
-    done = json.loads(nt.render("slack", resolved))
+    done = json.loads(payloads.render("slack", resolved))
     assert "RESOLVED" in done["text"] and "Suggested action" not in json.dumps(done["blocks"])
 
 
 def test_alertmanager_payload_shape() -> None:
     firing, resolved = notices()
     body = json.loads(
-        nt.render("alertmanager", firing, receiver="ops", external_url="https://rg.example")
+        payloads.render("alertmanager", firing, receiver="ops", external_url="https://rg.example")
     )
     assert body["version"] == "4" and body["status"] == "firing" and body["receiver"] == "ops"
     assert body["externalURL"] == "https://rg.example"
@@ -155,10 +160,10 @@ def test_alertmanager_payload_shape() -> None:
         "project": "demo",
     }
     assert {"summary", "description", "runbook"} <= set(alert["annotations"])
-    assert alert["startsAt"] == "2025-03-01T12:00:00Z" and alert["endsAt"] == nt.ZERO_TIME
+    assert alert["startsAt"] == "2025-03-01T12:00:00Z" and alert["endsAt"] == payloads.ZERO_TIME
     assert len(alert["fingerprint"]) == 16
     assert body["groupLabels"] == {"alertname": "sa_sign_diversity_collapse", "run": "run-42"}
-    done = json.loads(nt.render("alertmanager", resolved))
+    done = json.loads(payloads.render("alertmanager", resolved))
     assert done["status"] == "resolved" and done["alerts"][0]["endsAt"] == "2025-03-01T12:30:00Z"
     # the same alert keeps its fingerprint across firing and resolved
     assert done["alerts"][0]["fingerprint"] == alert["fingerprint"]
@@ -166,21 +171,21 @@ def test_alertmanager_payload_shape() -> None:
 
 def test_alertmanager_groups_several_alerts() -> None:
     firing, _ = notices()
-    other = nt.AlertNotice(
+    other = payloads.AlertNotice(
         **{**firing.__dict__, "rule": "stable_rank_collapse", "quantity": "stable_rank"}
     )
-    body = nt.alertmanager_payload([firing, other])
+    body = payloads.alertmanager_payload([firing, other])
     assert len(body["alerts"]) == 2 and body["status"] == "firing"
     assert "alertname" not in body["commonLabels"] and body["commonLabels"]["run"] == "run-42"
     assert body["groupLabels"] == {"run": "run-42"}
     with pytest.raises(ValueError, match="notices"):
-        nt.alertmanager_payload([])
+        payloads.alertmanager_payload([])
 
 
 def test_render_rejects_unknown_format() -> None:
     firing, _ = notices()
     with pytest.raises(ValueError, match="format='xml' is not valid"):
-        nt.render("xml", firing)
+        payloads.render("xml", firing)
 
 
 # -- signing -----------------------------------------------------------------------------------
@@ -188,19 +193,19 @@ def test_render_rejects_unknown_format() -> None:
 
 def test_signature_verifies_and_binds_body_secret_and_timestamp() -> None:
     body = b'{"a":1}'
-    headers = nt.signature_headers(body, "s3cret", 1_700_000_000)
-    sig, ts = headers[nt.SIGNATURE_HEADER], headers[nt.TIMESTAMP_HEADER]
+    headers = signing.signature_headers(body, "s3cret", 1_700_000_000)
+    sig, ts = headers[signing.SIGNATURE_HEADER], headers[signing.TIMESTAMP_HEADER]
     assert sig.startswith("sha256=") and len(sig) == len("sha256=") + 64
     now = 1_700_000_010.0
-    assert nt.verify_signature(body, "s3cret", sig, ts, now=now)
-    assert not nt.verify_signature(b'{"a":2}', "s3cret", sig, ts, now=now)
-    assert not nt.verify_signature(body, "other", sig, ts, now=now)
-    assert not nt.verify_signature(
+    assert signing.verify_signature(body, "s3cret", sig, ts, now=now)
+    assert not signing.verify_signature(b'{"a":2}', "s3cret", sig, ts, now=now)
+    assert not signing.verify_signature(body, "other", sig, ts, now=now)
+    assert not signing.verify_signature(
         body, "s3cret", sig, "1700000001", now=now
     )  # timestamp is signed
-    assert not nt.verify_signature(body, "s3cret", sig, ts, now=now + 3600)  # replay, too old
-    assert not nt.verify_signature(body, "s3cret", None, ts, now=now)
-    assert not nt.verify_signature(body, "s3cret", sig, "soon", now=now)
+    assert not signing.verify_signature(body, "s3cret", sig, ts, now=now + 3600)  # replay, too old
+    assert not signing.verify_signature(body, "s3cret", None, ts, now=now)
+    assert not signing.verify_signature(body, "s3cret", sig, "soon", now=now)
 
 
 def test_signature_matches_an_independent_hmac() -> None:
@@ -208,7 +213,7 @@ def test_signature_matches_an_independent_hmac() -> None:
     import hmac
 
     expected = hmac.new(b"k", b"42.body", hashlib.sha256).hexdigest()
-    assert nt.sign(b"body", "k", 42) == f"sha256={expected}"
+    assert signing.sign(b"body", "k", 42) == f"sha256={expected}"
 
 
 # -- delivery against a real HTTP server ------------------------------------------------------
@@ -275,11 +280,11 @@ def fake_time() -> tuple[list[float], Any, Any]:
 
 def test_retries_twice_then_delivers_signed() -> None:
     firing, _ = notices()
-    body = nt.render("json", firing)
+    body = payloads.render("json", firing)
     sleeps, clock, sleep = fake_time()
-    policy = nt.RetryPolicy(max_attempts=5, base_delay_s=2.0, jitter=0.5)
+    policy = delivery.RetryPolicy(max_attempts=5, base_delay_s=2.0, jitter=0.5)
     with http_server([(503, {}), (502, {}), (200, {})]) as (url, rec), httpx.Client() as client:
-        result = nt.deliver(
+        result = delivery.deliver(
             client,
             url,
             body,
@@ -300,19 +305,23 @@ def test_retries_twice_then_delivers_signed() -> None:
     assert len(rec.requests) == 3
     for headers, raw in rec.requests:
         assert raw == body
-        assert nt.verify_signature(
-            raw, "s3cret", headers[nt.SIGNATURE_HEADER], headers[nt.TIMESTAMP_HEADER], now=clock()
+        assert signing.verify_signature(
+            raw,
+            "s3cret",
+            headers[signing.SIGNATURE_HEADER],
+            headers[signing.TIMESTAMP_HEADER],
+            now=clock(),
         )
         assert headers["Content-Type"] == "application/json"
     # each retry is signed with its own timestamp
-    assert len({h[nt.TIMESTAMP_HEADER] for h, _ in rec.requests}) == 3
+    assert len({h[signing.TIMESTAMP_HEADER] for h, _ in rec.requests}) == 3
     json.dumps([a.to_dict() for a in result.attempts], allow_nan=False)
 
 
 def test_client_error_is_not_retried() -> None:
     sleeps, clock, sleep = fake_time()
     with http_server([(400, {}), (200, {})]) as (url, rec), httpx.Client() as client:
-        result = nt.deliver(client, url, b"{}", sleep=sleep, clock=clock)
+        result = delivery.deliver(client, url, b"{}", sleep=sleep, clock=clock)
     assert not result.delivered
     assert [(a.status_code, a.outcome) for a in result.attempts] == [(400, "failed")]
     assert "HTTP 400" in (result.attempts[0].error or "")
@@ -325,7 +334,7 @@ def test_429_respects_retry_after_seconds() -> None:
         http_server([(429, {"Retry-After": "7"}), (200, {})]) as (url, _),
         httpx.Client() as client,
     ):
-        result = nt.deliver(client, url, b"{}", sleep=sleep, clock=clock, rng=lambda: 0.0)
+        result = delivery.deliver(client, url, b"{}", sleep=sleep, clock=clock, rng=lambda: 0.0)
     assert result.delivered and sleeps == [7.0]
 
 
@@ -336,30 +345,30 @@ def test_retry_after_http_date_is_honoured() -> None:
         http_server([(503, {"Retry-After": when}), (200, {})]) as (url, _),
         httpx.Client() as client,
     ):
-        result = nt.deliver(client, url, b"{}", sleep=sleep, clock=clock)
+        result = delivery.deliver(client, url, b"{}", sleep=sleep, clock=clock)
     assert result.delivered and sleeps == [12.0]
 
 
 def test_retry_after_beyond_max_delay_gives_up() -> None:
     sleeps, clock, sleep = fake_time()
-    policy = nt.RetryPolicy(max_delay_s=30.0)
+    policy = delivery.RetryPolicy(max_delay_s=30.0)
     with http_server([(429, {"Retry-After": "3600"})]) as (url, rec), httpx.Client() as client:
-        result = nt.deliver(client, url, b"{}", policy=policy, sleep=sleep, clock=clock)
+        result = delivery.deliver(client, url, b"{}", policy=policy, sleep=sleep, clock=clock)
     assert not result.delivered and len(rec.requests) == 1 and sleeps == []
 
 
 def test_attempts_and_total_time_are_bounded() -> None:
     sleeps, clock, sleep = fake_time()
-    policy = nt.RetryPolicy(max_attempts=4, base_delay_s=1.0, jitter=0.0, max_total_s=100.0)
+    policy = delivery.RetryPolicy(max_attempts=4, base_delay_s=1.0, jitter=0.0, max_total_s=100.0)
     with http_server([(500, {})]) as (url, rec), httpx.Client() as client:
-        result = nt.deliver(client, url, b"{}", policy=policy, sleep=sleep, clock=clock)
+        result = delivery.deliver(client, url, b"{}", policy=policy, sleep=sleep, clock=clock)
     assert [a.outcome for a in result.attempts] == ["retry", "retry", "retry", "failed"]
     assert sleeps == [1.0, 2.0, 4.0] and len(rec.requests) == 4
 
     sleeps, clock, sleep = fake_time()
-    tight = nt.RetryPolicy(max_attempts=10, base_delay_s=1.0, jitter=0.0, max_total_s=5.0)
+    tight = delivery.RetryPolicy(max_attempts=10, base_delay_s=1.0, jitter=0.0, max_total_s=5.0)
     with http_server([(500, {})]) as (url, rec), httpx.Client() as client:
-        result = nt.deliver(client, url, b"{}", policy=tight, sleep=sleep, clock=clock)
+        result = delivery.deliver(client, url, b"{}", policy=tight, sleep=sleep, clock=clock)
     # waits 1 and 2 (total 3); the next wait of 4 would end past 5 s
     assert sleeps == [1.0, 2.0] and len(result.attempts) == 3 and not result.delivered
 
@@ -369,9 +378,9 @@ def test_connection_errors_are_retried() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     sleeps, clock, sleep = fake_time()
-    policy = nt.RetryPolicy(max_attempts=3, base_delay_s=0.5, jitter=0.0, timeout_s=2.0)
+    policy = delivery.RetryPolicy(max_attempts=3, base_delay_s=0.5, jitter=0.0, timeout_s=2.0)
     with httpx.Client() as client:
-        result = nt.deliver(
+        result = delivery.deliver(
             client, f"http://127.0.0.1:{port}/hook", b"{}", policy=policy, sleep=sleep, clock=clock
         )
     assert not result.delivered
@@ -382,9 +391,9 @@ def test_connection_errors_are_retried() -> None:
 
 def test_retry_policy_validation() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
-        nt.RetryPolicy(max_attempts=0)
+        delivery.RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError, match="jitter"):
-        nt.RetryPolicy(jitter=2.0)
+        delivery.RetryPolicy(jitter=2.0)
 
 
 @pytest.mark.parametrize(
@@ -392,7 +401,7 @@ def test_retry_policy_validation() -> None:
     [("5", 5.0), (None, None), ("", None), ("soon", None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
 )
 def test_parse_retry_after(header: str | None, expected: float | None) -> None:
-    assert nt.parse_retry_after(header, now=1_700_000_000.0) == expected
+    assert delivery.parse_retry_after(header, now=1_700_000_000.0) == expected
 
 
 # -- inbound -----------------------------------------------------------------------------------
@@ -492,7 +501,7 @@ GRAFANA_LEGACY_INBOUND = {
 
 
 def test_parse_alertmanager_inbound() -> None:
-    alerts = nt.parse_inbound(ALERTMANAGER_INBOUND)
+    alerts = inbound.parse_inbound(ALERTMANAGER_INBOUND)
     assert [(a.alertname, a.status) for a in alerts] == [
         ("RankguardStableRankCollapse", "firing"),
         ("RankguardGradNormSpike", "resolved"),
@@ -501,19 +510,19 @@ def test_parse_alertmanager_inbound() -> None:
     assert first.labels["job"] == "rankguard"  # common labels merged in
     assert first.run_id == "3f1c2a9e-7d7b-4f0e-9a51-0c1d2e3f4a5b" and first.wants_msign
     assert second.run_id == "other-run" and not second.wants_msign
-    assert nt.inbound_command(first) == {
+    assert inbound.inbound_command(first) == {
         "run_id": "3f1c2a9e-7d7b-4f0e-9a51-0c1d2e3f4a5b",
         "kind": "msign",
         "args": {"targets": "attention", "engine": "svd"},
     }
-    assert nt.inbound_command(second) is None
+    assert inbound.inbound_command(second) is None
 
 
 def test_parse_grafana_unified_inbound() -> None:
-    (alert,) = nt.parse_inbound(GRAFANA_UNIFIED_INBOUND)
+    (alert,) = inbound.parse_inbound(GRAFANA_UNIFIED_INBOUND)
     assert alert.alertname == "SA sign diversity low" and alert.status == "firing"
     assert alert.fingerprint == "57c6d9296de2ad39"
-    assert nt.inbound_command(alert) == {
+    assert inbound.inbound_command(alert) == {
         "run_id": "run-42",
         "kind": "msign",
         "args": {"targets": "all_2d", "engine": "svd"},
@@ -521,28 +530,28 @@ def test_parse_grafana_unified_inbound() -> None:
 
 
 def test_parse_grafana_legacy_inbound() -> None:
-    (alert,) = nt.parse_inbound(GRAFANA_LEGACY_INBOUND)
+    (alert,) = inbound.parse_inbound(GRAFANA_LEGACY_INBOUND)
     assert (alert.alertname, alert.status, alert.run_id) == ("Jacobian gain", "firing", "run-7")
-    command = nt.inbound_command(alert)
+    command = inbound.inbound_command(alert)
     assert command is not None and command["args"]["engine"] == "newton_schulz"
-    ok = nt.parse_inbound({**GRAFANA_LEGACY_INBOUND, "state": "ok"})
-    assert ok[0].status == "resolved" and nt.inbound_command(ok[0]) is None
+    ok = inbound.parse_inbound({**GRAFANA_LEGACY_INBOUND, "state": "ok"})
+    assert ok[0].status == "resolved" and inbound.inbound_command(ok[0]) is None
 
 
 def test_our_own_alertmanager_payload_parses_back() -> None:
     firing, _ = notices()
-    (alert,) = nt.parse_inbound(json.loads(nt.render("alertmanager", firing)))
+    (alert,) = inbound.parse_inbound(json.loads(payloads.render("alertmanager", firing)))
     assert alert.alertname == "sa_sign_diversity_collapse" and alert.run_id == "run-42"
-    assert nt.inbound_command(alert) is None  # no rankguard_action: nothing is ordered
+    assert inbound.inbound_command(alert) is None  # no rankguard_action: nothing is ordered
 
 
 def test_inbound_glob_targets() -> None:
-    alert = nt.InboundAlert(
+    alert = inbound.InboundAlert(
         "x",
         "firing",
         {"run": "r", "rankguard_action": "msign", "rankguard_targets": "h.0.*, h.1.*"},
     )
-    assert nt.inbound_command(alert) == {
+    assert inbound.inbound_command(alert) == {
         "run_id": "r",
         "kind": "msign",
         "args": {"targets": ["h.0.*", "h.1.*"], "engine": "svd"},
@@ -561,13 +570,13 @@ def test_inbound_glob_targets() -> None:
     ],
 )
 def test_inbound_errors_name_the_field(payload: Any, match: str) -> None:
-    with pytest.raises(nt.InboundPayloadError, match=match):
-        nt.parse_inbound(payload)
+    with pytest.raises(inbound.InboundPayloadError, match=match):
+        inbound.parse_inbound(payload)
 
 
 def test_inbound_bad_engine_is_an_error() -> None:
-    alert = nt.InboundAlert(
+    alert = inbound.InboundAlert(
         "x", "firing", {"run": "r", "rankguard_action": "msign", "rankguard_engine": "qr"}
     )
-    with pytest.raises(nt.InboundPayloadError, match="rankguard_engine='qr'"):
-        nt.inbound_command(alert)
+    with pytest.raises(inbound.InboundPayloadError, match="rankguard_engine='qr'"):
+        inbound.inbound_command(alert)

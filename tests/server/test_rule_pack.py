@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from rankguard.server import rule_pack
-from rankguard.server.alert_engine import (
+from rankguard.server.alerts import (
     Aggregation,
     Condition,
     Rule,
-    Severity,
     Transition,
     evaluate,
     flush,
+    pack,
 )
+from rankguard.server.vocab import AlertSeverity
 
 
 def by_name(rules: list[Rule]) -> dict[str, Rule]:
@@ -31,7 +31,7 @@ def run_rule(rule: Rule, samples: list[tuple[str, int, Any]]) -> list[Transition
 
 
 def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
-    rules = rule_pack.default_rules()
+    rules = pack.default_rules()
     assert len({r.name for r in rules}) == len(rules) == 10
     contract = {
         "loss",
@@ -52,133 +52,141 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
     ("name", "expected"),
     [
         (
-            rule_pack.SA_COLLAPSE,
+            pack.SA_COLLAPSE,
             {"quantity": "sa_sign_diversity", "condition": Condition.BELOW, "threshold": 0.0,
-             "aggregation": Aggregation.ANY, "consecutive": 3, "severity": Severity.CRITICAL,
+             "aggregation": Aggregation.ANY, "consecutive": 3, "severity": AlertSeverity.CRITICAL,
              "min_step": 50},
         ),
         (
-            rule_pack.STABLE_RANK_COLLAPSE,
+            pack.STABLE_RANK_COLLAPSE,
             {"quantity": "stable_rank", "condition": Condition.DROP_FROM_BASELINE,
              "threshold": 0.12, "aggregation": Aggregation.GMEAN, "targets": ("*",),
-             "severity": Severity.CRITICAL, "min_step": 50},
+             "severity": AlertSeverity.CRITICAL, "min_step": 50},
         ),
         (
-            rule_pack.JACOBIAN_GAIN,
+            pack.JACOBIAN_GAIN,
             {"quantity": "jacobian_alignment_gain", "condition": Condition.ABOVE,
              "threshold": 50.0, "aggregation": Aggregation.ANY, "consecutive": 1,
              "min_step": 50},
         ),
         (
-            rule_pack.GRAD_NORM_SPIKE,
+            pack.GRAD_NORM_SPIKE,
             {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 4.0,
              "ema_alpha": 0.1, "targets": ("global",), "warmup": 50, "min_step": 50,
              "cooldown": 30},
         ),
-        (rule_pack.LOSS_NON_FINITE, {"quantity": "loss", "condition": Condition.NON_FINITE}),
+        (pack.LOSS_NON_FINITE, {"quantity": "loss", "condition": Condition.NON_FINITE}),
         (
-            rule_pack.NON_FINITE_VALUES,
+            pack.NON_FINITE_VALUES,
             {"quantity": "non_finite", "condition": Condition.ABOVE, "threshold": 0.0,
              "targets": ("loss", "grad")},
         ),
         (
-            rule_pack.ATTENTION_LOGIT_HIGH,
-            {"quantity": "attention_logit_max", "threshold": 50.0, "severity": Severity.WARNING},
+            pack.ATTENTION_LOGIT_HIGH,
+            {
+                "quantity": "attention_logit_max",
+                "threshold": 50.0,
+                "severity": AlertSeverity.WARNING,
+            },
         ),
         (
-            rule_pack.ATTENTION_LOGIT_DIVERGENCE,
-            {"quantity": "attention_logit_max", "threshold": 1e3, "severity": Severity.CRITICAL},
+            pack.ATTENTION_LOGIT_DIVERGENCE,
+            {
+                "quantity": "attention_logit_max",
+                "threshold": 1e3,
+                "severity": AlertSeverity.CRITICAL,
+            },
         ),
         (
-            rule_pack.REPRESENTATION_COLLAPSE,
+            pack.REPRESENTATION_COLLAPSE,
             {"quantity": "representation_stable_rank", "condition": Condition.BELOW,
              "threshold": 1.02, "aggregation": Aggregation.GMEAN, "consecutive": 2,
              "clear_threshold": 1.05, "clear_after": 4, "min_step": 10,
-             "severity": Severity.CRITICAL},
+             "severity": AlertSeverity.CRITICAL},
         ),
         (
-            rule_pack.UPDATE_RATIO_HIGH,
+            pack.UPDATE_RATIO_HIGH,
             {"quantity": "update_ratio", "condition": Condition.ABOVE, "threshold": 0.05,
              "aggregation": Aggregation.GMEAN, "consecutive": 1, "clear_after": 1,
-             "min_step": 0, "severity": Severity.CRITICAL},
+             "min_step": 0, "severity": AlertSeverity.CRITICAL},
         ),
     ],
 )  # fmt: skip
 def test_calibrated_values(name: str, expected: dict[str, Any]) -> None:
-    rule = by_name(rule_pack.default_rules())[name]
+    rule = by_name(pack.default_rules())[name]
     for field_name, value in expected.items():
         assert getattr(rule, field_name) == value, field_name
 
 
 def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
-    off = by_name(rule_pack.default_rules())
-    on = by_name(rule_pack.default_rules(remediate=True))
-    for name in rule_pack.REMEDIABLE:
+    off = by_name(pack.default_rules())
+    on = by_name(pack.default_rules(remediate=True))
+    for name in pack.REMEDIABLE:
         assert off[name].action is None
         assert on[name].action is not None
-        assert on[name].severity is Severity.CRITICAL
-        if name != rule_pack.UPDATE_RATIO_HIGH:
+        assert on[name].severity is AlertSeverity.CRITICAL
+        if name != pack.UPDATE_RATIO_HIGH:
             assert on[name].msign.enabled is True and on[name].msign.engine == "svd"
     # the update ratio halves the learning rate at every sample while it fires
-    hot = on[rule_pack.UPDATE_RATIO_HIGH]
+    hot = on[pack.UPDATE_RATIO_HIGH]
     assert hot.msign.enabled is False
     assert hot.lr_backoff.factor == 0.5 and hot.lr_backoff.repeat_every == 1
     assert hot.action.command() == {"kind": "scale_lr", "args": {"factor": 0.5}}
-    for name in (rule_pack.SA_COLLAPSE, rule_pack.STABLE_RANK_COLLAPSE):
+    for name in (pack.SA_COLLAPSE, pack.STABLE_RANK_COLLAPSE):
         assert on[name].msign.targets == "all_2d" and on[name].msign.repeat_every is None
     # the logit divergence repeats MSign on the attention weights while it fires
-    divergence = on[rule_pack.ATTENTION_LOGIT_DIVERGENCE]
+    divergence = on[pack.ATTENTION_LOGIT_DIVERGENCE]
     assert divergence.msign.targets == "attention" and divergence.msign.repeat_every == 10
     assert divergence.cooldown == 0 and divergence.clear_after == 4
     # the representation collapse repeats MSign on every 2-D weight while it fires
-    collapse = on[rule_pack.REPRESENTATION_COLLAPSE]
+    collapse = on[pack.REPRESENTATION_COLLAPSE]
     assert collapse.msign.targets == "all_2d" and collapse.msign.repeat_every == 10
-    for name in set(off) - set(rule_pack.REMEDIABLE):
+    for name in set(off) - set(pack.REMEDIABLE):
         assert on[name].action is None
 
 
 def test_dicts_round_trip_through_json() -> None:
-    for data in rule_pack.default_rule_dicts(remediate=True):
+    for data in pack.default_rule_dicts(remediate=True):
         back = Rule.from_dict(json.loads(json.dumps(data, allow_nan=False)))
         assert back.to_dict() == data
 
 
 def test_pack_rules_fire_on_their_signals() -> None:
-    rules = by_name(rule_pack.default_rules(remediate=True))
+    rules = by_name(pack.default_rules(remediate=True))
 
     # Calibrated to trip only on a non-finite D (BENCHMARKS.md: no threshold separated healthy
     # from failing runs); a low but finite D stays quiet.
     sa = [(t, s, 0.5 if s < 60 else 0.001) for s in range(0, 120, 10) for t in ("h.0.w", "h.1.w")]
-    assert run_rule(rules[rule_pack.SA_COLLAPSE], sa) == []
+    assert run_rule(rules[pack.SA_COLLAPSE], sa) == []
     sa = [
         (t, s, 0.5 if s < 60 else math.nan) for s in range(0, 120, 10) for t in ("h.0.w", "h.1.w")
     ]
-    (fired,) = run_rule(rules[rule_pack.SA_COLLAPSE], sa)
+    (fired,) = run_rule(rules[pack.SA_COLLAPSE], sa)
     assert fired.step == 80 and fired.first_step == 60 and fired.command is not None
 
     sr = [(t, s, 8.0 if s < 60 else 0.8) for s in range(0, 100, 10) for t in ("h.0.w", "h.1.w")]
-    (fired,) = run_rule(rules[rule_pack.STABLE_RANK_COLLAPSE], sr)
+    (fired,) = run_rule(rules[pack.STABLE_RANK_COLLAPSE], sr)
     assert fired.step == 70 and fired.first_step == 60
     assert fired.bound == pytest.approx(0.12 * 8.0)
 
     # grad norm: steady 1.0 then a 5x spike at step 80 (after 50 samples and step 50)
     gn = [("global", s, 5.0 if s == 80 else 1.0) for s in range(0, 100)]
-    transitions = run_rule(rules[rule_pack.GRAD_NORM_SPIKE], gn)
+    transitions = run_rule(rules[pack.GRAD_NORM_SPIKE], gn)
     assert [(t.kind.value, t.step) for t in transitions] == [("firing", 80), ("resolved", 81)]
     # the same spike inside the warm-up is ignored
     early = [("global", s, 5.0 if s == 20 else 1.0) for s in range(0, 100)]
-    assert run_rule(rules[rule_pack.GRAD_NORM_SPIKE], early) == []
+    assert run_rule(rules[pack.GRAD_NORM_SPIKE], early) == []
 
     loss = [("global", 0, 2.0), ("global", 1, math.nan)]
-    assert [t.step for t in run_rule(rules[rule_pack.LOSS_NON_FINITE], loss)] == [1]
+    assert [t.step for t in run_rule(rules[pack.LOSS_NON_FINITE], loss)] == [1]
 
     nf = [("loss", 0, 0), ("grad", 0, 0), ("weight", 0, 3), ("loss", 1, 0), ("grad", 1, 12)]
-    (fired,) = run_rule(rules[rule_pack.NON_FINITE_VALUES], nf)
+    (fired,) = run_rule(rules[pack.NON_FINITE_VALUES], nf)
     assert fired.step == 1 and [h.target for h in fired.targets] == ["grad"]
 
     logits = [("h.0.attn", 0, 20.0), ("h.0.attn", 1, 200.0), ("h.0.attn", 2, 2e3)]
-    assert [t.step for t in run_rule(rules[rule_pack.ATTENTION_LOGIT_HIGH], logits)] == [1]
-    assert [t.step for t in run_rule(rules[rule_pack.ATTENTION_LOGIT_DIVERGENCE], logits)] == [2]
+    assert [t.step for t in run_rule(rules[pack.ATTENTION_LOGIT_HIGH], logits)] == [1]
+    assert [t.step for t in run_rule(rules[pack.ATTENTION_LOGIT_DIVERGENCE], logits)] == [2]
 
     # representation collapse: the geometric mean over the layers' inputs, so one layer
     # still spread (the embedding's input) does not hide the others at 1.0; a healthy
@@ -186,7 +194,7 @@ def test_pack_rules_fire_on_their_signals() -> None:
     rsr = [("h.0.attn", s, 1.1) for s in range(5, 60, 5)] + [
         (f"h.{i}.mlp", s, 1.0 if s >= 20 else 1.3) for s in range(5, 60, 5) for i in range(1, 8)
     ]  # from step 20: gmean = 1.1 ** (1 / 8) = 1.012
-    fired, *repeats = run_rule(rules[rule_pack.REPRESENTATION_COLLAPSE], rsr)
+    fired, *repeats = run_rule(rules[pack.REPRESENTATION_COLLAPSE], rsr)
     assert fired.step == 25 and fired.first_step == 20 and fired.command is not None
     assert fired.command["args"]["targets"] == "all_2d"
     # while it lasts, MSign is ordered again every 10 steps
@@ -196,7 +204,7 @@ def test_pack_rules_fire_on_their_signals() -> None:
         ("repeat", 55),
     ]
     dip = [(t, s, 1.03) for s in range(5, 60, 5) for t in ("h.0.attn", "h.1.mlp")]
-    assert run_rule(rules[rule_pack.REPRESENTATION_COLLAPSE], dip) == []
+    assert run_rule(rules[pack.REPRESENTATION_COLLAPSE], dip) == []
 
     # update ratio: one hot weight among calm ones is not the gmean crossing 0.05; all hot is,
     # and the LR is halved at every hot sample; the first calm one resolves it, and a later
@@ -205,9 +213,9 @@ def test_pack_rules_fire_on_their_signals() -> None:
     one_hot = [("h.0.w", 5 * i, 0.2) for i in range(10)] + [
         (f"h.{k}.w", 5 * i, 0.01) for i in range(10) for k in (1, 2, 3)
     ]
-    assert run_rule(rules[rule_pack.UPDATE_RATIO_HIGH], one_hot) == []
+    assert run_rule(rules[pack.UPDATE_RATIO_HIGH], one_hot) == []
     hot = [(t, 5 * i, v) for i, v in enumerate(ratios) for t in ("h.0.w", "h.1.w")]
-    transitions = run_rule(rules[rule_pack.UPDATE_RATIO_HIGH], hot)
+    transitions = run_rule(rules[pack.UPDATE_RATIO_HIGH], hot)
     assert [(t.kind.value, t.step) for t in transitions] == [
         ("firing", 10),
         ("repeat", 15),
@@ -220,7 +228,7 @@ def test_pack_rules_fire_on_their_signals() -> None:
 
     # a*M > 1 is routine on healthy runs; the calibrated rule waits for > 50 after step 50
     gain = [("h.0->h.1", s, v) for s, v in [(10, 80.0), (50, 20.0), (60, 49.0), (70, 60.0)]]
-    assert [t.step for t in run_rule(rules[rule_pack.JACOBIAN_GAIN], gain)] == [70]
+    assert [t.step for t in run_rule(rules[pack.JACOBIAN_GAIN], gain)] == [70]
 
 
 @pytest.mark.parametrize(
@@ -246,30 +254,30 @@ def test_pack_rules_fire_on_their_signals() -> None:
     ],
 )
 def test_early_block_globs(names: list[str], expected: list[str]) -> None:
-    assert rule_pack.early_block_globs(names) == expected
+    assert pack.early_block_globs(names) == expected
 
 
 def test_early_block_globs_escape_brackets() -> None:
-    globs = rule_pack.early_block_globs(["net[a].0.w", "net[a].1.w", "net[a].2.w", "net[a].3.w"])
+    globs = pack.early_block_globs(["net[a].0.w", "net[a].1.w", "net[a].2.w", "net[a].3.w"])
     assert globs == ["net[[]a].0.*"]
-    rule = by_name(rule_pack.default_rules())[rule_pack.STABLE_RANK_COLLAPSE].replace(targets=globs)
+    rule = by_name(pack.default_rules())[pack.STABLE_RANK_COLLAPSE].replace(targets=globs)
     assert rule.matches_target("net[a].0.w") and not rule.matches_target("neta.0.w")
 
 
 def test_specialise_points_stable_rank_at_early_blocks_only() -> None:
     names = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(8)]
-    rules = rule_pack.specialise(rule_pack.default_rules(), names)
+    rules = pack.specialise(pack.default_rules(), names)
     special = by_name(rules)
-    assert special[rule_pack.STABLE_RANK_COLLAPSE].targets == (
+    assert special[pack.STABLE_RANK_COLLAPSE].targets == (
         "transformer.h.0.*",
         "transformer.h.1.*",
     )
-    default = by_name(rule_pack.default_rules())
-    for name in set(default) - {rule_pack.STABLE_RANK_COLLAPSE}:
+    default = by_name(pack.default_rules())
+    for name in set(default) - {pack.STABLE_RANK_COLLAPSE}:
         assert special[name] == default[name]
-    assert rule_pack.specialise(rule_pack.default_rules(), ["w"]) == rule_pack.default_rules()
+    assert pack.specialise(pack.default_rules(), ["w"]) == pack.default_rules()
 
 
 def test_early_block_globs_rejects_bad_fraction() -> None:
     with pytest.raises(ValueError, match="fraction"):
-        rule_pack.early_block_globs(["h.0.w"], fraction=0.0)
+        pack.early_block_globs(["h.0.w"], fraction=0.0)

@@ -1,5 +1,5 @@
-"""Alert rules on ingest: the glue between the pure engine (``alert_engine``), the database
-and the delivery worker.
+"""Alert rules on ingest: the glue between the pure engine, the database and the delivery
+worker.
 
 Per ingest request (``Alerting.on_ingest``, inside the ingest transaction):
 
@@ -12,244 +12,55 @@ Per ingest request (``Alerting.on_ingest``, inside the ingest transaction):
 3. for each transition: an ``alerts`` row (firing creates, resolved closes it), an ``alert``
    event whose payload is ``Transition.to_dict()`` (the dashboard's markers and tables read
    those), the command the engine ordered (MSign or a learning-rate backoff; its rate limit
-   lives in the state), and one
-   pending ``webhook_deliveries`` row per enabled webhook of the project;
+   lives in the state), and one pending ``webhook_deliveries`` row per enabled webhook of the
+   project;
 4. after the commit, ``after_commit`` wakes the delivery worker: ingest never waits on a
    webhook.
 
 The whole evaluation runs in a SAVEPOINT: should it fail, the points are still stored and
-the failure is logged (a monitor must not lose data because a rule broke).
-
-Rules are rows of ``alert_rules``: ``run_id`` NULL is a project rule (a template), otherwise
-the rule of one run with its engine state. Every new run gets its rules at creation (a mapper
-event on ``Run`` inserts them in the same transaction, whichever code path creates the run):
-the project's rules when it has any, else the default pack (``rule_pack.default_rules``),
-specialised with the run's parameter names (``rule_pack.specialise``).
+the failure is logged (a monitor must not lose data because a rule broke). A run's rules are
+installed when it is registered (``store.install_run_rules``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Table,
-    bindparam,
-    event,
-    func,
-    insert,
-    select,
-    update,
-)
-from sqlalchemy.orm import Mapper, Session
+from sqlalchemy import ColumnElement, bindparam, select, update
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from rankguard.server import notifications, rule_pack, storage
-from rankguard.server.alert_engine import (
-    Rule,
-    RuleError,
-    Transition,
-    TransitionKind,
-    evaluate_steps,
-    is_firing,
-    new_state,
-)
-from rankguard.server.alert_engine import flush as flush_buffered
+from rankguard.server import storage
+from rankguard.server.alerts import runbook
+from rankguard.server.alerts.engine import evaluate_steps, flush
+from rankguard.server.alerts.rules import Rule, RuleError
+from rankguard.server.alerts.store import RULES_TABLE
+from rankguard.server.alerts.transitions import Transition, TransitionKind
 from rankguard.server.config import Settings
 from rankguard.server.db import utcnow
-from rankguard.server.models import (
-    Alert,
-    AlertRule,
+from rankguard.server.models import Alert, AlertRule, Delivery, Project, Run, Webhook
+from rankguard.server.notify import payloads
+from rankguard.server.vocab import (
+    AlertSeverity,
     AlertState,
-    Delivery,
     DeliveryOutcome,
-    Project,
-    Run,
+    EventKind,
     RunStatus,
-    Webhook,
+    WebhookFormat,
 )
 
 if TYPE_CHECKING:
-    from rankguard.server.delivery import DeliveryWorker
     from rankguard.server.exposition import Metrics
+    from rankguard.server.notify.worker import DeliveryWorker
 
-logger = logging.getLogger("rankguard.server.alerting")
+logger = logging.getLogger("rankguard.server.alerts")
 
-# The Core table, for the statements that bypass the ORM (installation at run creation, the
-# one-statement state UPDATE on ingest).
-_RULES_TABLE = cast(Table, AlertRule.__table__)
-SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
-# Fields whose edit does not change what the condition computes: the state is kept.
-_STATE_NEUTRAL = frozenset(
-    {"enabled", "notify", "msign", "lr_backoff", "description", "runbook", "severity", "name"}
-)
-
-
-# --- rules: installation at run creation ---------------------------------------------------
-
-
-def run_rule_rows(
-    project_rules: Sequence[Mapping[str, Any]], parameter_names: Sequence[str]
-) -> list[Rule]:
-    """The rules a new run gets: the project's (rule dicts) if any, else the default pack;
-    either way specialised with the run's parameter names."""
-    if project_rules:
-        rules = [Rule.from_dict(r) for r in project_rules]
-    else:
-        rules = rule_pack.default_rules()
-    return rule_pack.specialise(rules, parameter_names)
-
-
-@event.listens_for(Run, "after_insert")
-def _install_run_rules(_mapper: Mapper[Run], connection: Connection, run: Run) -> None:
-    table = _RULES_TABLE
-    project_rules = [
-        row[0]
-        for row in connection.execute(
-            select(table.c.rule)
-            .where(table.c.project_id == run.project_id, table.c.run_id.is_(None))
-            .order_by(table.c.id)
-        )
-    ]
-    names = [str(p.get("name", "")) for p in (run.parameters or []) if isinstance(p, Mapping)]
-    try:
-        rules = run_rule_rows(project_rules, names)
-    except RuleError:  # a stored project rule no longer validates: fall back to the pack
-        logger.exception(
-            "project %s has an invalid rule; run %s gets the defaults", run.project_id, run.id
-        )
-        rules = run_rule_rows([], names)
-    now = utcnow()
-    rows = [
-        {
-            "project_id": run.project_id,
-            "run_id": run.id,
-            "name": r.name,
-            "quantity": r.quantity,
-            "rule": r.to_dict(),
-            "state": None,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for r in rules
-    ]
-    if rows:
-        connection.execute(insert(table), rows)
-
-
-# --- rules: CRUD ---------------------------------------------------------------------------
-
-
-def list_rules(
-    *, session: Session, project_id: int | None, run_id: str | None, project_level: bool
-) -> list[AlertRule]:
-    query = select(AlertRule)
-    if project_id is not None:
-        query = query.where(AlertRule.project_id == project_id)
-    if run_id is not None:
-        query = query.where(AlertRule.run_id == run_id)
-    elif project_level:
-        query = query.where(AlertRule.run_id.is_(None))
-    return list(session.scalars(query.order_by(AlertRule.id)))
-
-
-def get_rule(*, session: Session, rule_id: int, project_id: int | None) -> AlertRule | None:
-    row = session.get(AlertRule, rule_id)
-    if row is None or (project_id is not None and row.project_id != project_id):
-        return None
-    return row
-
-
-def create_rule(*, session: Session, project_id: int, run_id: str | None, rule: Rule) -> AlertRule:
-    now = utcnow()
-    row = AlertRule(
-        project_id=project_id,
-        run_id=run_id,
-        name=rule.name,
-        quantity=rule.quantity,
-        rule=rule.to_dict(),
-        state=None,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(row)
-    session.flush()
-    return row
-
-
-def update_rule(*, session: Session, row: AlertRule, rule: Rule) -> AlertRule:
-    """Replace a rule. When its condition changed the engine state restarts (keeping the
-    episode count and the MSign rate-limit history), and a firing alert is closed."""
-    old = row.rule
-    new = rule.to_dict()
-    changed = {k for k in new if new.get(k) != old.get(k)}
-    if changed - _STATE_NEUTRAL and row.state is not None:
-        if is_firing(row.state):
-            _close_alert_on_edit(session=session, row=row)
-        fresh = new_state()
-        fresh["alert"]["episode"] = row.state["alert"]["episode"]
-        fresh["msign_steps"] = list(row.state.get("msign_steps", []))
-        row.state = fresh
-    row.rule = new
-    row.name = rule.name
-    row.quantity = rule.quantity
-    row.updated_at = utcnow()
-    return row
-
-
-def _close_alert_on_edit(*, session: Session, row: AlertRule) -> None:
-    alert = session.scalars(
-        select(Alert).where(Alert.rule_id == row.id, Alert.state == AlertState.FIRING.value)
-    ).first()
-    if alert is not None:
-        alert.state = AlertState.RESOLVED.value
-        alert.resolved_at = utcnow()
-        alert.resolved_message = "closed: the rule's condition was edited (its state restarted)"
-
-
-def rule_firing(row: AlertRule) -> bool:
-    return is_firing(row.state)
-
-
-# --- alerts --------------------------------------------------------------------------------
-
-
-def list_alerts(
-    *,
-    session: Session,
-    run_id: str | None = None,
-    project_id: int | None = None,
-    state: AlertState | None = None,
-    limit: int = 1000,
-) -> list[Alert]:
-    query = select(Alert)
-    if run_id is not None:
-        query = query.where(Alert.run_id == run_id)
-    if project_id is not None:
-        query = query.join(Run, Run.id == Alert.run_id).where(Run.project_id == project_id)
-    if state is not None:
-        query = query.where(Alert.state == state.value)
-    return list(session.scalars(query.order_by(Alert.created_at.desc(), Alert.id).limit(limit)))
-
-
-def get_alert(*, session: Session, alert_id: str, project_id: int | None) -> Alert | None:
-    alert = session.get(Alert, alert_id)
-    if alert is None:
-        return None
-    if project_id is not None:
-        run = session.get(Run, alert.run_id)
-        if run is None or run.project_id != project_id:
-            return None
-    return alert
-
-
-# --- evaluation on ingest ------------------------------------------------------------------
+Fired = list[tuple[AlertRule, Transition]]
 
 
 @dataclass
@@ -307,6 +118,13 @@ def _locked_rules(session: Session, run: Run, which: ColumnElement[bool]) -> lis
     )
 
 
+def _completed(rule: Rule, transitions: list[Transition], run: Run) -> list[Transition]:
+    """The engine's transitions with their suggested action in full for this run (the default
+    runbook when the rule has none, the run's id filled in)."""
+    action = runbook.suggested_action(rule, run.id)
+    return [dataclasses.replace(t, suggested_action=action) for t in transitions]
+
+
 class Alerting:
     """The ingest hook, kept on ``app.state.alerting``."""
 
@@ -357,17 +175,18 @@ class Alerting:
         if not self.settings.alerts_enabled:
             return _NOTHING
         rows = _locked_rules(session, run, AlertRule.state.is_not(None))
-        fired: list[tuple[AlertRule, Transition]] = []
+        fired: Fired = []
         try:
             with session.begin_nested():
                 for row in rows:
                     try:
-                        state, transitions = flush_buffered(self._rule(row), row.state)
+                        rule = self._rule(row)
+                        state, transitions = flush(rule, row.state)
                     except RuleError:
                         logger.exception("rule %s (%s) of run %s skipped", row.id, row.name, run.id)
                         continue
                     row.state = state
-                    fired.extend((row, t) for t in transitions)
+                    fired.extend((row, t) for t in _completed(rule, transitions, run))
                 return self._record(session=session, run=run, fired=fired) if fired else _NOTHING
         except Exception:
             logger.exception("alert flush failed for run %s; the run is finished", run.id)
@@ -382,7 +201,7 @@ class Alerting:
         points: storage.ColumnarPoints,
     ) -> IngestOutcome:
         samples = _rank0_by_step(points, {row.quantity for row in rows})
-        fired: list[tuple[AlertRule, Transition]] = []
+        fired: Fired = []
         changed: list[dict[str, Any]] = []
         for row in rows:
             by_step = samples[row.quantity]
@@ -399,9 +218,10 @@ class Alerting:
                 # The row in the session shows the new state without being marked dirty: the
                 # UPDATE below writes it (one statement for all rules, no unit-of-work pass).
                 set_committed_value(row, "state", state)
-            fired.extend((row, t) for t in transitions)
+            if transitions:
+                fired.extend((row, t) for t in _completed(rule, transitions, run))
         if changed:
-            table = _RULES_TABLE
+            table = RULES_TABLE
             session.execute(
                 update(table)
                 .where(table.c.id == bindparam("row_id"))
@@ -412,12 +232,10 @@ class Alerting:
             return IngestOutcome()
         return self._record(session=session, run=run, fired=fired)
 
-    def _record(
-        self, *, session: Session, run: Run, fired: list[tuple[AlertRule, Transition]]
-    ) -> IngestOutcome:
+    def _record(self, *, session: Session, run: Run, fired: Fired) -> IngestOutcome:
+        """Each transition: its alert row and command, its event, its notifications."""
         outcome = IngestOutcome(transitions=len(fired))
-        webhooks: list[Webhook] | None = None
-        project_name: str | None = None
+        webhooks: list[Webhook] | None = None  # loaded at the first notification
         for row, tr in fired:
             alert = self._apply(session=session, run=run, row=row, tr=tr, outcome=outcome)
             if tr.kind is TransitionKind.REPEAT:
@@ -425,11 +243,9 @@ class Alerting:
             payload = {**tr.to_dict(), "alert_id": alert.id if alert else None}
             if alert is not None and alert.command_id and tr.kind is TransitionKind.FIRING:
                 payload["command_id"] = alert.command_id
-            payload["suggested_action"] = str(payload["suggested_action"]).replace(
-                "{run_id}", run.id
-            )
+            kind = EventKind.ALERT.value
             storage.create_event(
-                session=session, run_id=run.id, kind="alert", step=tr.step, payload=payload
+                session=session, run_id=run.id, kind=kind, step=tr.step, payload=payload
             )
             if alert is None or not tr.notify:
                 continue
@@ -441,40 +257,47 @@ class Alerting:
                         .order_by(Webhook.id)
                     )
                 )
-                project = session.get(Project, run.project_id)
-                project_name = project.name if project is not None else None
-            for hook in webhooks:
-                if SEVERITY_ORDER.get(tr.severity.value, 0) < SEVERITY_ORDER.get(
-                    hook.min_severity, 0
-                ):
-                    continue
-                notice = notifications.notice_from_transition(
-                    tr,
-                    alert_id=alert.id,
-                    run_id=run.id,
-                    run_name=run.name,
-                    project=project_name,
-                    starts_at=alert.created_at,
-                    ends_at=alert.resolved_at,
-                    base_url=self.settings.public_base_url,
-                )
-                options: dict[str, Any] = {}
-                if hook.format == notifications.PayloadFormat.ALERTMANAGER.value:
-                    options["external_url"] = self.settings.public_base_url or ""
-                body = notifications.render(hook.format, notice, **options)
-                session.add(
-                    Delivery(
-                        webhook_id=hook.id,
-                        alert_id=alert.id,
-                        status=tr.kind.value,
-                        format=hook.format,
-                        body=body.decode(),
-                        outcome=DeliveryOutcome.PENDING.value,
-                        attempts=[],
-                    )
-                )
-                outcome.deliveries += 1
+            outcome.deliveries += self._notify(session, run, tr, alert, webhooks)
         return outcome
+
+    def _notify(
+        self, session: Session, run: Run, tr: Transition, alert: Alert, webhooks: list[Webhook]
+    ) -> int:
+        """One pending delivery per webhook that wants this severity; returns how many. The
+        bodies are rendered now, in the ingest transaction, so the worker only sends them."""
+        wanted = [
+            h for h in webhooks if tr.severity.order >= AlertSeverity.order_of(h.min_severity)
+        ]
+        if not wanted:
+            return 0
+        project = session.get(Project, run.project_id)
+        notice = payloads.notice_from_transition(
+            tr,
+            alert_id=alert.id,
+            run_id=run.id,
+            run_name=run.name,
+            project=project.name if project is not None else None,
+            starts_at=alert.created_at,
+            ends_at=alert.resolved_at,
+            base_url=self.settings.public_base_url,
+        )
+        for hook in wanted:
+            options: dict[str, Any] = {}
+            if hook.format == WebhookFormat.ALERTMANAGER.value:
+                options["external_url"] = self.settings.public_base_url or ""
+            body = payloads.render(hook.format, notice, **options)
+            session.add(
+                Delivery(
+                    webhook_id=hook.id,
+                    alert_id=alert.id,
+                    status=tr.kind.value,
+                    format=hook.format,
+                    body=body.decode(),
+                    outcome=DeliveryOutcome.PENDING.value,
+                    attempts=[],
+                )
+            )
+        return len(wanted)
 
     def _apply(
         self,
@@ -486,7 +309,6 @@ class Alerting:
         outcome: IngestOutcome,
     ) -> Alert | None:
         """Create (firing) or close (resolved) the alert row; queue the ordered command."""
-        now = utcnow()
         if tr.kind is TransitionKind.FIRING:
             alert = Alert(
                 id=str(uuid.uuid4()),
@@ -501,9 +323,9 @@ class Alerting:
                 fired_step=tr.step,
                 targets=[t.to_dict() for t in tr.targets],
                 message=tr.message,
-                suggested_action=tr.suggested_action.replace("{run_id}", run.id),
+                suggested_action=tr.suggested_action,
                 command_suppressed=tr.command_suppressed,
-                created_at=now,
+                created_at=utcnow(),
             )
             session.add(alert)
             self._queue_command(session=session, run=run, alert=alert, tr=tr, outcome=outcome)
@@ -520,7 +342,7 @@ class Alerting:
         if episode.state == AlertState.FIRING.value:
             episode.state = AlertState.RESOLVED.value
             episode.resolved_step = tr.step
-            episode.resolved_at = now
+            episode.resolved_at = utcnow()
             episode.resolved_message = tr.message
         return episode
 
@@ -547,15 +369,3 @@ class Alerting:
             self.metrics.points_ingested.inc(inserted)
         if outcome.deliveries and self.worker is not None:
             self.worker.wake()
-
-
-def firing_counts(*, session: Session, run_ids: Sequence[str]) -> dict[tuple[str, str], int]:
-    """(run_id, severity) -> number of firing alerts, for the given runs."""
-    if not run_ids:
-        return {}
-    rows = session.execute(
-        select(Alert.run_id, Alert.severity, func.count())
-        .where(Alert.run_id.in_(list(run_ids)), Alert.state == AlertState.FIRING.value)
-        .group_by(Alert.run_id, Alert.severity)
-    )
-    return {(r, s): int(n) for r, s, n in rows}

@@ -4,7 +4,7 @@
 Ingest never waits on a receiver: it commits the pending rows and calls ``wake()``. The
 dispatcher thread claims pending rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several
 server processes share the outbox without sending a row twice), marks them ``sending`` and
-hands each to a small thread pool, where ``notifications.deliver`` retries with backoff; the
+hands each to a small thread pool, where ``delivery.deliver`` retries with backoff; the
 outcome and every attempt are written back. Rows left ``sending`` by a crash are sent again
 at the next start (at-least-once: receivers dedupe on the alert id and status).
 """
@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import httpx
 from sqlalchemy import select, update
 
-from rankguard.server import notifications
 from rankguard.server.config import Settings
 from rankguard.server.db import Database, utcnow
-from rankguard.server.models import Delivery, DeliveryOutcome, Webhook
+from rankguard.server.models import Delivery, Webhook
+from rankguard.server.notify.delivery import RetryPolicy, deliver
+from rankguard.server.vocab import DeliveryOutcome
 
-logger = logging.getLogger("rankguard.server.delivery")
+logger = logging.getLogger("rankguard.server.notify.worker")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class DeliveryWorker:
     ) -> None:
         self.db = db
         self.settings = settings
-        self.policy = notifications.RetryPolicy(
+        self.policy = RetryPolicy(
             max_attempts=settings.webhook_max_attempts,
             max_total_s=settings.webhook_max_total_s,
             timeout_s=settings.webhook_timeout_s,
@@ -153,7 +154,7 @@ class DeliveryWorker:
     def _send(self, job: _Job) -> None:
         try:
             assert self._client is not None
-            result = notifications.deliver(
+            result = deliver(
                 self._client,
                 job.url,
                 job.body,

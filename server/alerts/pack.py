@@ -1,22 +1,24 @@
 """The default alert rules installed for every new run: the papers' values until calibrated.
 
-The rules are data (``Rule`` objects of ``rankguard.server.alert_engine``); the server stores
-them per run with ``Rule.to_dict()`` and users edit them through the rules API. Sources:
-/work/shared/reference/papers.md §6.3 (SA sign diversity), §6.1 (stable-rank geometric mean
-over early layers), §1.4 (a·M > 1), §6.4 (PSS gradient-norm trigger), §6.7 (attention logits).
-dashboard/prometheus/rules.yml carries the Prometheus equivalents; keep the two in step.
+The rules are data (``Rule`` objects); the server stores them per run with ``Rule.to_dict()``
+and users edit them through the rules API. Sources (the project's notes on the papers,
+papers.md): §6.3 (SA sign diversity), §6.1 (stable-rank geometric mean over early layers),
+§1.4 (a·M > 1), §6.4 (PSS gradient-norm trigger), §6.7 (attention logits).
+dashboard/prometheus/rules.yml carries the Prometheus equivalents:
+tests/dashboard/test_prometheus_rules.py checks that it mirrors the pack's rules and
+severities; its bounds follow these by hand.
 
 The actions of the critical rules are present but off: MSign on the spectral and attention
 rules, a learning-rate backoff (``scale_lr``) on the update-ratio rule. A user turns one on
 per rule, or installs ``default_rules(remediate=True)``.
 
-Calibration (benchmarks/early_warning.py, BENCHMARKS.md "Early warning"): thresholds marked
-"calibrated" were chosen on the scenario catalog's development seeds 0, 1, 3-6 (4-layer d=64
-GPTs, 400 steps) so that no healthy control fires, and evaluated on held-out seeds (7-10 for
-the pack of the second calibration; fresh seeds 11-14 once the representation rule joined;
-fresh seeds 15-18 once the update-ratio rule joined). The absolute attention-logit and
-update-ratio bounds depend on the model (head dim, scale, initialisation); re-check them on a
-healthy run of your own model.
+Thresholds marked "calibrated" were chosen on development seeds of the scenario catalog so
+that no healthy control fires, and evaluated on seeds recorded after the pack was frozen
+(benchmarks/early_warning.py; the history is in BENCHMARKS.md, "The default rule pack"). The
+absolute attention-logit and update-ratio bounds depend on the model (head dim, scale,
+initialisation); re-check them on a healthy run of your own model.
+
+``default_rules`` is one long list literal: it is data, each value next to its reason.
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
-from rankguard.server.alert_engine import (
-    MSIGN_HOWTO,
+from rankguard.server.alerts.rules import (
     Aggregation,
     Condition,
     LRBackoffAction,
     MSignAction,
     Rule,
-    Severity,
 )
+from rankguard.server.alerts.runbook import MSIGN_HOWTO
+from rankguard.server.vocab import AlertSeverity, MSignEngine, TargetGroup
 
 SA_COLLAPSE = "sa_sign_diversity_collapse"
 STABLE_RANK_COLLAPSE = "stable_rank_collapse"
@@ -56,60 +58,53 @@ REMEDIABLE = (
     UPDATE_RATIO_HIGH,
 )
 
-# Periodic while the trouble lasts: one MSign restores the stable rank, the alert resolves, and
-# if the rank collapses again the rule re-fires after its cooldown and orders another MSign,
-# at most 5 per 100 steps (benchmarks/rescue.py: one MSign alone did not hold).
-_MSIGN_OFF = MSignAction(
-    enabled=False, targets="all_2d", engine="svd", max_orders=5, window_steps=100
-)
-# Cooldown of the remediable rules: short, so the MSign above can repeat.
+# Cooldown of the rules whose MSign restores on re-firing: short, so the MSign can repeat.
 _REMEDY_COOLDOWN = 20
-# The attention-logit divergence orders MSign on the attention weights every 10 steps while it
-# fires (at most 30 per 100 steps): the MSign paper's periodic restoration, aimed where the
-# logits come from. One MSign brings the logits down for a few steps only; a run whose q/k grow
-# too fast needs it repeated (benchmarks/rescue.py, `qk_lr_overflow`).
-_ATTENTION_MSIGN_OFF = MSignAction(
-    enabled=False,
-    targets="attention",
-    engine="svd",
-    repeat_every=10,
-    max_orders=30,
-    window_steps=100,
-)
-
-# The representation collapse orders MSign on every 2-D weight every 10 steps while it fires:
-# one MSign lifts the representations for a few tens of steps only, and at the high LR that
-# collapsed them they collapse again (benchmarks/rescue.py, `postln_no_warmup`).
-_REPRESENTATION_MSIGN_OFF = MSignAction(
-    enabled=False,
-    targets="all_2d",
-    engine="svd",
-    repeat_every=10,
-    max_orders=30,
-    window_steps=100,
-)
 
 
-# The update-ratio rule halves the learning rate at every sample above the bound (at most 10
-# halvings per 100 steps) and resolves at the first sample under it: the update ratio is
-# proportional to the LR, so the backoff stops by itself once the steps are small again, and
-# starts again if the user's schedule heats up later. Resolving after 4 clean samples instead
-# (as the MSign rules do) kept halving through them and starved a development run of its
-# learning rate (1.19x its control instead of 1.10x; benchmarks/rescue.py).
-_LR_BACKOFF_OFF = LRBackoffAction(
-    enabled=False, factor=0.5, repeat_every=1, max_orders=10, window_steps=100
-)
+def _refiring_msign(enabled: bool) -> MSignAction:
+    """MSign on every 2-D weight when the alert fires: one MSign restores the stable rank, the
+    alert resolves, and if the rank collapses again the rule re-fires after its cooldown and
+    orders another, at most 5 per 100 steps (benchmarks/rescue.py: one alone did not hold)."""
+    return MSignAction(
+        enabled=enabled,
+        targets=TargetGroup.ALL_2D.value,
+        engine=MSignEngine.SVD.value,
+        max_orders=5,
+        window_steps=100,
+    )
+
+
+def _repeating_msign(targets: TargetGroup, enabled: bool) -> MSignAction:
+    """MSign on ``targets`` every 10 steps while the alert fires (at most 30 per 100 steps):
+    the MSign paper's periodic restoration. One MSign lifts the attention logits or the
+    representations for a few steps only, and a run whose weights keep growing needs it
+    repeated (benchmarks/rescue.py, ``qk_lr_overflow`` and ``postln_no_warmup``)."""
+    return MSignAction(
+        enabled=enabled,
+        targets=targets.value,
+        engine=MSignEngine.SVD.value,
+        repeat_every=10,
+        max_orders=30,
+        window_steps=100,
+    )
+
+
+def _halving_lr(enabled: bool) -> LRBackoffAction:
+    """Halve the learning rate at every sample the alert fires on (at most 10 halvings per
+    100 steps). The update ratio is proportional to the LR, so with the rule resolving at the
+    first clean sample the backoff stops by itself once the steps are small again, and starts
+    again if the user's schedule heats up later; resolving later kept halving through the
+    clean samples and starved a run of its learning rate (BENCHMARKS.md)."""
+    return LRBackoffAction(
+        enabled=enabled, factor=0.5, repeat_every=1, max_orders=10, window_steps=100
+    )
 
 
 def default_rules(*, remediate: bool = False) -> list[Rule]:
     """The default pack; ``remediate=True`` turns on the action of the critical rules (MSign,
     or the learning-rate backoff of the update-ratio rule)."""
-    msign = MSignAction(**{**_MSIGN_OFF.to_dict(), "enabled": remediate})
-    attention_msign = MSignAction(**{**_ATTENTION_MSIGN_OFF.to_dict(), "enabled": remediate})
-    representation_msign = MSignAction(
-        **{**_REPRESENTATION_MSIGN_OFF.to_dict(), "enabled": remediate}
-    )
-    lr_backoff = LRBackoffAction(**{**_LR_BACKOFF_OFF.to_dict(), "enabled": remediate})
+    msign = _refiring_msign(remediate)
     return [
         Rule(
             name=SA_COLLAPSE,
@@ -123,7 +118,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             aggregation=Aggregation.ANY,
             consecutive=3,
             clear_after=3,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             min_step=50,
             cooldown=_REMEDY_COOLDOWN,
             msign=msign,
@@ -157,7 +152,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             consecutive=2,
             clear_threshold=0.15,
             clear_after=2,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             min_step=50,  # the first steps' fall of the stable rank is learning, not collapse
             cooldown=_REMEDY_COOLDOWN,
             msign=msign,
@@ -188,9 +183,9 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             # 1.05): a lift just over the bound right after an MSign is not yet a recovery.
             clear_threshold=1.05,
             clear_after=4,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             min_step=10,
-            msign=representation_msign,
+            msign=_repeating_msign(TargetGroup.ALL_2D, remediate),
             description=(
                 "Geometric-mean representation stable rank SR(Z) = ||Z||_F^2/sigma_1(Z)^2 of "
                 "the layers' inputs below 1.02 for 2 consecutive probes after step 10: every "
@@ -220,8 +215,8 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             aggregation=Aggregation.GMEAN,
             consecutive=1,
             clear_after=1,
-            severity=Severity.CRITICAL,
-            lr_backoff=lr_backoff,
+            severity=AlertSeverity.CRITICAL,
+            lr_backoff=_halving_lr(remediate),
             description=(
                 "Geometric-mean update-to-weight ratio ||W_after - W_before||_F/||W_before||_F "
                 "of one optimizer step above 0.05 (calibrated on the benchmark models): the "
@@ -245,7 +240,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             threshold=50.0,
             aggregation=Aggregation.ANY,
             consecutive=1,
-            severity=Severity.WARNING,
+            severity=AlertSeverity.WARNING,
             min_step=50,
             cooldown=200,
             description=(
@@ -275,7 +270,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             warmup=50,
             min_step=50,
             cooldown=30,
-            severity=Severity.WARNING,
+            severity=AlertSeverity.WARNING,
             description=(
                 "Global gradient norm above 4x its EMA (alpha 0.1) after 50 samples and step "
                 "50, cooldown 30 steps: the PSS trigger (papers.md §6.4 uses 2.5x; calibrated)."
@@ -292,7 +287,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             quantity="loss",
             condition=Condition.NON_FINITE,
             targets=("global",),
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             description="The training loss is NaN or infinite.",
             runbook=(
                 "The run has diverged or hit a numerical fault (overflow in fp16/bf16, a bad "
@@ -306,7 +301,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             condition=Condition.ABOVE,
             threshold=0.0,
             targets=("loss", "grad"),
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             description="The probe counted NaN/Inf elements in the loss or the gradients.",
             runbook=(
                 "Non-finite gradients reach the optimizer state and then the weights. Skip the "
@@ -322,7 +317,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             # loss had already degraded in the logit-growth runs.
             threshold=50.0,
             aggregation=Aggregation.ANY,
-            severity=Severity.WARNING,
+            severity=AlertSeverity.WARNING,
             cooldown=200,
             description="Max attention logit above 50 (calibrated; Wortsman et al. use 1e3, "
             "papers.md §6.7).",
@@ -339,11 +334,11 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             condition=Condition.ABOVE,
             threshold=1e3,  # calibrated: 1e3 (papers: 1e4, reached only after the failure here)
             aggregation=Aggregation.ANY,
-            severity=Severity.CRITICAL,
+            severity=AlertSeverity.CRITICAL,
             # Resolve only after 4 clean samples and re-fire at once: a logit that dips under
             # the bound right after an MSign is not yet a recovery.
             clear_after=4,
-            msign=attention_msign,
+            msign=_repeating_msign(TargetGroup.ATTENTION, remediate),
             description="Max attention logit above 1e3 (calibrated; Wortsman et al. see divergence "
             "at 1e4, papers.md §6.7).",
             runbook=(
