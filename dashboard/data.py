@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import plotly.graph_objects as go
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.orm import Session
@@ -37,6 +36,7 @@ from rankguard.dashboard.figures.common import figure_json, natural_key
 from rankguard.dashboard.figures.heatmap import label_bins
 from rankguard.server import storage
 from rankguard.server.models import BLOCK, Event, Histogram, Run, Series
+from rankguard.server.storage.downsample import downsample
 
 # Per-series cap of the line charts' downsampler (min/max buckets keep spikes): ~2 points
 # per pixel of a plot's width; drawing more costs the browser time and shows nothing more.
@@ -115,29 +115,6 @@ def _fetch_tuples(conn: Connection, sql: str) -> list[tuple[Any, ...]]:
 def _as_dict(s: SeriesRow, steps: np.ndarray, values: np.ndarray) -> SeriesDict:
     return {"quantity": s.quantity, "target": s.target, "rank": s.rank, "steps": steps,
             "values": values}  # fmt: skip
-
-
-def downsample(
-    steps: npt.NDArray[np.int64], values: npt.NDArray[np.float64], max_points: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """At most ~``max_points`` points of a step-sorted series, as ``storage.read_points``
-    picks them: max_points // 2 equal step buckets, each keeping its minimum and maximum
-    point (±Inf are extremes) and its first NaN. Fewer points come back unchanged."""
-    if steps.size <= max_points:
-        return steps, values
-    buckets = max(1, max_points // 2)
-    lo, span = int(steps[0]), int(steps[-1]) - int(steps[0]) + 1
-    bucket = (steps - lo) * buckets // span  # (n,), non-decreasing
-    nan = np.isnan(values)
-    keep = np.zeros(steps.size, dtype=bool)
-    for key in (np.where(nan, np.inf, values), np.where(nan, np.inf, -values)):
-        order = np.lexsort((key, bucket))  # by bucket, then value: a bucket's first is its pick
-        first = order[np.r_[True, bucket[order][1:] != bucket[order][:-1]]]
-        keep[first[~nan[first]]] = True
-    nan_at = np.flatnonzero(nan)
-    if nan_at.size:
-        keep[nan_at[np.r_[True, bucket[nan_at][1:] != bucket[nan_at][:-1]]]] = True
-    return steps[keep], values[keep]
 
 
 def read_lines(

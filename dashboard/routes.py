@@ -34,7 +34,7 @@ from rankguard.dashboard import data
 from rankguard.server import storage
 from rankguard.server.deps import DbDep, ReadPrincipal, run_or_404
 from rankguard.server.models import Run
-from rankguard.server.routes.runs import run_public
+from rankguard.server.presenters import run_public
 from rankguard.server.wire import WireJSONResponse
 
 HERE = Path(__file__).parent
