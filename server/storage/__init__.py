@@ -4,8 +4,9 @@ the caller owns (and commits).
 
 - ``runs``: projects, tokens, runs;
 - ``points``: series ids, the ingest hot path and the ``point_blocks`` rollups, a run's
-  series, the latest values of the running runs;
-- ``downsample``: the one downsampling rule and the reads that use it;
+  series, latest values;
+- ``downsample``: the one downsampling rule and the reads that use it (API and dashboard);
+- ``heatmaps``: series binned to step columns for the dashboard's heatmaps;
 - ``histograms``, ``events``: insert and read;
 - ``commands``: the probe's command queue (queue, expire, claim, acknowledge, cancel);
 - ``alerts``: alert reads and the one count of alerts firing;

@@ -1,11 +1,12 @@
-"""Downsampled reads of series: the API's ``read_points`` (one series, a step range).
+"""Downsampled reads of series: the API's ``read_points`` (one series, a step range) and the
+dashboard's ``read_lines`` (many series at once).
 
 One rule picks the points, ``bucket_extremes``: cut the series into buckets of steps and keep,
 in each, the point with the minimum value, the one with the maximum (the earliest on ties;
 ±Inf are extremes, so spikes survive) and the first NaN. It runs in one of two places:
 
 - on the points themselves (numpy), for series short enough to read whole: ``downsample``
-  cuts [first step, last step] into max_points // 2 equal buckets (the dashboard's reads);
+  cuts [first step, last step] into max_points // 2 equal buckets;
 - on the ``point_blocks`` rollups (SQL in ``read_points``), for long ones: a rollup row
   already holds its block's min, max and first NaN, so a bucket of whole blocks costs one
   row per block instead of BLOCK points (a 1M-point series: ~16k rows). Buckets are then
@@ -26,6 +27,12 @@ from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.orm import Session
 
 from rankguard.server.models import BLOCK
+from rankguard.server.storage._sql import chunks, fetch_tuples, id_list
+from rankguard.server.storage.points import SeriesRow
+
+# Series of up to this many points are read whole (in batches) by ``read_lines`` and
+# downsampled with numpy; longer ones through ``read_points``, which scans the rollup.
+WHOLE_SERIES_POINTS = 20_000
 
 Steps = npt.NDArray[np.int64]
 Values = npt.NDArray[np.float64]
@@ -215,3 +222,74 @@ def _columns(rows: Sequence[Any]) -> tuple[list[int], list[float], list[float]]:
     values = [math.nan if r[1] is None else float(r[1]) for r in rows]
     walls = [float(r[2]) for r in rows]
     return steps, values, walls
+
+
+# --- many series, for the dashboard -----------------------------------------------------
+
+
+def read_lines(
+    session: Session, series: Sequence[SeriesRow], *, max_points: int
+) -> list[dict[str, Any]]:
+    """Each series downsampled to ~``max_points`` as ``{quantity, target, rank, steps,
+    values}`` (numpy arrays); series without points (histogram-only) are left out.
+
+    Series of up to WHOLE_SERIES_POINTS points are read together, a chunk of series per
+    statement, as plain tuples that numpy converts in C, and cut by ``downsample``: one
+    statement instead of ~5 per series. Their counts come from the rollup. Longer series go
+    through ``read_points``."""
+    if not series:
+        return []
+    conn = session.connection()
+    counts: dict[int, int] = {}
+    for chunk in chunks([s.id for s in series]):
+        for sid, n in fetch_tuples(
+            conn,
+            "SELECT series_id, SUM(n) FROM point_blocks "
+            f"WHERE series_id IN ({id_list(chunk)}) GROUP BY series_id",
+        ):
+            counts[int(sid)] = int(n)
+    whole = [s.id for s in series if 0 < counts.get(s.id, 0) <= WHOLE_SERIES_POINTS]
+    read = _read_whole(conn, whole, max_points)
+    out = []
+    for s in series:
+        if s.id in read:
+            out.append(series_dict(s, *read[s.id]))
+        elif counts.get(s.id, 0) > WHOLE_SERIES_POINTS:
+            step_list, value_list, _, total, _ = read_points(
+                session=session, series_id=s.id, step_min=None, step_max=None,
+                max_points=max_points,
+            )  # fmt: skip
+            if total:
+                steps = np.asarray(step_list, np.int64)
+                out.append(series_dict(s, steps, np.asarray(value_list, np.float64)))
+    return out
+
+
+def _read_whole(
+    conn: Connection, ids: list[int], max_points: int
+) -> dict[int, tuple[Steps, Values]]:
+    """The series ``ids`` read whole and downsampled, by series id."""
+    read: dict[int, tuple[Steps, Values]] = {}
+    # Chunks of whole series keep each statement's rows (and memory) bounded.
+    per_statement = max(1, 200_000 // WHOLE_SERIES_POINTS)
+    for chunk in chunks(ids, per_statement):
+        rows = fetch_tuples(
+            conn,
+            "SELECT series_id, step, value FROM points "
+            f"WHERE series_id IN ({id_list(chunk)}) ORDER BY series_id, step",
+        )
+        if not rows:
+            continue
+        table = np.array(rows, dtype=np.float64)  # (rows, 3); NULL (SQLite's NaN) -> nan
+        sids = table[:, 0].astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, sids[1:] != sids[:-1]])
+        for a, b in zip(starts.tolist(), [*starts[1:].tolist(), sids.size], strict=True):
+            steps = table[a:b, 1].astype(np.int64)
+            read[int(sids[a])] = downsample(steps, table[a:b, 2], max_points)
+    return read
+
+
+def series_dict(s: SeriesRow, steps: Steps, values: Values) -> dict[str, Any]:
+    """A series as the dashboard's figure builders take it."""
+    return {"quantity": s.quantity, "target": s.target, "rank": s.rank, "steps": steps,
+            "values": values}  # fmt: skip

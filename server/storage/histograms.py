@@ -1,5 +1,5 @@
-"""Histograms (e.g. ``sa_cosine``): idempotent insert on (series, step) and the API's read (a
-step range, a row limit).
+"""Histograms (e.g. ``sa_cosine``): idempotent insert on (series, step), and two reads with one
+row shape: the API's (a step range, a row limit) and the dashboard's (evenly spaced steps).
 
 Edges and counts are JSON columns, which cannot hold NaN/Inf literals: non-finite values are
 stored in the wire's string form (``wire_floats``) and read back as floats by the API."""
@@ -10,11 +10,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rankguard.server.models import Histogram
-from rankguard.server.storage._sql import dialect_insert
+from rankguard.server.storage._sql import chunks, dialect_insert
 from rankguard.server.storage.points import SeriesKey, resolve_series
 from rankguard.server.wire import wire_floats
 
@@ -101,3 +102,32 @@ def read_histograms(
         _row(by_id[h.series_id], h, [float(x) for x in h.edges], [float(x) for x in h.counts])
         for h in session.scalars(query.order_by(Histogram.series_id, Histogram.step).limit(limit))
     ]
+
+
+def sample_histograms(
+    session: Session, series: Sequence[_SeriesLike], *, max_steps: int
+) -> list[dict[str, Any]]:
+    """The histograms of ``series`` at no more than ``max_steps`` evenly spaced distinct
+    steps, edges and counts as stored (the figure builders read the wire's strings)."""
+    if not series:
+        return []
+    by_id = {s.id: s for s in series}
+    steps = sorted(
+        session.scalars(
+            select(Histogram.step).where(Histogram.series_id.in_(list(by_id))).distinct()
+        )
+    )
+    if not steps:
+        return []
+    if len(steps) > max_steps:
+        picks = np.unique(np.linspace(0, len(steps) - 1, max_steps).round().astype(int))
+        steps = [steps[i] for i in picks]
+    out: list[dict[str, Any]] = []
+    for chunk in chunks(steps):
+        rows = session.scalars(
+            select(Histogram)
+            .where(Histogram.series_id.in_(list(by_id)), Histogram.step.in_(list(chunk)))
+            .order_by(Histogram.series_id, Histogram.step)
+        )
+        out.extend(_row(by_id[h.series_id], h, h.edges, h.counts) for h in rows)
+    return out

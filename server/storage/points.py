@@ -1,18 +1,20 @@
 """Series and points: series ids, the ingest hot path and the ``point_blocks`` rollups, the
-lookups of a run's series, and the latest values of the running runs.
+lookups of a run's series, and latest values (the runs list's, the running runs' for
+``/metrics``).
 
 The hot path is ``insert_points``: one statement per request, driver-level executemany on
 SQLite and one ``unnest`` insert on PostgreSQL, ``ON CONFLICT DO NOTHING`` on both so a
 replayed batch changes nothing. Series ids are resolved in bulk and cached by the caller.
 The rows that were new are folded into ``point_blocks`` (one row per BLOCK steps of a series:
-count, min, max, first NaN), which the downsampled reads (``storage.downsample``) and the
-counts read instead of the points.
+count, min, max, first NaN), which the downsampled reads (``storage.downsample``), the
+heatmaps (``storage.heatmaps``) and the counts read instead of the points.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from sqlalchemy import Connection, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from rankguard.server.models import BLOCK, Point, PointBlock, Run, RunStatus, Series
-from rankguard.server.storage._sql import dialect_insert
+from rankguard.server.storage._sql import chunks, dialect_insert, id_list
 
 SeriesKey = tuple[str, str, int]  # (quantity, target, rank)
 
@@ -246,7 +248,68 @@ def match_series(
     ]
 
 
+@dataclass(frozen=True)
+class SeriesRow:
+    id: int
+    quantity: str
+    target: str
+    rank: int
+
+
+def run_series(session: Session, run_id: str) -> list[SeriesRow]:
+    """Every series of the run, in one core query (a large model has thousands; ORM objects
+    would cost more than the read they select)."""
+    rows = session.execute(
+        select(Series.id, Series.quantity, Series.target, Series.rank).where(
+            Series.run_id == run_id
+        )
+    )
+    return [SeriesRow(int(i), q, t, int(r)) for i, q, t, r in rows]
+
+
+def series_targets(session: Session, run_id: str, quantity: str) -> set[str]:
+    """The distinct targets of a run's ``quantity``."""
+    names = session.scalars(
+        select(Series.target).where(Series.run_id == run_id, Series.quantity == quantity).distinct()
+    )
+    return set(names)
+
+
+def series_peaks(session: Session, series: Sequence[SeriesRow]) -> dict[int, float]:
+    """The largest value of each series with points (+Inf when it holds a NaN anywhere):
+    one aggregate per chunk over the ``point_blocks`` rollup (1/BLOCK of the points)."""
+    peak: dict[int, float] = {}
+    conn = session.connection()
+    for chunk in chunks([s.id for s in series]):
+        rows = conn.exec_driver_sql(
+            "SELECT series_id, MAX(max_value), "
+            "MAX(CASE WHEN nan_step IS NULL THEN 0 ELSE 1 END) "
+            f"FROM point_blocks WHERE series_id IN ({id_list(chunk)}) GROUP BY series_id"
+        )
+        for sid, mx, has_nan in rows:
+            peak[int(sid)] = math.inf if has_nan or mx is None else float(mx)
+    return peak
+
+
 # --- latest values ----------------------------------------------------------------------
+
+
+def last_values(
+    session: Session, run_ids: Sequence[str], quantity: str = "loss"
+) -> dict[str, float]:
+    """The latest ``quantity`` value (target ``global``, rank 0) of each run."""
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        text(
+            "SELECT s.run_id, p.value FROM series s JOIN points p ON p.series_id = s.id "
+            "WHERE s.quantity = :q AND s.target = 'global' AND s.rank = 0 "
+            "AND s.run_id IN (" + ",".join(f":r{i}" for i in range(len(run_ids))) + ") "
+            "AND p.step = (SELECT MAX(step) FROM points WHERE series_id = s.id)"
+        ),
+        {"q": quantity, **{f"r{i}": r for i, r in enumerate(run_ids)}},
+    )
+    return {rid: math.nan if v is None else float(v) for rid, v in rows}
 
 
 # Latest point of every series of the running runs: one PK seek per series.

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from rankguard.server import auth
 from rankguard.server.db import utcnow
-from rankguard.server.models import Project, Run, RunStatus, Scope, Token
+from rankguard.server.models import Event, Histogram, Project, Run, RunStatus, Scope, Series, Token
 from rankguard.server.storage.errors import ConflictError
 
 # --- projects and tokens ----------------------------------------------------------------
@@ -204,3 +204,16 @@ def finish_run(*, session: Session, run: Run, status: RunStatus) -> Run:
     elif run.status != status.value:
         raise ConflictError(f"run {run.id} is already {run.status}; cannot mark it {status.value}")
     return run
+
+
+def content_marks(*, session: Session, run_id: str) -> tuple[int | None, int, int | None]:
+    """(newest event id, number of series, newest histogram step) of a run: with the run's
+    status and ``last_step`` (new points move it) these change whenever anything stored for
+    the run changes. Indexed aggregates only."""
+    max_event = session.scalar(select(func.max(Event.id)).where(Event.run_id == run_id))
+    series_ids = select(Series.id).where(Series.run_id == run_id).scalar_subquery()
+    n_series = session.scalar(select(func.count()).where(Series.run_id == run_id)) or 0
+    max_hist = session.scalar(
+        select(func.max(Histogram.step)).where(Histogram.series_id.in_(series_ids))
+    )
+    return max_event, int(n_series), max_hist
