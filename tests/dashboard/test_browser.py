@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import synthetic
 
-from rankguard.dashboard import synthetic
 from rankguard.dashboard.page import FIGURE_IDS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

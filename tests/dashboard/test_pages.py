@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import plotly
 import pytest
+from helpers import synthetic
 
-from rankguard.dashboard import page, synthetic
+from rankguard.dashboard import page
 from rankguard.dashboard.routes import (
     CARTESIAN_TRACES,
     PAGE_PLOTLY_JS,

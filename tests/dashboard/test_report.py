@@ -10,8 +10,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from helpers import synthetic
 
-from rankguard.dashboard import page, synthetic
+from rankguard.dashboard import page
 from rankguard.dashboard.report import RunNotFoundError, build_report
 from rankguard.server import cli
 from rankguard.server.config import Settings
