@@ -37,11 +37,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rankguard.dashboard import synthetic
 from rankguard.server import storage
 from rankguard.server.config import Settings
 from rankguard.server.db import Database, make_engine, upgrade_schema
 from rankguard.server.storage import ColumnarPoints
+from tests.helpers import synthetic
 
 CHROMIUM = os.environ.get("RANKGUARD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -12,11 +12,13 @@ import datetime as dt
 
 from sqlalchemy.orm import Session
 
-from rankguard.dashboard import data
+from rankguard.dashboard.events import alert_rows, timeline_rows
 from rankguard.dashboard.figures.common import figure_json
+from rankguard.dashboard.page import build_figures
 from rankguard.dashboard.routes import PLOTLY_JS, STATIC_DIR, templates
-from rankguard.server import storage
-from rankguard.server.models import Run
+from rankguard.server.storage.commands import list_commands
+from rankguard.server.storage.events import list_events
+from rankguard.server.storage.runs import get_run, project_names
 
 
 class RunNotFoundError(LookupError):
@@ -41,19 +43,19 @@ def _plotly_js() -> str:
 
 def build_report(session: Session, run_id: str) -> str:
     """The report of ``run_id`` as one HTML document (raises RunNotFoundError)."""
-    run = session.get(Run, run_id)
+    run = get_run(session=session, run_id=run_id, project_id=None)
     if run is None:
         raise RunNotFoundError(f"run_id={run_id!r}: no such run in this database")
-    events = storage.list_events(session=session, run_id=run_id, limit=100_000)
-    figures = data.build_figures(session, run, events)
-    project = storage.project_names(session=session, ids={run.project_id}).get(run.project_id, "")
-    commands = storage.list_commands(session=session, run_id=run_id, limit=10_000)
+    events = list_events(session=session, run_id=run_id, limit=100_000)
+    figures = build_figures(session, run, events)
+    project = project_names(session=session, ids={run.project_id}).get(run.project_id, "")
+    commands = list_commands(session=session, run_id=run_id, limit=10_000)
     return templates.get_template("report.html").render(
         run=run,
         project=project,
         generated_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        alerts=data.alert_rows(events, run_id),
-        timeline=data.timeline_rows(events),
+        alerts=alert_rows(events, run_id),
+        timeline=timeline_rows(events),
         commands=commands,
         figures=[
             {"id": fig.layout.meta["figure_id"], "json": _script_safe(figure_json(fig))}

@@ -30,12 +30,14 @@ from fastapi.responses import FileResponse, HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy.orm import Session
 
-from rankguard.dashboard import data
-from rankguard.server import storage
+from rankguard.dashboard import page
+from rankguard.dashboard.events import alert_rows, timeline_rows
 from rankguard.server.deps import DbDep, ReadPrincipal, run_or_404
 from rankguard.server.middleware import WireJSONResponse
 from rankguard.server.models import Run
-from rankguard.server.routes.runs import run_public
+from rankguard.server.presenters import run_public
+from rankguard.server.storage.events import list_events
+from rankguard.server.storage.runs import list_runs, project_names
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
@@ -176,7 +178,7 @@ def runs_page() -> HTMLResponse:
 @pages.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(run_id: str) -> HTMLResponse:
     return render_page(
-        "run.html", title="rankguard: run", run_id=run_id, figure_ids=data.FIGURE_IDS
+        "run.html", title="rankguard: run", run_id=run_id, figure_ids=page.FIGURE_IDS
     )
 
 
@@ -213,11 +215,9 @@ def read_run_summaries(
 ) -> Response:
     """The runs list: status, last step, last loss and firing alerts per run, newest first."""
     with db.read() as session:
-        runs, count = storage.list_runs(
-            session=session, project_id=principal.project_id, limit=limit
-        )
-        names = storage.project_names(session=session, ids={r.project_id for r in runs})
-        rows = data.run_summaries(session, runs, names)
+        runs, count = list_runs(session=session, project_id=principal.project_id, limit=limit)
+        names = project_names(session=session, ids={r.project_id for r in runs})
+        rows = page.run_summaries(session, runs, names)
     return WireJSONResponse({"data": rows, "count": count})
 
 
@@ -230,11 +230,11 @@ def read_run_figures(
     cosine_target: Annotated[str | None, Query(max_length=255)] = None,
 ) -> Response:
     """Everything the run page draws: the run, each figure as Plotly JSON (ids in
-    ``data.FIGURE_IDS``), the alerts with their suggested actions and the event timeline.
+    ``page.FIGURE_IDS``), the alerts with their suggested actions and the event timeline.
     The ETag is a fingerprint of the run's data: a poll that changes nothing costs a 304."""
     with db.read() as session:
         run = run_or_404(session, principal, run_id)
-        etag = '"' + data.fingerprint(session, run) + (cosine_target or "") + '"'
+        etag = '"' + page.fingerprint(session, run) + (cosine_target or "") + '"'
         headers = {"Cache-Control": "private, no-cache"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={**headers, "ETag": etag})
@@ -259,20 +259,20 @@ def read_run_figures(
 
 
 def _build_payload(session: Session, run: Run, cosine_target: str | None) -> str:
-    events = storage.list_events(session=session, run_id=run.id, limit=10_000)
-    figures = data.build_figures(session, run, events, cosine_target=cosine_target)
-    names = storage.project_names(session=session, ids={run.project_id})
+    events = list_events(session=session, run_id=run.id, limit=10_000)
+    figures = page.build_figures(session, run, events, cosine_target=cosine_target)
+    names = project_names(session=session, ids={run.project_id})
     meta = {
         "run": run_public(run, names[run.project_id]).model_dump(mode="json"),
-        "alerts": data.alert_rows(events, run.id),
-        "timeline": data.timeline_rows(events),
-        "cosine_targets": data.cosine_targets(session, run.id),
+        "alerts": alert_rows(events, run.id),
+        "timeline": timeline_rows(events),
+        "cosine_targets": page.cosine_targets(session, run.id),
         "cosine_target": cosine_target,
     }
     # The wire's JSON (NaN/Inf as strings) for the small part (a config may hold NaN).
     body = bytes(WireJSONResponse(meta).body).decode("utf-8")
     # Splice the figures in as text: their JSON is built already (megabytes long).
-    return body[:-1] + ',"figures":' + data.figure_payload(figures) + "}"
+    return body[:-1] + ',"figures":' + page.figure_payload(figures) + "}"
 
 
 router = APIRouter()

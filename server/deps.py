@@ -1,22 +1,28 @@
-"""FastAPI dependencies as ``Annotated`` aliases: the database, settings, the series-id cache
-and the caller's principal with a required scope."""
+"""FastAPI dependencies as ``Annotated`` aliases (the database, settings, the series-id cache,
+the caller's principal with a required scope) and the routes' shared lookups: the
+``*_or_404`` helpers (never 403, so a token cannot probe another project's ids), the project a
+project-level request is about, and FastAPI's own 422 shape for errors found in a body."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from rankguard.server import storage
 from rankguard.server.auth import Principal, expand_scopes
 from rankguard.server.config import Settings
 from rankguard.server.db import Database
-from rankguard.server.models import Run, Scope
-from rankguard.server.storage import SeriesKey
+from rankguard.server.models import Alert, Command, Project, Run, Scope, Webhook
+from rankguard.server.storage.alerts import get_alert
+from rankguard.server.storage.commands import get_command
+from rankguard.server.storage.points import SeriesKey
+from rankguard.server.storage.runs import find_token, get_project, get_run, project_by_id
+from rankguard.server.storage.webhooks import get_webhook
 
 
 class SeriesCache:
@@ -88,7 +94,7 @@ def get_principal(
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     db: Database = request.app.state.db
     with db.read() as session:
-        token = storage.find_token(session=session, secret=credentials.credentials)
+        token = find_token(session=session, secret=credentials.credentials)
         if token is None:
             raise _unauthorized("invalid or revoked token")
         return Principal(
@@ -134,16 +140,65 @@ class AnyScope:
 ReadOrIngestPrincipal = Annotated[Principal, Depends(AnyScope(Scope.READ, Scope.INGEST))]
 
 
+IngestOrOperatePrincipal = Annotated[Principal, Depends(AnyScope(Scope.INGEST, Scope.OPERATE))]
+
+# Integer primary keys (32-bit on PostgreSQL): larger ids cannot exist.
+RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
 RUN_NOT_FOUND = "Run not found"
+COMMAND_NOT_FOUND = "Command not found"
+ALERT_NOT_FOUND = "Alert not found"
+WEBHOOK_NOT_FOUND = "Webhook not found"
 
 
 def run_or_404(session: Session, principal: Principal, run_id: str) -> Run:
     """The run if it exists in a project the principal can see; else 404 (never 403, so a
     token cannot probe other projects' run ids)."""
-    run = storage.get_run(session=session, run_id=run_id, project_id=principal.project_id)
+    run = get_run(session=session, run_id=run_id, project_id=principal.project_id)
     if run is None:
         raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=RUN_NOT_FOUND)
     return run
 
 
-IngestOrOperatePrincipal = Annotated[Principal, Depends(AnyScope(Scope.INGEST, Scope.OPERATE))]
+def command_or_404(session: Session, run_id: str, command_id: str) -> Command:
+    """The command of that run (whose access the caller checked with ``run_or_404``)."""
+    command = get_command(session=session, run_id=run_id, command_id=command_id)
+    if command is None:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=COMMAND_NOT_FOUND)
+    return command
+
+
+def alert_or_404(session: Session, principal: Principal, alert_id: str) -> Alert:
+    """The alert, if it is in the caller's project; 404 otherwise (as for an unknown id)."""
+    alert = get_alert(session=session, alert_id=alert_id, project_id=principal.project_id)
+    if alert is None:
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=ALERT_NOT_FOUND)
+    return alert
+
+
+def webhook_or_404(session: Session, principal: Principal, webhook_id: int) -> Webhook:
+    hook = get_webhook(session=session, webhook_id=webhook_id)
+    if hook is None or not principal.can_access(hook.project_id):
+        raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=WEBHOOK_NOT_FOUND)
+    return hook
+
+
+def scoped_project(
+    session: Session, principal: Principal, name: str | None, default: str
+) -> Project:
+    """The project a project-level request is about: the named one (if the token may see
+    it), else the token's, else (unbound token) the default project."""
+    if name is None and principal.project_id is not None:
+        project = project_by_id(session=session, project_id=principal.project_id)
+    else:
+        project = get_project(session=session, name=name or default)
+    if project is None or not principal.can_access(project.id):
+        raise HTTPException(404, detail=f"project {name or default!r} not found")
+    return project
+
+
+def unprocessable(field: str, message: str, value: Any) -> RequestValidationError:
+    """A 422 in FastAPI's own shape (``detail`` a list with ``loc`` naming the field)."""
+    return RequestValidationError(
+        [{"loc": ("body", field), "msg": message, "type": "value_error", "input": value}]
+    )

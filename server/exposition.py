@@ -25,7 +25,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -33,11 +33,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rankguard.server.config import Settings
 from rankguard.server.db import Database
+from rankguard.server.storage.alerts import fired_counts, firing_counts
+from rankguard.server.storage.commands import command_counts
+from rankguard.server.storage.points import latest_samples
+from rankguard.server.storage.webhooks import delivery_counts
+from rankguard.server.vocab import CommandState
 
 logger = logging.getLogger("rankguard.server.exposition")
 
@@ -48,7 +52,11 @@ SEVERITIES = ("info", "warning", "critical")
 LOW_IS_WORSE = frozenset({"stable_rank", "sa_sign_diversity", "representation_stable_rank"})
 # Commands counted as having reached a state: every command was queued; delivered covers
 # those that went on to be acked.
-_DELIVERED_OR_LATER = ("delivered", "applied", "failed")
+_DELIVERED_OR_LATER = (
+    CommandState.DELIVERED.value,
+    CommandState.APPLIED.value,
+    CommandState.FAILED.value,
+)
 
 
 def aggregate(values: list[float]) -> dict[str, float]:
@@ -80,20 +88,6 @@ def top_targets(quantity: str, by_target: dict[str, float], k: int = TOP_K) -> l
     return [t for t, _ in sorted(by_target.items(), key=badness)[:k]]
 
 
-# Latest point of every series of the running runs: one PK seek per series.
-_LATEST_SQL = """
-SELECT r.id, p.name, r.last_step, s.quantity, s.target,
-       (SELECT pt.value FROM points pt WHERE pt.series_id = s.id
-        ORDER BY pt.step DESC LIMIT 1) AS value,
-       (SELECT MAX(pt.step) FROM points pt WHERE pt.series_id = s.id) AS step
-FROM runs r
-JOIN projects p ON p.id = r.project_id
-LEFT JOIN series s ON s.run_id = r.id
-WHERE r.status = 'running'
-ORDER BY r.id
-"""
-
-
 class RunCollector(Collector):
     """Gauges of the active runs and the database-backed counters, read at scrape time."""
 
@@ -106,127 +100,113 @@ class RunCollector(Collector):
             return []
         try:
             with db.read() as session:
-                conn = session.connection()
-                latest = conn.execute(text(_LATEST_SQL)).all()
-                firing = conn.execute(
-                    text(
-                        "SELECT a.run_id, a.severity, COUNT(*) FROM alerts a JOIN runs r ON "
-                        "r.id = a.run_id WHERE r.status = 'running' AND a.state = 'firing' "
-                        "GROUP BY a.run_id, a.severity"
-                    )
-                ).all()
-                fired = conn.execute(
-                    text("SELECT severity, COUNT(*) FROM alerts GROUP BY severity")
-                ).all()
-                commands = conn.execute(
-                    text("SELECT kind, state, COUNT(*) FROM commands GROUP BY kind, state")
-                ).all()
-                notes = conn.execute(
-                    text(
-                        "SELECT format, outcome, COUNT(*) FROM webhook_deliveries "
-                        "WHERE outcome IN ('delivered', 'failed') GROUP BY format, outcome"
-                    )
-                ).all()
+                latest = latest_samples(session)
+                running = sorted({row[0] for row in latest})
+                firing = firing_counts(session=session, run_ids=running)
+                fired = fired_counts(session=session)
+                commands = command_counts(session=session)
+                notes = delivery_counts(session=session)
         except Exception:
             logger.exception("metrics scrape could not read the database")
             return []
-        return self._families(latest, firing, fired, commands, notes)
-
-    def _families(
-        self,
-        latest: Sequence[Any],
-        firing: Sequence[Any],
-        fired: Sequence[Any],
-        commands: Sequence[Any],
-        notes: Sequence[Any],
-    ) -> list[Metric]:
-        quantity = GaugeMetricFamily(
-            "rankguard_run_quantity",
-            "Latest sample of a run's quantity aggregated over its targets (active runs).",
-            labels=["project", "run", "quantity", "aggregate"],
-        )
-        top = GaugeMetricFamily(
-            "rankguard_run_quantity_top",
-            f"Latest value of the {TOP_K} worst targets of a run's quantity (active runs).",
-            labels=["project", "run", "quantity", "target"],
-        )
-        last_step = GaugeMetricFamily(
-            "rankguard_run_last_step",
-            "Highest step ingested for the run.",
-            labels=["project", "run"],
-        )
-        alerts_firing = GaugeMetricFamily(
-            "rankguard_alerts_firing",
-            "Alerts currently firing per run and severity (active runs).",
-            labels=["project", "run", "severity"],
-        )
-        runs: dict[str, str] = {}
-        values: dict[tuple[str, str], dict[str, float]] = {}
-        for run_id, project, run_last, q, target, value, _step in latest:
-            if run_id not in runs:
-                runs[run_id] = project
-                if run_last is not None:
-                    last_step.add_metric([project, run_id], float(run_last))
-            if q is None or _step is None:
-                continue  # a run without series, or a histogram-only series
-            v = math.nan if value is None else float(value)  # SQLite keeps NaN as NULL
-            by_target = values.setdefault((run_id, q), {})
-            # Several ranks of one target: keep the worst-looking (NaN first) as the value.
-            if target not in by_target or math.isnan(v):
-                by_target[target] = v
-        for (run_id, q), by_target in sorted(values.items()):
-            project = runs[run_id]
-            for agg, v in aggregate(list(by_target.values())).items():
-                quantity.add_metric([project, run_id, q, agg], v)
-            for target in top_targets(q, by_target):
-                top.add_metric([project, run_id, q, target], by_target[target])
-        counts = {(r, s): int(n) for r, s, n in firing}
-        for run_id, project in sorted(runs.items()):
-            for severity in SEVERITIES:
-                alerts_firing.add_metric(
-                    [project, run_id, severity], float(counts.get((run_id, severity), 0))
-                )
-
-        fired_total = CounterMetricFamily(
-            "rankguard_alerts_fired",
-            "Alerts that fired, per severity (from the database).",
-            labels=["severity"],
-        )
-        by_severity = {s: int(n) for s, n in fired}
-        for severity in sorted(set(SEVERITIES) | set(by_severity)):
-            fired_total.add_metric([severity], float(by_severity.get(severity, 0)))
-
-        commands_total = CounterMetricFamily(
-            "rankguard_commands",
-            "Commands that reached a state, per kind (from the database).",
-            labels=["kind", "state"],
-        )
-        reached: dict[tuple[str, str], int] = {}
-        for kind, state, n in commands:
-            reached[(kind, "queued")] = reached.get((kind, "queued"), 0) + int(n)
-            if state in _DELIVERED_OR_LATER:
-                reached[(kind, "delivered")] = reached.get((kind, "delivered"), 0) + int(n)
-            if state not in ("queued", "delivered"):
-                reached[(kind, state)] = reached.get((kind, state), 0) + int(n)
-        for (kind, state), n in sorted(reached.items()):
-            commands_total.add_metric([kind, state], float(n))
-
-        notifications_total = CounterMetricFamily(
-            "rankguard_notifications",
-            "Webhook notifications sent, per payload format and outcome (from the database).",
-            labels=["format", "outcome"],
-        )
-        for fmt, outcome, n in sorted(notes):
-            notifications_total.add_metric([fmt, outcome], float(n))
         return [
-            quantity,
-            top,
-            last_step,
-            alerts_firing,
-            fired_total,
-            commands_total,
-            notifications_total,
+            *_run_families(latest, firing),
+            _fired_family(fired),
+            _commands_family(commands),
+            _notifications_family(notes),
         ]
+
+
+def _run_families(latest: Sequence[Any], firing: Mapping[tuple[str, str], int]) -> list[Metric]:
+    """The gauges of the running runs: each quantity aggregated over its targets, its worst
+    targets, the last step, the alerts firing per severity."""
+    quantity = GaugeMetricFamily(
+        "rankguard_run_quantity",
+        "Latest sample of a run's quantity aggregated over its targets (active runs).",
+        labels=["project", "run", "quantity", "aggregate"],
+    )
+    top = GaugeMetricFamily(
+        "rankguard_run_quantity_top",
+        f"Latest value of the {TOP_K} worst targets of a run's quantity (active runs).",
+        labels=["project", "run", "quantity", "target"],
+    )
+    last_step = GaugeMetricFamily(
+        "rankguard_run_last_step",
+        "Highest step ingested for the run.",
+        labels=["project", "run"],
+    )
+    alerts_firing = GaugeMetricFamily(
+        "rankguard_alerts_firing",
+        "Alerts currently firing per run and severity (active runs).",
+        labels=["project", "run", "severity"],
+    )
+    runs: dict[str, str] = {}
+    values: dict[tuple[str, str], dict[str, float]] = {}
+    for run_id, project, run_last, q, target, value, _step in latest:
+        if run_id not in runs:
+            runs[run_id] = project
+            if run_last is not None:
+                last_step.add_metric([project, run_id], float(run_last))
+        if q is None or _step is None:
+            continue  # a run without series, or a histogram-only series
+        v = math.nan if value is None else float(value)  # SQLite keeps NaN as NULL
+        by_target = values.setdefault((run_id, q), {})
+        # Several ranks of one target: keep the worst-looking (NaN first) as the value.
+        if target not in by_target or math.isnan(v):
+            by_target[target] = v
+    for (run_id, q), by_target in sorted(values.items()):
+        project = runs[run_id]
+        for agg, v in aggregate(list(by_target.values())).items():
+            quantity.add_metric([project, run_id, q, agg], v)
+        for target in top_targets(q, by_target):
+            top.add_metric([project, run_id, q, target], by_target[target])
+    for run_id, project in sorted(runs.items()):
+        for severity in SEVERITIES:
+            alerts_firing.add_metric(
+                [project, run_id, severity], float(firing.get((run_id, severity), 0))
+            )
+    return [quantity, top, last_step, alerts_firing]
+
+
+def _fired_family(fired: Mapping[str, int]) -> Metric:
+    family = CounterMetricFamily(
+        "rankguard_alerts_fired",
+        "Alerts that fired, per severity (from the database).",
+        labels=["severity"],
+    )
+    for severity in sorted(set(SEVERITIES) | set(fired)):
+        family.add_metric([severity], float(fired.get(severity, 0)))
+    return family
+
+
+def _commands_family(commands: Sequence[tuple[str, str, int]]) -> Metric:
+    family = CounterMetricFamily(
+        "rankguard_commands",
+        "Commands that reached a state, per kind (from the database).",
+        labels=["kind", "state"],
+    )
+    queued, delivered = CommandState.QUEUED.value, CommandState.DELIVERED.value
+    reached: dict[tuple[str, str], int] = {}
+    for kind, state, n in commands:
+        reached[(kind, queued)] = reached.get((kind, queued), 0) + n
+        if state in _DELIVERED_OR_LATER:
+            reached[(kind, delivered)] = reached.get((kind, delivered), 0) + n
+        if state not in (queued, delivered):
+            reached[(kind, state)] = reached.get((kind, state), 0) + n
+    for (kind, state), n in sorted(reached.items()):
+        family.add_metric([kind, state], float(n))
+    return family
+
+
+def _notifications_family(notes: Sequence[tuple[str, str, int]]) -> Metric:
+    family = CounterMetricFamily(
+        "rankguard_notifications",
+        "Webhook notifications sent, per payload format and outcome (from the database).",
+        labels=["format", "outcome"],
+    )
+    for fmt, outcome, n in sorted(notes):
+        family.add_metric([fmt, outcome], float(n))
+    return family
 
 
 class Metrics:

@@ -1,4 +1,4 @@
-"""Shared pieces of the figure builders: input types, value normalisation, natural ordering,
+"""Shared pieces of the figure builders: value normalisation, natural ordering,
 the common step grid, the empty figure and JSON serialisation.
 
 Builders take plain Python data shaped like the series API response (docs/contract.md):
@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,35 +25,6 @@ NO_DATA_TEXT = "no data yet"
 # Spans up to this many steps find distinct steps with a boolean mask (16 MiB at most).
 _MASK_SPAN_LIMIT = 1 << 24
 TEMPLATE = "plotly_white"
-
-
-class SeriesData(TypedDict, total=False):
-    """One series as the series API returns it (`rank` may be omitted: 0)."""
-
-    quantity: str
-    target: str
-    rank: int
-    steps: Sequence[int]
-    values: Sequence[float | str | None]
-
-
-class EventData(TypedDict, total=False):
-    """A run event drawn as a marker: kind is ``alert``, ``intervention`` or anything else."""
-
-    step: int
-    kind: str
-    label: str
-
-
-class HistogramData(TypedDict, total=False):
-    """One histogram sample (as posted to ``/runs/{id}/histograms``)."""
-
-    quantity: str
-    target: str
-    rank: int
-    step: int
-    edges: Sequence[float]
-    counts: Sequence[float | str | None]
 
 
 def to_float_array(values: Iterable[Any], *, field: str = "values") -> npt.NDArray[np.float64]:

@@ -11,7 +11,7 @@ framework; its state is a JSON-safe dict the caller stores)::
     transitions.py  Transition, TargetHit and their messages
     pack.py         the default rules every new run gets
 
-Around it: ``runbook.py`` (suggested-action text, which knows the HTTP API), ``store.py``
+Around it: ``runbook.py`` (suggested-action text, which knows the HTTP API), ``storage.alerts``
 (rule rows: CRUD, installation at run registration, alert reads) and ``service.py`` (the
 ingest hook: evaluation in the ingest transaction, alerts, events, commands, webhooks).
 

@@ -19,7 +19,7 @@ Per ingest request (``Alerting.on_ingest``, inside the ingest transaction):
 
 The whole evaluation runs in a SAVEPOINT: should it fail, the points are still stored and
 the failure is logged (a monitor must not lose data because a rule broke). A run's rules are
-installed when it is registered (``store.install_run_rules``).
+installed when it is registered (``storage.alerts.install_run_rules``).
 """
 
 from __future__ import annotations
@@ -39,18 +39,18 @@ from rankguard.server import storage
 from rankguard.server.alerts import runbook
 from rankguard.server.alerts.engine import evaluate_steps, flush
 from rankguard.server.alerts.rules import Rule, RuleError
-from rankguard.server.alerts.store import RULES_TABLE
 from rankguard.server.alerts.transitions import Transition, TransitionKind
 from rankguard.server.config import Settings
 from rankguard.server.db import utcnow
 from rankguard.server.models import Alert, AlertRule, Delivery, Project, Run, Webhook
 from rankguard.server.notify import payloads
+from rankguard.server.storage.alerts import RULES_TABLE
+from rankguard.server.storage.commands import RunNotRunning, enqueue_command
 from rankguard.server.vocab import (
     AlertSeverity,
     AlertState,
     DeliveryOutcome,
     EventKind,
-    RunStatus,
     WebhookFormat,
 )
 
@@ -350,16 +350,19 @@ class Alerting:
         self, *, session: Session, run: Run, alert: Alert, tr: Transition, outcome: IngestOutcome
     ) -> None:
         """Queues the command a transition ordered (none for a finished run)."""
-        if tr.command is None or run.status != RunStatus.RUNNING.value:
+        if tr.command is None:
             return
-        command = storage.enqueue_command(
-            session=session,
-            run_id=run.id,
-            kind=str(tr.command["kind"]),
-            args=dict(tr.command["args"]),
-            created_by=f"alert:{alert.id}",
-            ttl_s=self.settings.command_ttl_s,
-        )
+        try:
+            command = enqueue_command(
+                session=session,
+                run_id=run.id,
+                kind=str(tr.command["kind"]),
+                args=dict(tr.command["args"]),
+                created_by=f"alert:{alert.id}",
+                ttl_s=self.settings.command_ttl_s,
+            )
+        except RunNotRunning:
+            return
         alert.command_id = command.id
         outcome.commands.append(command.id)
 

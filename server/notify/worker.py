@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
-from sqlalchemy import select, update
 
 from rankguard.server.config import Settings
 from rankguard.server.db import Database, utcnow
-from rankguard.server.models import Delivery, Webhook
 from rankguard.server.notify.delivery import RetryPolicy, deliver
+from rankguard.server.storage.webhooks import (
+    claim_deliveries,
+    record_delivery,
+    requeue_stale_deliveries,
+)
 from rankguard.server.vocab import DeliveryOutcome
 
 logger = logging.getLogger("rankguard.server.notify.worker")
@@ -104,11 +107,7 @@ class DeliveryWorker:
 
     def _requeue_stale(self) -> None:
         with self.db.write() as session:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.outcome == DeliveryOutcome.SENDING.value)
-                .values(outcome=DeliveryOutcome.PENDING.value)
-            )
+            requeue_stale_deliveries(session=session)
 
     def _dispatch(self) -> None:
         while not self._stop.is_set():
@@ -128,22 +127,8 @@ class DeliveryWorker:
 
     def _claim(self, limit: int) -> list[_Job]:
         with self.db.write() as session:
-            rows = session.execute(
-                select(Delivery.id, Delivery.body, Webhook.url, Webhook.secret)
-                .join(Webhook, Webhook.id == Delivery.webhook_id)
-                .where(Delivery.outcome == DeliveryOutcome.PENDING.value)
-                .order_by(Delivery.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True, of=Delivery)
-            ).all()
-            if not rows:
-                return []
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id.in_([r[0] for r in rows]))
-                .values(outcome=DeliveryOutcome.SENDING.value)
-            )
-            return [_Job(r[0], r[2], r[3], r[1].encode()) for r in rows]
+            rows = claim_deliveries(session=session, limit=limit)
+        return [_Job(did, url, secret, body.encode()) for did, body, url, secret in rows]
 
     # -- one delivery ----------------------------------------------------------------------
 
@@ -183,9 +168,7 @@ class DeliveryWorker:
             }
         try:
             with self.db.write() as session:
-                session.execute(
-                    update(Delivery).where(Delivery.id == job.delivery_id).values(**values)
-                )
+                record_delivery(session=session, delivery_id=job.delivery_id, values=values)
         except Exception:
             logger.exception("could not record webhook delivery %s", job.delivery_id)
         finally:

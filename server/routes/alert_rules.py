@@ -5,15 +5,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from sqlalchemy.orm import Session
 
-from rankguard.server import storage
-from rankguard.server.alerts import Rule, RuleError, store
+from rankguard.server.alerts import Rule, RuleError
 from rankguard.server.auth import Principal
-from rankguard.server.deps import DbDep, OperatePrincipal, ReadPrincipal, SettingsDep, run_or_404
-from rankguard.server.models import AlertRule, Project
+from rankguard.server.deps import (
+    DbDep,
+    OperatePrincipal,
+    ReadPrincipal,
+    RowId,
+    SettingsDep,
+    run_or_404,
+    scoped_project,
+    unprocessable,
+)
+from rankguard.server.models import AlertRule
 from rankguard.server.schemas import (
     AlertRuleCreate,
     AlertRulePublic,
@@ -21,27 +28,12 @@ from rankguard.server.schemas import (
     AlertRuleUpdate,
     ProjectName,
 )
-
-# Integer primary keys (32-bit on PostgreSQL): larger ids cannot exist.
-RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+from rankguard.server.storage import alerts as store
+from rankguard.server.storage.runs import project_by_id, project_names
 
 router = APIRouter(prefix="/alert-rules", tags=["alert rules"])
 
 RULE_NOT_FOUND = "Alert rule not found"
-
-
-def scoped_project(
-    session: Session, principal: Principal, name: str | None, default: str
-) -> Project:
-    """The project a project-level request is about: the named one (if the token may see
-    it), else the token's, else (unbound token) the default project."""
-    if name is None and principal.project_id is not None:
-        project = session.get(Project, principal.project_id)
-    else:
-        project = storage.get_project(session=session, name=name or default)
-    if project is None or not principal.can_access(project.id):
-        raise HTTPException(404, detail=f"project {name or default!r} not found")
-    return project
 
 
 def _public(row: AlertRule, project: str) -> AlertRulePublic:
@@ -55,13 +47,6 @@ def _public(row: AlertRule, project: str) -> AlertRulePublic:
         firing=store.rule_firing(row),
         created_at=row.created_at,
         updated_at=row.updated_at,
-    )
-
-
-def unprocessable(field: str, message: str, value: Any) -> RequestValidationError:
-    """A 422 in FastAPI's own shape (``detail`` a list with ``loc`` naming the field)."""
-    return RequestValidationError(
-        [{"loc": ("body", field), "msg": message, "type": "value_error", "input": value}]
     )
 
 
@@ -92,7 +77,7 @@ def read_alert_rules(
     with db.read() as session:
         if run_id is not None:
             run = run_or_404(session, principal, run_id)
-            found = session.get(Project, run.project_id)
+            found = project_by_id(session=session, project_id=run.project_id)
         else:
             found = scoped_project(session, principal, project, settings.default_project)
         assert found is not None
@@ -112,7 +97,7 @@ def create_alert_rule(
     with db.write() as session:
         if body.run_id is not None:
             run = run_or_404(session, principal, body.run_id)
-            project = session.get(Project, run.project_id)
+            project = project_by_id(session=session, project_id=run.project_id)
         else:
             project = scoped_project(session, principal, body.project, settings.default_project)
         assert project is not None
@@ -127,13 +112,13 @@ def read_alert_rule(rule_id: RowId, db: DbDep, principal: ReadPrincipal) -> Aler
     """Get a rule by ID."""
     with db.read() as session:
         row = _row_or_404(session, principal, rule_id)
-        names = storage.project_names(session=session, ids={row.project_id})
+        names = project_names(session=session, ids={row.project_id})
         return _public(row, names[row.project_id])
 
 
 def _save(session: Session, row: AlertRule, rule: Rule) -> AlertRulePublic:
     store.update_rule(session=session, row=row, rule=rule)
-    names = storage.project_names(session=session, ids={row.project_id})
+    names = project_names(session=session, ids={row.project_id})
     return _public(row, names[row.project_id])
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Query
 
-from rankguard.server.alerts import store
-from rankguard.server.auth import Principal
-from rankguard.server.deps import DbDep, ReadPrincipal, SettingsDep, run_or_404
-from rankguard.server.models import Alert, Delivery
-from rankguard.server.routes.alert_rules import scoped_project
+from rankguard.server.deps import (
+    DbDep,
+    ReadPrincipal,
+    SettingsDep,
+    alert_or_404,
+    run_or_404,
+    scoped_project,
+)
 from rankguard.server.schemas import (
     AlertPublic,
     AlertsPublic,
@@ -21,11 +22,12 @@ from rankguard.server.schemas import (
     DeliveryPublic,
     ProjectName,
 )
+from rankguard.server.storage.alerts import list_alerts
+from rankguard.server.storage.webhooks import alert_deliveries
 from rankguard.server.vocab import AlertState
 
 router = APIRouter(tags=["alerts"])
 
-ALERT_NOT_FOUND = "Alert not found"
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
 
@@ -40,7 +42,7 @@ def read_run_alerts(
     """A run's alerts, newest first."""
     with db.read() as session:
         run_or_404(session, principal, run_id)
-        rows = store.list_alerts(session=session, run_id=run_id, state=state, limit=limit)
+        rows = list_alerts(session=session, run_id=run_id, state=state, limit=limit)
         data = [AlertPublic.model_validate(a) for a in rows]
     return AlertsPublic(data=data, count=len(data))
 
@@ -57,33 +59,23 @@ def read_project_alerts(
     """The alerts of every run of a project, newest first."""
     with db.read() as session:
         found = scoped_project(session, principal, project, settings.default_project)
-        rows = store.list_alerts(session=session, project_id=found.id, state=state, limit=limit)
+        rows = list_alerts(session=session, project_id=found.id, state=state, limit=limit)
         data = [AlertPublic.model_validate(a) for a in rows]
     return AlertsPublic(data=data, count=len(data))
-
-
-def _alert_or_404(session: Session, alert_id: str, principal: Principal) -> Alert:
-    """The alert, if it is in the caller's project; 404 otherwise (as for an unknown id)."""
-    alert = store.get_alert(session=session, alert_id=alert_id, project_id=principal.project_id)
-    if alert is None:
-        raise HTTPException(404, detail=ALERT_NOT_FOUND)
-    return alert
 
 
 @router.get("/alerts/{alert_id}", response_model=AlertPublic)
 def read_alert(alert_id: str, db: DbDep, principal: ReadPrincipal) -> AlertPublic:
     """Get an alert by ID."""
     with db.read() as session:
-        return AlertPublic.model_validate(_alert_or_404(session, alert_id, principal))
+        return AlertPublic.model_validate(alert_or_404(session, principal, alert_id))
 
 
 @router.get("/alerts/{alert_id}/deliveries", response_model=DeliveriesPublic)
 def read_alert_deliveries(alert_id: str, db: DbDep, principal: ReadPrincipal) -> DeliveriesPublic:
     """The webhook deliveries of an alert's notifications, with every attempt."""
     with db.read() as session:
-        _alert_or_404(session, alert_id, principal)
-        rows = session.scalars(
-            select(Delivery).where(Delivery.alert_id == alert_id).order_by(Delivery.id)
-        )
+        alert_or_404(session, principal, alert_id)
+        rows = alert_deliveries(session=session, alert_id=alert_id)
         data = [DeliveryPublic.model_validate(d) for d in rows]
     return DeliveriesPublic(data=data, count=len(data))

@@ -8,13 +8,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 
-from rankguard.server import storage
 from rankguard.server.deps import (
     DbDep,
     IngestPrincipal,
     OperatePrincipal,
     ReadOrIngestPrincipal,
     SettingsDep,
+    command_or_404,
     run_or_404,
 )
 from rankguard.server.models import Command
@@ -25,11 +25,11 @@ from rankguard.server.schemas import (
     CommandPublic,
     CommandsPublic,
 )
-from rankguard.server.vocab import CommandState, RunStatus
+from rankguard.server.storage import commands as command_store
+from rankguard.server.storage.errors import ConflictError
+from rankguard.server.vocab import CommandState
 
 router = APIRouter(prefix="/runs", tags=["commands"])
-
-COMMAND_NOT_FOUND = "Command not found"
 
 
 def _public(commands: list[Command]) -> CommandsPublic:
@@ -49,17 +49,18 @@ def create_command(
 ) -> CommandPublic:
     """Queue a command for the run's probe; it is applied at the next step boundary."""
     with db.write() as session:
-        run = run_or_404(session, principal, run_id)
-        if run.status != RunStatus.RUNNING.value:
-            raise HTTPException(409, detail=f"run {run_id} is {run.status}; nothing to command")
-        command = storage.enqueue_command(
-            session=session,
-            run_id=run_id,
-            kind=body.kind.value,
-            args=body.args,
-            created_by=principal.label,
-            ttl_s=body.ttl_s or settings.command_ttl_s,
-        )
+        run_or_404(session, principal, run_id)
+        try:
+            command = command_store.enqueue_command(
+                session=session,
+                run_id=run_id,
+                kind=body.kind.value,
+                args=body.args,
+                created_by=principal.label,
+                ttl_s=body.ttl_s or settings.command_ttl_s,
+            )
+        except command_store.RunNotRunning as exc:
+            raise HTTPException(409, detail=str(exc)) from exc
         return CommandPublic.model_validate(command)
 
 
@@ -74,9 +75,9 @@ def read_commands(
     """List a run's commands, oldest first (expired ones are marked as such first)."""
     with db.write() as session:
         run_or_404(session, principal, run_id)
-        storage.expire_commands(session=session, run_id=run_id)
+        command_store.expire_commands(session=session, run_id=run_id)
         return _public(
-            storage.list_commands(session=session, run_id=run_id, state=state, limit=limit)
+            command_store.list_commands(session=session, run_id=run_id, state=state, limit=limit)
         )
 
 
@@ -88,7 +89,7 @@ def claim_commands(
     limit = body.limit if body is not None else CommandClaim().limit
     with db.write() as session:
         run_or_404(session, principal, run_id)
-        return _public(storage.claim_commands(session=session, run_id=run_id, limit=limit))
+        return _public(command_store.claim_commands(session=session, run_id=run_id, limit=limit))
 
 
 @router.get("/{run_id}/commands/{command_id}", response_model=CommandPublic)
@@ -98,10 +99,8 @@ def read_command(
     """Get a command by ID."""
     with db.write() as session:
         run_or_404(session, principal, run_id)
-        storage.expire_commands(session=session, run_id=run_id)
-        command = storage.get_command(session=session, run_id=run_id, command_id=command_id)
-        if command is None:
-            raise HTTPException(404, detail=COMMAND_NOT_FOUND)
+        command_store.expire_commands(session=session, run_id=run_id)
+        command = command_or_404(session, run_id, command_id)
         return CommandPublic.model_validate(command)
 
 
@@ -112,12 +111,10 @@ def cancel_command(
     """Cancel a queued command (409 once delivered: the probe may already be applying it)."""
     with db.write() as session:
         run_or_404(session, principal, run_id)
-        command = storage.get_command(session=session, run_id=run_id, command_id=command_id)
-        if command is None:
-            raise HTTPException(404, detail=COMMAND_NOT_FOUND)
+        command = command_or_404(session, run_id, command_id)
         try:
-            storage.cancel_command(session=session, command=command)
-        except storage.ConflictError as exc:
+            command_store.cancel_command(session=session, command=command)
+        except ConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from exc
         return CommandPublic.model_validate(command)
 
@@ -129,11 +126,9 @@ def ack_command(
     """Probe side: report a delivered command applied or failed (repeat acks are no-ops)."""
     with db.write() as session:
         run_or_404(session, principal, run_id)
-        command = storage.get_command(session=session, run_id=run_id, command_id=command_id)
-        if command is None:
-            raise HTTPException(404, detail=COMMAND_NOT_FOUND)
+        command = command_or_404(session, run_id, command_id)
         try:
-            storage.ack_command(
+            command_store.ack_command(
                 session=session,
                 command=command,
                 state=CommandState(body.state),
@@ -141,6 +136,6 @@ def ack_command(
                 result=body.result,
                 error=body.error,
             )
-        except storage.ConflictError as exc:
+        except ConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from exc
         return CommandPublic.model_validate(command)

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from rankguard.server import storage
 from rankguard.server.deps import DbDep, IngestOrOperatePrincipal, ReadPrincipal, run_or_404
 from rankguard.server.schemas import MAX_STEP, EventCreate, EventPublic, EventsPublic
+from rankguard.server.storage import events as event_store
 
 router = APIRouter(prefix="/runs", tags=["events"])
 
@@ -26,7 +26,7 @@ def read_events(
     """List a run's events in the order they were recorded."""
     with db.read() as session:
         run_or_404(session, principal, run_id)
-        events = storage.list_events(
+        events = event_store.list_events(
             session=session,
             run_id=run_id,
             kind=kind,
@@ -45,7 +45,7 @@ def create_event(
     """Record an event on a run."""
     with db.write() as session:
         run_or_404(session, principal, run_id)
-        event = storage.create_event(
+        event = event_store.create_event(
             session=session, run_id=run_id, kind=body.kind, step=body.step, payload=body.payload
         )
         return EventPublic.model_validate(event)

@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 
-from rankguard.server import storage
 from rankguard.server.deps import DbDep, IngestPrincipal, ReadPrincipal, SeriesCacheDep, run_or_404
 from rankguard.server.schemas import (
     MAX_STEP,
@@ -16,6 +15,8 @@ from rankguard.server.schemas import (
     HistogramsPublic,
     IngestResult,
 )
+from rankguard.server.storage import histograms as histogram_store
+from rankguard.server.storage.points import match_series
 
 router = APIRouter(prefix="/runs", tags=["histograms"])
 
@@ -44,7 +45,7 @@ def create_histograms(
         raise RequestValidationError(errors)
     with db.write() as session:
         run_or_404(session, principal, run_id)
-        inserted, new_ids = storage.insert_histograms(
+        inserted, new_ids = histogram_store.insert_histograms(
             session=session, run_id=run_id, histograms=body.histograms, known=cache.for_run(run_id)
         )
     cache.add(run_id, new_ids)
@@ -65,10 +66,8 @@ def read_histograms(
     """Histograms of the matching series, ordered by series then step."""
     with db.read() as session:
         run_or_404(session, principal, run_id)
-        series = storage.match_series(
-            session=session, run_id=run_id, quantity=quantity, target=target
-        )
-        rows = storage.read_histograms(
+        series = match_series(session=session, run_id=run_id, quantity=quantity, target=target)
+        rows = histogram_store.read_histograms(
             session=session, series=series, step_min=step_min, step_max=step_max, limit=limit
         )
     return HistogramsPublic(histograms=[HistogramPublic(**r) for r in rows])

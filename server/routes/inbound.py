@@ -12,17 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from rankguard.server import inbound, storage
+from rankguard.server import inbound
 from rankguard.server.auth import Principal
 from rankguard.server.db import Database
-from rankguard.server.deps import DbDep, OperatePrincipal, SettingsDep
-from rankguard.server.models import Command
-from rankguard.server.routes.alert_rules import unprocessable
+from rankguard.server.deps import DbDep, OperatePrincipal, SettingsDep, unprocessable
 from rankguard.server.schemas import CommandPublic, InboundIgnored, InboundResult
-from rankguard.server.vocab import RunStatus
+from rankguard.server.storage.commands import CommandStillOpen, RunNotRunning, enqueue_command
+from rankguard.server.storage.runs import get_run
 
 router = APIRouter(prefix="/inbound", tags=["inbound"])
 
@@ -42,9 +40,7 @@ def _handle(
             if body is None:
                 ignored.append(InboundIgnored(alertname=alert.alertname, reason=reason))
                 continue
-            run = storage.get_run(
-                session=session, run_id=body["run_id"], project_id=principal.project_id
-            )
+            run = get_run(session=session, run_id=body["run_id"], project_id=principal.project_id)
             if run is None:
                 ignored.append(
                     InboundIgnored(
@@ -52,36 +48,24 @@ def _handle(
                     )
                 )
                 continue
-            if run.status != RunStatus.RUNNING.value:
-                ignored.append(
-                    InboundIgnored(alertname=alert.alertname, reason=f"run is {run.status}")
+            try:
+                command = enqueue_command(
+                    session=session,
+                    run_id=run.id,
+                    kind=body["kind"],
+                    args=body["args"],
+                    created_by=f"inbound:{source}:{alert.key}"[:255],
+                    ttl_s=ttl_s,
+                    dedupe=True,  # Alertmanager re-sends a firing alert every repeat_interval
                 )
+            except RunNotRunning as exc:
+                reason = f"run is {exc.status}"
+            except CommandStillOpen as exc:
+                reason = f"command {exc.command_id} for this alert is already queued"
+            else:
+                queued.append(CommandPublic.model_validate(command))
                 continue
-            created_by = f"inbound:{source}:{alert.key}"[:255]
-            open_one = session.scalars(
-                select(Command.id).where(
-                    Command.run_id == run.id,
-                    Command.created_by == created_by,
-                    Command.state.in_(storage.OPEN_STATES),
-                )
-            ).first()
-            if open_one is not None:
-                ignored.append(
-                    InboundIgnored(
-                        alertname=alert.alertname,
-                        reason=f"command {open_one} for this alert is already queued",
-                    )
-                )
-                continue
-            command = storage.enqueue_command(
-                session=session,
-                run_id=run.id,
-                kind=body["kind"],
-                args=body["args"],
-                created_by=created_by,
-                ttl_s=ttl_s,
-            )
-            queued.append(CommandPublic.model_validate(command))
+            ignored.append(InboundIgnored(alertname=alert.alertname, reason=reason))
     return InboundResult(received=len(alerts), commands=queued, ignored=ignored)
 
 

@@ -13,12 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from rankguard.server import storage
 from rankguard.server.alerts.service import Alerting
 from rankguard.server.auth import Principal
 from rankguard.server.db import Database
 from rankguard.server.deps import DbDep, IngestPrincipal, SeriesCache, SeriesCacheDep, run_or_404
 from rankguard.server.schemas import IngestResult, PointsBatch
+from rankguard.server.storage.points import ColumnarPoints, insert_points
 
 router = APIRouter(prefix="/runs", tags=["points"])
 
@@ -34,7 +34,7 @@ def _body_error(error: Any) -> dict[str, Any]:
     return out
 
 
-def parse_points(body: bytes) -> storage.ColumnarPoints:
+def parse_points(body: bytes) -> ColumnarPoints:
     """Validate a columnar batch; errors are 422s whose ``loc`` names the field (and index)."""
     try:
         batch = PointsBatch.model_validate_json(body)
@@ -64,7 +64,7 @@ def parse_points(body: bytes) -> storage.ColumnarPoints:
     if errors:
         raise RequestValidationError(errors)
     now = time.time()
-    return storage.ColumnarPoints(
+    return ColumnarPoints(
         quantity=batch.quantity,
         target=batch.target,
         rank=batch.rank if batch.rank is not None else [0] * n,
@@ -79,12 +79,12 @@ def _ingest(
     cache: SeriesCache,
     principal: Principal,
     run_id: str,
-    points: storage.ColumnarPoints,
+    points: ColumnarPoints,
     alerts: Alerting,
 ) -> IngestResult:
     with db.write() as session:
         run = run_or_404(session, principal, run_id)
-        inserted, new_ids = storage.insert_points(
+        inserted, new_ids = insert_points(
             session=session, run_id=run_id, points=points, known=cache.for_run(run_id)
         )
         # Alert rules see the batch in the same transaction (state and points commit together).

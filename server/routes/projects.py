@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from rankguard.server import storage
 from rankguard.server.deps import AdminPrincipal, DbDep
 from rankguard.server.schemas import ProjectCreate, ProjectPublic, ProjectsPublic
+from rankguard.server.storage.runs import ensure_project, get_project, list_projects
 
 router = APIRouter(prefix="/projects", tags=["projects"])
 
@@ -17,7 +17,7 @@ def read_projects(db: DbDep, principal: AdminPrincipal) -> ProjectsPublic:
     with db.read() as session:
         projects = [
             ProjectPublic.model_validate(p)
-            for p in storage.list_projects(session=session)
+            for p in list_projects(session=session)
             if principal.can_access(p.id)
         ]
     return ProjectsPublic(data=projects, count=len(projects))
@@ -29,7 +29,7 @@ def create_project(body: ProjectCreate, db: DbDep, principal: AdminPrincipal) ->
     if principal.project_id is not None:
         raise HTTPException(403, detail="only an unbound admin token can create projects")
     with db.write() as session:
-        if storage.get_project(session=session, name=body.name) is not None:
+        if get_project(session=session, name=body.name) is not None:
             raise HTTPException(409, detail=f"project {body.name!r} already exists")
-        project = storage.ensure_project(session=session, name=body.name)
+        project = ensure_project(session=session, name=body.name)
         return ProjectPublic.model_validate(project)

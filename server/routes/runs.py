@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
-from rankguard.server import storage
 from rankguard.server.alerts.service import Alerting
 from rankguard.server.auth import Principal
 from rankguard.server.deps import (
@@ -18,26 +17,14 @@ from rankguard.server.deps import (
     SettingsDep,
     run_or_404,
 )
-from rankguard.server.models import Project, Run
+from rankguard.server.models import Project
+from rankguard.server.presenters import run_public
 from rankguard.server.schemas import RunCreate, RunFinish, RunPublic, RunsPublic
+from rankguard.server.storage import runs as run_store
+from rankguard.server.storage.errors import ConflictError
 from rankguard.server.vocab import RunStatus
 
 router = APIRouter(prefix="/runs", tags=["runs"])
-
-
-def run_public(run: Run, project: str) -> RunPublic:
-    return RunPublic(
-        id=run.id,
-        name=run.name,
-        project=project,
-        config=run.config,
-        parameters=run.parameters,
-        world_size=run.world_size,
-        status=RunStatus(run.status),
-        created_at=run.created_at,
-        finished_at=run.finished_at,
-        last_step=run.last_step,
-    )
 
 
 @router.post(
@@ -57,7 +44,7 @@ def create_run(
     with db.write() as session:
         project = _project_for_new_run(session, principal, body.project, settings.default_project)
         try:
-            run, created = storage.register_run(
+            run, created = run_store.register_run(
                 session=session,
                 project=project,
                 run_id=body.id,
@@ -66,7 +53,7 @@ def create_run(
                 world_size=body.world_size,
                 parameters=[p.model_dump() for p in body.parameters],
             )
-        except storage.ConflictError as exc:
+        except ConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from exc
         if not created:
             response.status_code = status.HTTP_200_OK
@@ -79,14 +66,14 @@ def _project_for_new_run(
     """The named project, else the token's, else (unbound token, --no-auth) the default one.
     Unbound tokens create a named project on first use; bound ones stay in theirs."""
     if requested is None and principal.project_id is not None:
-        project = session.get(Project, principal.project_id)
+        project = run_store.project_by_id(session=session, project_id=principal.project_id)
         if project is None:  # the token outlived its project (cascade makes this rare)
             raise HTTPException(403, detail="the token's project no longer exists")
         return project
     name = default if requested is None else requested
-    project = storage.get_project(session=session, name=name)
+    project = run_store.get_project(session=session, name=name)
     if project is None and principal.project_id is None:
-        project = storage.ensure_project(session=session, name=name)
+        project = run_store.ensure_project(session=session, name=name)
     if project is None or not principal.can_access(project.id):
         raise HTTPException(403, detail=f"project={name!r}: the token is bound to another project")
     return project
@@ -105,14 +92,14 @@ def read_runs(
     with db.read() as session:
         project_id = principal.project_id
         if project is not None:
-            found = storage.get_project(session=session, name=project)
+            found = run_store.get_project(session=session, name=project)
             if found is None or not principal.can_access(found.id):
                 return RunsPublic(data=[], count=0)
             project_id = found.id
-        runs, count = storage.list_runs(
+        runs, count = run_store.list_runs(
             session=session, project_id=project_id, status=run_status, limit=limit, offset=offset
         )
-        names = storage.project_names(session=session, ids={r.project_id for r in runs})
+        names = run_store.project_names(session=session, ids={r.project_id for r in runs})
         return RunsPublic(data=[run_public(r, names[r.project_id]) for r in runs], count=count)
 
 
@@ -121,7 +108,7 @@ def read_run(run_id: str, db: DbDep, principal: ReadOrIngestPrincipal) -> RunPub
     """Get a run by ID."""
     with db.read() as session:
         run = run_or_404(session, principal, run_id)
-        names = storage.project_names(session=session, ids={run.project_id})
+        names = run_store.project_names(session=session, ids={run.project_id})
         return run_public(run, names[run.project_id])
 
 
@@ -142,12 +129,12 @@ def finish_run(
         run = run_or_404(session, principal, run_id)
         was_running = run.status == RunStatus.RUNNING.value
         try:
-            storage.finish_run(session=session, run=run, status=RunStatus(target))
-        except storage.ConflictError as exc:
+            run_store.finish_run(session=session, run=run, status=RunStatus(target))
+        except ConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from exc
         if was_running:
             outcome = alerts.on_finish(session=session, run=run)
-        names = storage.project_names(session=session, ids={run.project_id})
+        names = run_store.project_names(session=session, ids={run.project_id})
         public = run_public(run, names[run.project_id])
     if outcome is not None:
         alerts.after_commit(outcome)

@@ -6,7 +6,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from rankguard.server import storage
 from rankguard.server.deps import DbDep, ReadPrincipal, run_or_404
 from rankguard.server.schemas import (
     MAX_STEP,
@@ -15,6 +14,8 @@ from rankguard.server.schemas import (
     SeriesIndexEntry,
     SeriesResponse,
 )
+from rankguard.server.storage.downsample import read_points
+from rankguard.server.storage.points import match_series, series_index
 
 router = APIRouter(prefix="/runs", tags=["series"])
 
@@ -26,7 +27,7 @@ def read_series_index(run_id: str, db: DbDep, principal: ReadPrincipal) -> Serie
     """Every (quantity, target, rank) of the run with its point count and step range."""
     with db.read() as session:
         run_or_404(session, principal, run_id)
-        rows = storage.series_index(session=session, run_id=run_id)
+        rows = series_index(session=session, run_id=run_id)
     return SeriesIndex(series=[SeriesIndexEntry(**r) for r in rows])
 
 
@@ -46,7 +47,7 @@ def read_series(
     max point (and its first NaN), so spikes survive downsampling."""
     with db.read() as session:
         run_or_404(session, principal, run_id)
-        matched = storage.match_series(
+        matched = match_series(
             session=session, run_id=run_id, quantity=quantity, target=target, rank=rank
         )
         if len(matched) > MAX_SERIES_PER_READ:
@@ -57,7 +58,7 @@ def read_series(
             )
         out = []
         for s in matched:
-            steps, values, walls, total, downsampled = storage.read_points(
+            steps, values, walls, total, downsampled = read_points(
                 session=session,
                 series_id=s.id,
                 step_min=step_min,

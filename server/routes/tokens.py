@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from rankguard.server import storage
 from rankguard.server.deps import AdminPrincipal, DbDep
 from rankguard.server.models import Scope, Token
 from rankguard.server.schemas import TokenCreate, TokenCreated, TokenPublic, TokensPublic
+from rankguard.server.storage import runs as run_store
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 
@@ -30,7 +30,7 @@ def read_tokens(db: DbDep, principal: AdminPrincipal) -> TokensPublic:
     with db.read() as session:
         rows = [
             _public(tok, pname)
-            for tok, pname in storage.list_tokens(session=session)
+            for tok, pname in run_store.list_tokens(session=session)
             if principal.project_id is None or tok.project_id == principal.project_id
         ]
     return TokensPublic(data=rows, count=len(rows))
@@ -40,10 +40,10 @@ def read_tokens(db: DbDep, principal: AdminPrincipal) -> TokensPublic:
 def create_token(body: TokenCreate, db: DbDep, principal: AdminPrincipal) -> TokenCreated:
     """Create a token bound to a project; the response carries the secret, once."""
     with db.write() as session:
-        project = storage.get_project(session=session, name=body.project)
+        project = run_store.get_project(session=session, name=body.project)
         if project is None or not principal.can_access(project.id):
             raise HTTPException(404, detail=f"project {body.project!r} not found")
-        token, secret = storage.create_token(
+        token, secret = run_store.create_token(
             session=session, project=project, name=body.name, scopes=body.scopes
         )
         return TokenCreated(**_public(token, project.name).model_dump(), token=secret)
@@ -53,13 +53,13 @@ def create_token(body: TokenCreate, db: DbDep, principal: AdminPrincipal) -> Tok
 def delete_token(token_id: int, db: DbDep, principal: AdminPrincipal) -> TokenPublic:
     """Revoke a token (kept for the record, refused from now on)."""
     with db.write() as session:
-        token = session.get(Token, token_id)
+        token = run_store.get_token(session=session, token_id=token_id)
         if token is None or (
             principal.project_id is not None and token.project_id != principal.project_id
         ):
             raise HTTPException(404, detail="Token not found")
-        storage.revoke_token(session=session, token_id=token_id)
-        names = storage.project_names(
+        run_store.revoke_token(session=session, token_id=token_id)
+        names = run_store.project_names(
             session=session, ids={token.project_id} if token.project_id else set()
         )
         return _public(token, names.get(token.project_id) if token.project_id else None)

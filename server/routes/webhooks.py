@@ -8,17 +8,20 @@ import json
 from typing import Annotated
 
 import httpx
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from sqlalchemy import select
+from fastapi import APIRouter, Query, Response, status
 from sqlalchemy.orm import Session
 
-from rankguard.server import storage
-from rankguard.server.auth import Principal
-from rankguard.server.db import utcnow
-from rankguard.server.deps import DbDep, OperatePrincipal, ReadPrincipal, SettingsDep
-from rankguard.server.models import Delivery, Webhook
+from rankguard.server.deps import (
+    DbDep,
+    OperatePrincipal,
+    ReadPrincipal,
+    RowId,
+    SettingsDep,
+    scoped_project,
+    webhook_or_404,
+)
+from rankguard.server.models import Webhook
 from rankguard.server.notify import delivery, payloads
-from rankguard.server.routes.alert_rules import scoped_project
 from rankguard.server.schemas import (
     DeliveriesPublic,
     DeliveryPublic,
@@ -29,14 +32,11 @@ from rankguard.server.schemas import (
     WebhookTestResult,
     WebhookUpdate,
 )
+from rankguard.server.storage import webhooks as webhook_store
+from rankguard.server.storage.runs import project_names
 from rankguard.server.vocab import AlertSeverity, DeliveryOutcome, WebhookFormat
 
-# Integer primary keys (32-bit on PostgreSQL): larger ids cannot exist.
-RowId = Annotated[int, Path(ge=1, le=2**31 - 1)]
-
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
-
-WEBHOOK_NOT_FOUND = "Webhook not found"
 
 
 def _public(hook: Webhook, project: str) -> WebhookPublic:
@@ -54,15 +54,8 @@ def _public(hook: Webhook, project: str) -> WebhookPublic:
     )
 
 
-def _hook_or_404(session: Session, principal: Principal, webhook_id: int) -> Webhook:
-    hook = session.get(Webhook, webhook_id)
-    if hook is None or not principal.can_access(hook.project_id):
-        raise HTTPException(404, detail=WEBHOOK_NOT_FOUND)
-    return hook
-
-
 def _name(session: Session, hook: Webhook) -> str:
-    return storage.project_names(session=session, ids={hook.project_id})[hook.project_id]
+    return project_names(session=session, ids={hook.project_id})[hook.project_id]
 
 
 @router.get("", response_model=WebhooksPublic)
@@ -72,9 +65,7 @@ def read_webhooks(
     """A project's webhooks (secrets are never returned)."""
     with db.read() as session:
         found = scoped_project(session, principal, project, settings.default_project)
-        hooks = session.scalars(
-            select(Webhook).where(Webhook.project_id == found.id).order_by(Webhook.id)
-        )
+        hooks = webhook_store.list_webhooks(session=session, project_id=found.id)
         data = [_public(h, found.name) for h in hooks]
     return WebhooksPublic(data=data, count=len(data))
 
@@ -88,8 +79,8 @@ def create_webhook(
     (X-Rankguard-Timestamp, X-Rankguard-Signature: sha256=HMAC(secret, "<ts>." + body))."""
     with db.write() as session:
         project = scoped_project(session, principal, body.project, settings.default_project)
-        now = utcnow()
-        hook = Webhook(
+        hook = webhook_store.create_webhook(
+            session=session,
             project_id=project.id,
             name=body.name,
             url=body.url,
@@ -97,11 +88,7 @@ def create_webhook(
             secret=body.secret,
             enabled=body.enabled,
             min_severity=body.min_severity.value,
-            created_at=now,
-            updated_at=now,
         )
-        session.add(hook)
-        session.flush()
         return _public(hook, project.name)
 
 
@@ -109,7 +96,7 @@ def create_webhook(
 def read_webhook(webhook_id: RowId, db: DbDep, principal: ReadPrincipal) -> WebhookPublic:
     """Get a webhook by ID."""
     with db.read() as session:
-        hook = _hook_or_404(session, principal, webhook_id)
+        hook = webhook_or_404(session, principal, webhook_id)
         return _public(hook, _name(session, hook))
 
 
@@ -119,22 +106,17 @@ def update_webhook(
 ) -> WebhookPublic:
     """Change a webhook; ``secret`` sets a new secret, ``clear_secret`` removes it."""
     with db.write() as session:
-        hook = _hook_or_404(session, principal, webhook_id)
-        if body.name is not None:
-            hook.name = body.name
-        if body.url is not None:
-            hook.url = body.url
-        if body.format is not None:
-            hook.format = body.format.value
-        if body.enabled is not None:
-            hook.enabled = body.enabled
-        if body.min_severity is not None:
-            hook.min_severity = body.min_severity.value
-        if body.clear_secret:
-            hook.secret = None
-        if body.secret is not None:
-            hook.secret = body.secret
-        hook.updated_at = utcnow()
+        hook = webhook_store.update_webhook(
+            session=session,
+            hook=webhook_or_404(session, principal, webhook_id),
+            name=body.name,
+            url=body.url,
+            format=None if body.format is None else body.format.value,
+            enabled=body.enabled,
+            min_severity=None if body.min_severity is None else body.min_severity.value,
+            secret=body.secret,
+            clear_secret=body.clear_secret,
+        )
         return _public(hook, _name(session, hook))
 
 
@@ -142,7 +124,8 @@ def update_webhook(
 def delete_webhook(webhook_id: RowId, db: DbDep, principal: OperatePrincipal) -> Response:
     """Delete a webhook and its delivery log."""
     with db.write() as session:
-        session.delete(_hook_or_404(session, principal, webhook_id))
+        hook = webhook_or_404(session, principal, webhook_id)
+        webhook_store.delete_webhook(session=session, hook=hook)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -174,7 +157,7 @@ def test_webhook(
     """Send one sample notification now, in the webhook's format and signed with its secret,
     and say what the receiver answered (one try, no retries, not in the delivery log)."""
     with db.read() as session:
-        hook = _hook_or_404(session, principal, webhook_id)
+        hook = webhook_or_404(session, principal, webhook_id)
         url, fmt, secret, project = hook.url, hook.format, hook.secret, _name(session, hook)
     options = {}
     if fmt == WebhookFormat.ALERTMANAGER.value:
@@ -205,10 +188,9 @@ def read_deliveries(
 ) -> DeliveriesPublic:
     """The webhook's delivery log, newest first, each with its attempts."""
     with db.read() as session:
-        _hook_or_404(session, principal, webhook_id)
-        query = select(Delivery).where(Delivery.webhook_id == webhook_id)
-        if outcome is not None:
-            query = query.where(Delivery.outcome == outcome.value)
-        rows = session.scalars(query.order_by(Delivery.id.desc()).limit(limit))
+        webhook_or_404(session, principal, webhook_id)
+        rows = webhook_store.list_deliveries(
+            session=session, webhook_id=webhook_id, outcome=outcome, limit=limit
+        )
         data = [DeliveryPublic.model_validate(d) for d in rows]
     return DeliveriesPublic(data=data, count=len(data))

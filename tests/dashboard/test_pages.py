@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,8 +14,9 @@ from typing import Any
 import numpy as np
 import plotly
 import pytest
+from helpers import synthetic
 
-from rankguard.dashboard import data, synthetic
+from rankguard.dashboard import page
 from rankguard.dashboard.routes import (
     CARTESIAN_TRACES,
     PAGE_PLOTLY_JS,
@@ -28,7 +30,9 @@ from rankguard.dashboard.routes import (
 from rankguard.server.config import Settings
 from rankguard.server.main import create_app
 from rankguard.server.models import BLOCK as BLOCK_STEPS
-from rankguard.server.models import Run
+from rankguard.server.models import Alert, Run
+from rankguard.server.storage.heatmaps import heatmap_rows
+from rankguard.server.storage.points import run_series
 
 with warnings.catch_warnings():
     # starlette 1.x deprecates its TestClient over httpx (it wants httpx2); the client works.
@@ -98,7 +102,7 @@ def test_pages_are_public_shells_without_data(client: TestClient, path: str) -> 
 
 def test_run_page_has_a_div_per_figure(client: TestClient) -> None:
     html = client.get("/runs/some-run").text
-    for fid in data.FIGURE_IDS:
+    for fid in page.FIGURE_IDS:
         assert f'id="{fid}"' in html
     assert PAGE_PLOTLY_URL in html
     # run.js comes first: it asks for the figures while plotly.js compiles.
@@ -134,7 +138,7 @@ def test_plotly_js_is_the_installed_package_file(client: TestClient) -> None:
     assert "immutable" in resp.headers["cache-control"]
 
 
-@pytest.mark.parametrize("name", ["..%2Fdata.py", ".hidden.js", "missing.js", "runs.html"])
+@pytest.mark.parametrize("name", ["..%2Fpage.py", ".hidden.js", "missing.js", "runs.html"])
 def test_static_route_serves_only_known_files(client: TestClient, name: str) -> None:
     assert client.get(f"/dashboard/static/{name}").status_code == 404
 
@@ -154,7 +158,7 @@ def test_figures_endpoint_returns_every_figure_with_data(client: TestClient, run
     assert resp.status_code == 200, resp.text
     body = resp.json()
     figs = figures_by_id(body)
-    assert list(figs) == list(data.FIGURE_IDS)
+    assert list(figs) == list(page.FIGURE_IDS)
     for fid, fig in figs.items():
         assert fig["layout"]["meta"]["figure_id"] == fid
         assert fig["data"], f"{fid} has no traces"
@@ -218,19 +222,28 @@ def test_runs_summary_lists_status_step_loss_and_alerts(client: TestClient, run_
     assert row["last_step"] == STEPS - 1
     expected = synthetic.points(blocks=BLOCKS, steps=STEPS)["value"][STEPS - 1]  # loss comes first
     assert row["last_loss"] == pytest.approx(expected)
-    assert row["alerts_firing"] == 1
-
-
-def test_a_resolved_alert_is_not_counted_as_firing(client: TestClient, run_id: str) -> None:
-    token = make_token(client, "ingest", "read")
-    resolved = {
-        "kind": "alert",
-        "step": 50,
-        "payload": {"kind": "resolved", "rule": "stable-rank-collapse"},
-    }
-    client.post(f"/api/v1/runs/{run_id}/events", json=resolved, headers=auth(token))
-    [row] = client.get("/api/v1/dashboard/runs", headers=auth(token)).json()["data"]
+    # The seeded alert is an event only: firing alerts are rows of the alerts table.
     assert row["alerts_firing"] == 0
+
+
+def test_runs_summary_counts_the_alerts_firing(client: TestClient, run_id: str) -> None:
+    """Alerts firing: the rows of the alerts table in state firing (as /metrics counts them),
+    whatever their severity; a resolved one is not counted."""
+    db = client.app.state.db  # type: ignore[attr-defined]
+    with db.write() as session:
+        for episode, (severity, state) in enumerate(
+            [("critical", "firing"), ("warning", "firing"), ("critical", "resolved")]
+        ):
+            session.add(
+                Alert(
+                    id=str(uuid.uuid4()), run_id=run_id, rule_name="r", episode=episode,
+                    quantity="stable_rank", severity=severity, state=state, first_step=1,
+                    fired_step=2, message="m", suggested_action="",
+                )
+            )  # fmt: skip
+    token = make_token(client, "read")
+    [row] = client.get("/api/v1/dashboard/runs", headers=auth(token)).json()["data"]
+    assert row["alerts_firing"] == 2
 
 
 def test_figure_revisions_are_stable_and_follow_the_data(client: TestClient, run_id: str) -> None:
@@ -241,11 +254,11 @@ def test_figure_revisions_are_stable_and_follow_the_data(client: TestClient, run
     db = client.app.state.db  # type: ignore[attr-defined]
     with db.read() as session:
         run = session.get(Run, run_id)
-        rebuilt = json.loads(data.figure_payload(data.build_figures(session, run, [])))
+        rebuilt = json.loads(page.figure_payload(page.build_figures(session, run, [])))
     # Same data, same JSON: a refresh that changes nothing redraws nothing.
     with db.read() as session:
         run = session.get(Run, run_id)
-        again = json.loads(data.figure_payload(data.build_figures(session, run, [])))
+        again = json.loads(page.figure_payload(page.build_figures(session, run, [])))
     assert [f["rev"] for f in rebuilt] == [f["rev"] for f in again]
     more = synthetic.points(blocks=BLOCKS, steps=1, start=STEPS)
     assert client.post(f"{url[: -len('/figures')]}/points", json=more, headers=auth(token))
@@ -308,8 +321,8 @@ def test_heatmap_from_the_rollup_is_the_block_minimum_with_flags(
     db = client.app.state.db  # type: ignore[attr-defined]
     with db.read() as session:
         run = session.get(Run, run_id)
-        read = data.heatmap_rows(
-            session, data.run_series(session, run_id), last_step=run.last_step,
+        read = heatmap_rows(
+            session, run_series(session, run_id), last_step=run.last_step,
             columns=columns, raw_limit=0,
         )  # fmt: skip
     k = 1 if columns == 500 else 4  # 5 blocks into <= 2 columns: 4 blocks per column
@@ -330,31 +343,6 @@ def test_heatmap_from_the_rollup_is_the_block_minimum_with_flags(
     assert b["steps"][np.isnan(b["values"])].tolist() == [70 // width * width]
     assert b["steps"][np.isposinf(b["values"])].tolist() == [200 // width * width]
     assert np.isfinite(by_target["t0"]["values"]).all()
-
-
-def test_downsample_keeps_bucket_extremes_and_first_nan() -> None:
-    rng = np.random.default_rng(3)
-    steps = np.arange(0, 5000, 3, dtype=np.int64)
-    values = rng.normal(size=steps.size)
-    values[[10, 11, 500]] = np.nan
-    values[700] = np.inf
-    out_steps, out_values = data.downsample(steps, values, 100)
-    buckets = 50
-    bucket = (steps - steps[0]) * buckets // (steps[-1] - steps[0] + 1)
-    expect: set[int] = set()
-    for b in range(buckets):
-        idx = np.flatnonzero(bucket == b)
-        vals = values[idx]
-        ok = idx[~np.isnan(vals)]
-        if ok.size:
-            expect |= {int(ok[np.argmin(values[ok])]), int(ok[np.argmax(values[ok])])}
-        nan = idx[np.isnan(vals)]
-        if nan.size:
-            expect.add(int(nan[0]))
-    assert out_steps.tolist() == steps[sorted(expect)].tolist()
-    np.testing.assert_array_equal(out_values, values[sorted(expect)])
-    same = data.downsample(steps[:50], values[:50], 100)
-    assert same[0] is not None and same[0].size == 50
 
 
 def test_nan_laden_run_still_draws(client: TestClient) -> None:
@@ -420,7 +408,7 @@ def test_no_auth_mode_serves_data_without_a_token(tmp_path: Path) -> None:
         resp = c.get(f"/api/v1/runs/{run['id']}/figures")
         assert resp.status_code == 200
         figs = figures_by_id(resp.json())
-        assert list(figs) == list(data.FIGURE_IDS)  # empty run: every figure, "no data yet"
+        assert list(figs) == list(page.FIGURE_IDS)  # empty run: every figure, "no data yet"
         assert c.get("/api/v1/dashboard/runs").json()["count"] == 1
 
 
@@ -429,7 +417,7 @@ def test_heatmap_read_bins_to_bucket_minima_and_keeps_nan(client: TestClient) ->
     bucket holding a NaN beside finite values still reports the NaN."""
     token = make_token(client, "ingest", "read")
     run_id = client.post("/api/v1/runs", json={"name": "long"}, headers=auth(token)).json()["id"]
-    steps = 3 * data.HEATMAP_COLUMNS + 7
+    steps = 3 * page.HEATMAP_COLUMNS + 7
     rng = np.random.default_rng(1)
     values = rng.random((2, steps))
     values[1, 10] = np.nan
@@ -444,9 +432,11 @@ def test_heatmap_read_bins_to_bucket_minima_and_keeps_nan(client: TestClient) ->
     db = client.app.state.db  # type: ignore[attr-defined]
     with db.read() as session:
         run = session.get(Run, run_id)
-        rows = data.run_series(session, run_id)
-        read = data.read_heatmap(session, rows, last_step=run.last_step)
-    width = -(-steps // data.HEATMAP_COLUMNS)
+        rows = run_series(session, run_id)
+        read = heatmap_rows(
+            session, rows, last_step=run.last_step, columns=page.HEATMAP_COLUMNS
+        ).series
+    width = -(-steps // page.HEATMAP_COLUMNS)
     by_target = {s["target"]: s for s in read}
     for i, target in enumerate(("a", "b")):
         s = by_target[target]

@@ -10,8 +10,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from helpers import synthetic
 
-from rankguard.dashboard import data, synthetic
+from rankguard.dashboard import page
 from rankguard.dashboard.report import RunNotFoundError, build_report
 from rankguard.server import cli
 from rankguard.server.config import Settings
@@ -98,8 +99,8 @@ def test_report_has_every_figure_and_the_timeline(db_url: str, database: Databas
     html = report(database, run_id)
     refs = Refs()
     refs.feed(html)
-    assert refs.json_ids == [f"data-{fid}" for fid in data.FIGURE_IDS]
-    for fid in data.FIGURE_IDS:
+    assert refs.json_ids == [f"data-{fid}" for fid in page.FIGURE_IDS]
+    for fid in page.FIGURE_IDS:
         assert f'<div id="{fid}"' in html
         block = re.search(
             rf'<script type="application/json" id="data-{fid}">(.*?)</script>', html, re.S
@@ -152,5 +153,5 @@ def test_cli_writes_the_report(db_url: str, tmp_path: Path) -> None:
     out = tmp_path / "report.html"
     assert cli.main(["report", run_id, "-o", str(out), "--database-url", db_url]) == 0
     text = out.read_text(encoding="utf-8")
-    assert all(f'id="{fid}"' in text for fid in data.FIGURE_IDS)
+    assert all(f'id="{fid}"' in text for fid in page.FIGURE_IDS)
     assert cli.main(["report", "nope", "-o", str(out), "--database-url", db_url]) == 1

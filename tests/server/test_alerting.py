@@ -271,6 +271,31 @@ def test_alerts_are_private_to_their_project(project: Project, other_project: Pr
     assert project.api["read"].get(f"/alerts/{alert['id']}").json()["rule_id"] is None
 
 
+def test_metrics_and_runs_list_count_the_same_firing_alerts(
+    client: TestClient, project: Project
+) -> None:
+    """One definition of "alerts firing" (the alerts table), read by /metrics and by the
+    dashboard's runs list alike: 1 while the collapse alert fires, 0 once it resolved."""
+    run = sa_run(project)
+    read = project.api["read"]
+
+    def counts() -> tuple[float, int]:
+        wanted = f'rankguard_alerts_firing{{project="{project.name}",run="{run}",'
+        line = next(
+            ln for ln in client.get("/metrics").text.splitlines()
+            if ln.startswith(wanted) and 'severity="critical"' in ln
+        )  # fmt: skip
+        [row] = [r for r in read.get("/dashboard/runs").json()["data"] if r["id"] == run]
+        return float(line.rsplit(" ", 1)[1]), int(row["alerts_firing"])
+
+    ingest(project.api["ingest"], run, diversity_batch(range(0, 120, STRIDE), ONSET))
+    assert counts() == (1.0, 1)
+    recovered = {t: 10**9 for t in TARGETS}
+    ingest(project.api["ingest"], run, diversity_batch(range(120, 200, STRIDE), recovered))
+    assert alerts(read, run)[0]["state"] == "resolved"
+    assert counts() == (0.0, 0)
+
+
 def _wait_deliveries(api: Api, alert_id: str, n: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 20
     while True:

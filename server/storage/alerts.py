@@ -1,12 +1,13 @@
-"""Rows of ``alert_rules`` and ``alerts``: rule CRUD, the rules a new run gets, alert reads.
+"""Rows of ``alert_rules`` and ``alerts``: the rules a new run gets, rule CRUD, alert reads,
+and the one definition of "alerts firing" (``firing_counts``: rows in state ``firing``), which
+``/metrics`` and the dashboard's runs list both use.
 
 Rules are rows of ``alert_rules``: ``run_id`` NULL is a project rule (a template), otherwise
-the rule of one run with its engine state. ``storage.register_run`` calls
+the rule of one run with its engine state. ``storage.runs.register_run`` calls
 ``install_run_rules`` when it creates a run, in the same transaction: the project's rules
 when it has any, else the default pack (``pack.default_rules``), specialised with the run's
-parameter names (``pack.specialise``).
-
-(To be folded into ``storage/alerts.py`` with the rest of the data access.)
+parameter names (``pack.specialise``). Alerts are one row per firing episode of a rule,
+closed when it resolves.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from rankguard.server.alerts import pack
@@ -170,6 +171,7 @@ def list_alerts(
     state: AlertState | None = None,
     limit: int = 1000,
 ) -> list[Alert]:
+    """Alerts of a run or of a project's runs, newest first."""
     query = select(Alert)
     if run_id is not None:
         query = query.where(Alert.run_id == run_id)
@@ -181,6 +183,7 @@ def list_alerts(
 
 
 def get_alert(*, session: Session, alert_id: str, project_id: int | None) -> Alert | None:
+    """The alert, or None when it does not exist or its run is in another project."""
     alert = session.get(Alert, alert_id)
     if alert is None:
         return None
@@ -189,3 +192,21 @@ def get_alert(*, session: Session, alert_id: str, project_id: int | None) -> Ale
         if run is None or run.project_id != project_id:
             return None
     return alert
+
+
+def firing_counts(*, session: Session, run_ids: Sequence[str]) -> dict[tuple[str, str], int]:
+    """(run_id, severity) -> number of alerts firing now, for the given runs."""
+    if not run_ids:
+        return {}
+    rows = session.execute(
+        select(Alert.run_id, Alert.severity, func.count())
+        .where(Alert.run_id.in_(list(run_ids)), Alert.state == AlertState.FIRING.value)
+        .group_by(Alert.run_id, Alert.severity)
+    )
+    return {(r, s): int(n) for r, s, n in rows}
+
+
+def fired_counts(*, session: Session) -> dict[str, int]:
+    """severity -> number of alerts that ever fired (firing or resolved since), every run."""
+    rows = session.execute(select(Alert.severity, func.count()).group_by(Alert.severity))
+    return {s: int(n) for s, n in rows}

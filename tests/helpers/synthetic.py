@@ -1,6 +1,6 @@
-"""Synthetic run data in the wire's shapes (docs/contract.md), for the dashboard's tests, its
-load benchmark and demos: every quantity the run page draws, for ``blocks`` transformer-like
-blocks of four attention and two MLP matrices each.
+"""Synthetic run data in the wire's shapes (docs/contract.md), for the dashboard's tests and
+its load benchmark (``benchmarks/dashboard_load.py``): every quantity the run page draws,
+for ``blocks`` transformer-like blocks of four attention and two MLP matrices each.
 
 Values are smooth, deterministic functions of (target, step) with a dip late in the run, so
 heatmaps and lines show structure; ``nan_every`` scatters NaN/±Inf into every quantity.
@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from rankguard.server.wire import wire_floats
+
 ATTENTION = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.o_proj.weight")
 MLP = ("mlp.fc_in.weight", "mlp.fc_out.weight")
 COSINE_EDGES = np.linspace(-1.0, 1.0, 42)  # the probe's default 41 bins
@@ -21,16 +23,6 @@ def weight_targets(blocks: int, per_block: int = 6) -> list[str]:
     """``per_block`` weight names per block (attention first), ``blocks * per_block`` in all."""
     names = (*ATTENTION, *MLP)[:per_block]
     return [f"model.layers.{b}.{n}" for b in range(blocks) for n in names]
-
-
-def _wire(values: np.ndarray) -> list[Any]:
-    """Floats as JSON can carry them: non-finite ones as the contract's strings."""
-    out: list[Any] = values.tolist()
-    if not np.isfinite(values).all():
-        for i in np.flatnonzero(~np.isfinite(values)):
-            v = values[i]
-            out[i] = "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
-    return out
 
 
 def points(
@@ -79,7 +71,7 @@ def points(
         flat[nan_every // 2 :: nan_every * 3] = np.inf
         flat[nan_every // 3 :: nan_every * 5] = -np.inf
     cols["step"] = np.tile(step_arr, n_series).tolist()
-    cols["value"] = _wire(flat) if wire else flat.tolist()
+    cols["value"] = wire_floats(flat.tolist()) if wire else flat.tolist()
     return cols
 
 
