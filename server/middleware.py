@@ -1,14 +1,19 @@
 """HTTP plumbing of the wire format: the JSON response that writes non-finite floats as the
-contract's strings (with the codec of ``server/wire.py``), and the ASGI middleware that caps
-(and inflates) request bodies."""
+contract's strings (with the codec of ``server/wire.py``), the route class whose requests
+parse JSON bodies with pydantic-core, and the ASGI middleware that caps (and inflates)
+request bodies."""
 
 from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from starlette.responses import JSONResponse
+import pydantic_core
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rankguard.server.wire import wire_floats
@@ -27,6 +32,37 @@ class WireJSONResponse(JSONResponse):
             return json.dumps(
                 wire_floats(content), ensure_ascii=False, allow_nan=False, separators=(",", ":")
             ).encode("utf-8")
+
+
+class WireRequest(Request):
+    """A request whose JSON body is parsed by pydantic-core (the parser ingest uses) instead
+    of the standard library's: it refuses lone surrogates and nesting past its recursion
+    limit as a 422, where ``json.loads`` accepts the first (which no database then stores)
+    and dies with ``RecursionError`` (a 500) on the second. Bare NaN/Infinity tokens are
+    still read, as Python's own json writes them."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = pydantic_core.from_json(body, allow_inf_nan=True)
+            except ValueError as exc:
+                # FastAPI answers a JSONDecodeError with its 422 "json_invalid".
+                doc = body[:200].decode("utf-8", errors="replace")
+                raise json.JSONDecodeError(str(exc), doc, 0) from None
+        return self._json
+
+
+class WireRoute(APIRoute):
+    """The API's route class: hands its endpoint a :class:`WireRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def wire_handler(request: Request) -> Response:
+            return await handler(WireRequest(request.scope, request.receive))
+
+        return wire_handler
 
 
 class BodyLimitMiddleware:

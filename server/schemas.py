@@ -1,23 +1,34 @@
 """The wire contract (pydantic v2). ``docs/contract.md`` describes it for people.
 
-Non-finite floats travel as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: every
-``WireFloat`` accepts those (and numbers) and ``WireJSONResponse`` writes them back that way.
-Strings refuse NUL characters because PostgreSQL text cannot hold them.
+Parsing is strict where the contract is: a float field takes a JSON number or exactly one of
+the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (not "nan", "inf" or "1.5"); an integer
+field takes a JSON integer (not "7", 7.0 or 1e3). ``WireJSONResponse`` writes non-finite
+floats back as those strings. Strings refuse NUL characters because PostgreSQL text cannot
+hold them; free-form objects (run config, event payload, command args) are checked by
+``wire.free_form`` (64-bit integers, no NUL or lone surrogate, bounded nesting).
+
+Commands are a discriminated union on ``kind``: one arguments model per kind, every number
+bounded (the probe checks them again). Adding a kind: its ``CommandKind`` entry in vocab.py,
+an arguments model and a ``_Command`` subclass here, and the member in ``CommandCreate``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
+    TypeAdapter,
+    ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 
 from rankguard.server.models import Scope
@@ -25,31 +36,52 @@ from rankguard.server.vocab import (
     AlertSeverity,
     CommandKind,
     CommandState,
+    MSignEngine,
+    PSSVariant,
     RunStatus,
+    TargetGroup,
     WebhookFormat,
+    values,
 )
-from rankguard.server.wire import wire_floats
+from rankguard.server.wire import decode_float, decode_floats, free_form
 
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
 # JSON integers a client can hold exactly (2**53), and far below SQLite's int64 range.
 MAX_STEP = 2**53
 
-WireFloat = Annotated[
-    float,
-    WithJsonSchema({"anyOf": [{"type": "number"}, {"enum": list(NON_FINITE_STRINGS)}]}),
-]
+_WIRE_FLOAT_SCHEMA = {"anyOf": [{"type": "number"}, {"enum": list(NON_FINITE_STRINGS)}]}
+# A number (strict: no numeric strings) or one of the contract's strings, still undecoded:
+# pydantic-core matches it without a Python call per item (the ingest hot path).
+RawWireFloat = Annotated[float, Strict()] | Literal["NaN", "Infinity", "-Infinity"]
+if TYPE_CHECKING:  # what the validators below return
+    WireFloat = float
+    WireFloats = list[float]
+else:
+    WireFloat = Annotated[
+        RawWireFloat, AfterValidator(decode_float), WithJsonSchema(_WIRE_FLOAT_SCHEMA)
+    ]
+    # A column of wire floats, decoded in one pass after validation.
+    WireFloats = Annotated[
+        list[RawWireFloat],
+        AfterValidator(decode_floats),
+        WithJsonSchema({"type": "array", "items": _WIRE_FLOAT_SCHEMA}),
+    ]
+# Seconds since the epoch, as a number: a time cannot be NaN.
+WallTime = Annotated[float, Strict(), Field(ge=0, le=1e11, allow_inf_nan=False)]
+StrictInt = Annotated[int, Strict()]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]+$")]
 QuantityName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
 Text = Annotated[str, StringConstraints(max_length=10_000, pattern=r"^[^\x00]*$")]
 ProjectName = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
 ]
-Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+Step = Annotated[int, Strict(), Field(ge=0, le=MAX_STEP)]
 # A free-form JSON object from a client (run config, event payload, command args and result).
 # A bare NaN/Infinity token, which Python's json writes and reads, is stored as the contract's
 # string: a JSON column cannot hold the token (PostgreSQL refuses it, orjson writes null).
-WireObject = Annotated[dict[str, Any], AfterValidator(wire_floats)]
-Rank = Annotated[int, Field(ge=0, le=1_000_000)]
+WireObject = Annotated[dict[str, Any], AfterValidator(free_form)]
+Rank = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
+RunId = Annotated[str, StringConstraints(min_length=1, max_length=36, pattern=r"^[^\x00]+$")]
 
 
 class WireModel(BaseModel):
@@ -82,7 +114,20 @@ class ProjectsPublic(WireModel):
 class TokenCreate(WireModel):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
     project: ProjectName = Field(description="name of the project the token is bound to")
-    scopes: list[Scope] = Field(min_length=1, max_length=4)
+    scopes: list[Scope] = Field(min_length=1, max_length=len(Scope))
+    run_id: RunId | None = Field(
+        default=None,
+        description="scope 'job' only: the run the token is bound to; without it the token "
+        "is bound to the first run it registers",
+    )
+
+    @model_validator(mode="after")
+    def _job_scope_alone(self) -> TokenCreate:
+        if Scope.JOB in self.scopes and len(set(self.scopes)) > 1:
+            raise ValueError("scopes: 'job' cannot be combined with other scopes")
+        if self.run_id is not None and Scope.JOB not in self.scopes:
+            raise ValueError("run_id: only a token with the 'job' scope is bound to a run")
+        return self
 
 
 class TokenPublic(WireModel):
@@ -91,6 +136,7 @@ class TokenPublic(WireModel):
     prefix: str
     project: str | None = Field(description="null: the bootstrap admin token (all projects)")
     scopes: list[Scope]
+    run_id: str | None = Field(default=None, description="a job token's run")
     created_at: dt.datetime
     revoked_at: dt.datetime | None
 
@@ -109,7 +155,7 @@ class TokensPublic(WireModel):
 
 class ParameterInfo(WireModel):
     name: Name
-    shape: list[Annotated[int, Field(ge=0, le=2**40)]] = Field(max_length=16)
+    shape: list[Annotated[int, Strict(), Field(ge=0, le=2**40)]] = Field(max_length=16)
 
 
 class RunCreate(WireModel):
@@ -121,7 +167,7 @@ class RunCreate(WireModel):
         default=None, description="project name; defaults to the token's project"
     )
     config: WireObject = Field(default_factory=dict)
-    world_size: int = Field(default=1, ge=1, le=1_000_000)
+    world_size: StrictInt = Field(default=1, ge=1, le=1_000_000)
     parameters: list[ParameterInfo] = Field(default_factory=list)
 
 
@@ -136,6 +182,14 @@ class RunPublic(WireModel):
     created_at: dt.datetime
     finished_at: dt.datetime | None
     last_step: int | None
+
+
+class RunRegistered(RunPublic):
+    job_token: str | None = Field(
+        default=None,
+        description="a new run registered with a project token: the secret of a token bound "
+        "to this run alone (scope 'job'), shown once; the job uses it from here on",
+    )
 
 
 class RunsPublic(WireModel):
@@ -157,8 +211,8 @@ class PointsBatch(WireModel):
     target: list[Name]
     rank: list[Rank] | None = None
     step: list[Step]
-    wall_time: list[WireFloat] | None = None
-    value: list[WireFloat]
+    wall_time: list[WallTime] | None = None
+    value: WireFloats
 
 
 class IngestResult(WireModel):
@@ -184,8 +238,8 @@ class SeriesData(WireModel):
     target: str
     rank: int
     steps: list[int]
-    values: list[WireFloat]
-    wall_times: list[WireFloat]
+    values: WireFloats
+    wall_times: WireFloats
     total: int = Field(description="points in the requested step range before downsampling")
     downsampled: bool
 
@@ -199,9 +253,9 @@ class HistogramIn(WireModel):
     target: Name
     rank: Rank = 0
     step: Step
-    wall_time: WireFloat | None = None
-    edges: list[WireFloat] = Field(min_length=2, max_length=10_001)
-    counts: list[WireFloat] = Field(min_length=1, max_length=10_000)
+    wall_time: WallTime | None = None
+    edges: WireFloats = Field(min_length=2, max_length=10_001)
+    counts: WireFloats = Field(min_length=1, max_length=10_000)
 
 
 class HistogramsBatch(WireModel):
@@ -214,8 +268,8 @@ class HistogramPublic(WireModel):
     rank: int
     step: int
     wall_time: WireFloat
-    edges: list[WireFloat]
-    counts: list[WireFloat]
+    edges: WireFloats
+    counts: WireFloats
 
 
 class HistogramsPublic(WireModel):
@@ -250,12 +304,123 @@ class EventsPublic(WireModel):
 # --- commands ---------------------------------------------------------------------------
 
 
-class CommandCreate(WireModel):
-    kind: CommandKind
-    args: WireObject = Field(default_factory=dict)
-    ttl_s: float | None = Field(
-        default=None, gt=0, le=30 * 86400, description="expire if not acked; server default"
+# A glob over target names (fnmatch), or the list of them a command may name.
+Glob = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]+$")]
+Targets = TargetGroup | Annotated[list[Glob], Field(min_length=1, max_length=256)]
+# Every number of a command is bounded: a finite value in a range the interventions can take.
+Finite = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+QuantityNames = Annotated[list[QuantityName], Field(max_length=64)]
+TtlS = Annotated[float, Strict(), Field(gt=0, le=30 * 86400, allow_inf_nan=False)]
+
+
+class CommandArgs(WireModel):
+    """Base of a command's arguments: unknown fields are refused (the probe does so too)."""
+
+
+class MSignArgs(CommandArgs):
+    targets: Targets = TargetGroup.ATTENTION
+    engine: MSignEngine | None = Field(default=None, description="null: the probe's default")
+    snapshot: bool = Field(default=True, description="keep the weights for a later undo")
+
+
+class PSSArgs(CommandArgs):
+    targets: Targets = TargetGroup.ALL_2D
+    variant: PSSVariant = PSSVariant.CLIP
+    k: Annotated[int, Strict()] | None = Field(
+        default=None, ge=1, le=1_000_000, description="clip: top singular values; null ⌊n/20⌋"
     )
+    scale: Finite = Field(default=1.0, gt=0, le=10, description="factor on the result")
+    temperature: Finite = Field(default=0.25, gt=0, le=100, description="softmax variant")
+    snapshot: bool = True
+
+
+class UndoArgs(CommandArgs):
+    pass
+
+
+class SetProbeArgs(CommandArgs):
+    every: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=1_000_000)
+    enable: QuantityNames = Field(default_factory=list)
+    disable: QuantityNames = Field(default_factory=list)
+
+
+class ScaleLRArgs(CommandArgs):
+    factor: Finite = Field(
+        ge=1e-4, le=1e4, description="multiplies the learning rate (cumulative, capped)"
+    )
+
+
+class _Command(WireModel):
+    ttl_s: TtlS | None = Field(default=None, description="expire if not acked; server default")
+
+
+class MSignCommand(_Command):
+    """MSign: each target W becomes (‖W‖_F / ‖UVᵀ‖_F)·UVᵀ."""
+
+    kind: Literal[CommandKind.MSIGN]
+    args: MSignArgs = Field(default_factory=MSignArgs)
+
+
+class PSSCommand(_Command):
+    """PSS singular-spectrum smoothing of the targets."""
+
+    kind: Literal[CommandKind.PSS]
+    args: PSSArgs = Field(default_factory=PSSArgs)
+
+
+class UndoCommand(_Command):
+    """Restore the snapshot of the last weight rewrite."""
+
+    kind: Literal[CommandKind.UNDO]
+    args: UndoArgs = Field(default_factory=UndoArgs)
+
+
+class SetProbeCommand(_Command):
+    """Change the probe's cadence or its quantities."""
+
+    kind: Literal[CommandKind.SET_PROBE]
+    args: SetProbeArgs = Field(default_factory=SetProbeArgs)
+
+
+class ScaleLRCommand(_Command):
+    """Multiply the learning rate on top of the run's own schedule."""
+
+    kind: Literal[CommandKind.SCALE_LR]
+    args: ScaleLRArgs
+
+
+CommandCreate = Annotated[
+    MSignCommand | PSSCommand | UndoCommand | SetProbeCommand | ScaleLRCommand,
+    Field(discriminator="kind"),
+]
+_COMMAND = TypeAdapter(CommandCreate)
+
+
+class InvalidCommand(ValueError):
+    """A command's kind or arguments are outside the contract; ``errors`` are pydantic's."""
+
+    def __init__(self, errors: list[Any]) -> None:
+        first = errors[0] if errors else {"loc": (), "msg": "invalid"}
+        where = ".".join(str(p) for p in first["loc"])
+        super().__init__(f"{where}: {first['msg']}")
+        self.errors = errors
+
+
+def validate_command(kind: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a command as stored: validated against its kind's model (the fields
+    given, numbers as numbers), or ``InvalidCommand``. Every way a command is queued (an
+    operator, an inbound alert, an alert rule) passes here."""
+    if kind not in values(CommandKind):
+        message = f"{kind!r} is not a command kind; valid: {', '.join(values(CommandKind))}"
+        raise InvalidCommand([{"loc": ("kind",), "msg": message, "type": "enum", "input": kind}])
+    try:
+        command = _COMMAND.validate_python({"kind": kind, "args": args})
+    except ValidationError as exc:
+        # The union names the member first (("scale_lr", "args", "factor")): drop it.
+        errors = [{**e, "loc": e["loc"][1:]} for e in exc.errors(include_url=False)]
+        raise InvalidCommand(errors) from None
+    dumped: dict[str, Any] = command.args.model_dump(mode="json", exclude_unset=True)
+    return dumped
 
 
 class CommandPublic(WireModel):
@@ -281,7 +446,7 @@ class CommandsPublic(WireModel):
 
 
 class CommandClaim(WireModel):
-    limit: int = Field(default=100, ge=1, le=1000)
+    limit: StrictInt = Field(default=100, ge=1, le=1000)
 
 
 class CommandAck(WireModel):

@@ -44,6 +44,7 @@ from rankguard.server.config import Settings
 from rankguard.server.db import utcnow
 from rankguard.server.models import Alert, AlertRule, Delivery, Project, Run, Webhook
 from rankguard.server.notify import payloads
+from rankguard.server.schemas import InvalidCommand
 from rankguard.server.storage.alerts import RULES_TABLE
 from rankguard.server.storage.commands import RunNotRunning, enqueue_command
 from rankguard.server.vocab import (
@@ -362,6 +363,11 @@ class Alerting:
                 ttl_s=self.settings.command_ttl_s,
             )
         except RunNotRunning:
+            return
+        except InvalidCommand as exc:  # the rule validated it; the contract's bounds won
+            logger.warning(
+                "alert %s (rule %s) ordered an invalid command: %s", alert.id, tr.rule, exc
+            )
             return
         alert.command_id = command.id
         outcome.commands.append(command.id)

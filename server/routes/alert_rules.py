@@ -20,6 +20,7 @@ from rankguard.server.deps import (
     scoped_project,
     unprocessable,
 )
+from rankguard.server.middleware import WireRoute
 from rankguard.server.models import AlertRule
 from rankguard.server.schemas import (
     AlertRuleCreate,
@@ -31,7 +32,7 @@ from rankguard.server.schemas import (
 from rankguard.server.storage import alerts as store
 from rankguard.server.storage.runs import project_by_id, project_names
 
-router = APIRouter(prefix="/alert-rules", tags=["alert rules"])
+router = APIRouter(route_class=WireRoute, prefix="/alert-rules", tags=["alert rules"])
 
 RULE_NOT_FOUND = "Alert rule not found"
 
