@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "rg_bench-admin-token"
+TOKEN = "rg_bench-admin-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 TARGETS = 96
 QUANTITIES = 8  # 768 points per sampled step, as in perf.md §5.2

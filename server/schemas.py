@@ -463,8 +463,8 @@ class AlertRuleCreate(WireModel):
     """A rule (the fields of ``alerts.Rule``: name, quantity, condition, threshold,
     targets, aggregation, ...; validated by the engine) for a project or one of its runs."""
 
-    rule: dict[str, Any]
-    run_id: str | None = Field(
+    rule: WireObject
+    run_id: RunId | None = Field(
         default=None, description="attach to this run; null: a project rule, copied to new runs"
     )
     project: ProjectName | None = Field(
@@ -475,7 +475,7 @@ class AlertRuleCreate(WireModel):
 class AlertRuleUpdate(WireModel):
     """Fields of the rule to change (PATCH); a change of its condition resets its state."""
 
-    rule: dict[str, Any]
+    rule: WireObject
 
 
 class AlertRulePublic(WireModel):
@@ -527,7 +527,9 @@ class AlertsPublic(WireModel):
 WebhookUrl = Annotated[
     str, StringConstraints(min_length=8, max_length=2048, pattern=r"^https?://[^\s\x00]+$")
 ]
-WebhookSecret = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+WebhookSecret = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]+$")
+]
 
 
 class WebhookCreate(WireModel):
