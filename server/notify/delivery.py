@@ -168,7 +168,7 @@ def deliver(
         except httpx.TransportError as exc:
             retryable = not egress.is_refused(exc)
             error = f"{type(exc).__name__}: {exc}"
-        except httpx.HTTPError as exc:  # e.g. an invalid URL: trying again will not help
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # trying again will not help
             error = f"{type(exc).__name__}: {exc}"
         duration = clock() - started
         delay: float | None = None

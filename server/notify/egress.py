@@ -106,10 +106,16 @@ def literal_address(host: str) -> IPAddress | None:
 def check_url(url: str, allow: Sequence[Network]) -> str | None:
     """Why a webhook URL is refused at save time, or None. Names that resolve elsewhere are
     checked again at each send (``GuardedBackend``)."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower().rstrip(".")
+    invalid = f"url={url[:200]!r} is not valid; use http(s)://host[:port]/path"
+    try:
+        httpx.URL(url)  # what the sender will parse
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower().rstrip(".")
+        parts.port  # noqa: B018 (raises for a port out of range)
+    except (httpx.InvalidURL, ValueError):
+        return invalid
     if parts.scheme not in ("http", "https") or not host:
-        return f"url={url!r} is not valid; use http(s)://host[:port]/path"
+        return invalid
     address = literal_address(host)
     if address is not None:
         return refusal(address, allow)
