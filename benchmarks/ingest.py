@@ -63,11 +63,15 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -
 
 
 @contextmanager
-def rankguard_server(database_url: str) -> Iterator[str]:
+def rankguard_server(
+    database_url: str, *, rankguard: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A `rankguard serve` (this environment's, or the console script ``rankguard``) with
+    ``env`` added to its environment; yields its base URL."""
     port = _free_port()
-    env = {**os.environ, "RANKGUARD_ADMIN_TOKEN": TOKEN}
+    env = {**os.environ, "RANKGUARD_ADMIN_TOKEN": TOKEN, **(env or {})}
     cmd = [
-        str(Path(sys.executable).with_name("rankguard")),
+        rankguard or str(Path(sys.executable).with_name("rankguard")),
         "serve",
         "--database-url",
         database_url,

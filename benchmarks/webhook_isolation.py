@@ -15,14 +15,10 @@ the slow one had received by then.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +29,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers.webhook_receiver import Receiver, webhook_receiver  # noqa: E402
 
-from benchmarks.ingest import TOKEN, _free_port, _wait_ready  # noqa: E402
+from benchmarks.ingest import TOKEN, rankguard_server  # noqa: E402
 
-HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+# The receivers are local; the slow one is slow, not dead (under the attempt deadline).
+SERVER_ENV = {
+    "RANKGUARD_WEBHOOK_ALLOW": "127.0.0.1/32",
+    "RANKGUARD_WEBHOOK_TIMEOUT_S": "30",
+    "RANKGUARD_DELIVERY_POLL_S": "0.2",
+}
 FLIP_RULE = {
     "name": "bench_flip",
     "quantity": "loss",
@@ -48,39 +49,24 @@ FLIP_RULE = {
 }
 
 
-@contextmanager
-def server(rankguard: str, database_url: str, env: dict[str, str]) -> Iterator[str]:
-    port = _free_port()
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("RANKGUARD_")},
-        "RANKGUARD_ADMIN_TOKEN": TOKEN,
-        "RANKGUARD_WEBHOOK_ALLOW": "127.0.0.1/32",  # the receivers are local
-        "RANKGUARD_WEBHOOK_TIMEOUT_S": "30",  # the slow receiver is slow, not dead
-        "RANKGUARD_DELIVERY_POLL_S": "0.2",
-        **env,
-    }
-    cmd = [rankguard, "serve", "--database-url", database_url, "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--log-level", "warning", "--no-access-log"],
-        env=environment,
-        stdout=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(f"{base}/readyz", proc)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def run_workload(base: str, slow: Receiver, fast: Receiver, flips: int) -> dict[str, Any]:
-    """Two webhooks, one flipping rule, one ingest; waits for every fast notification."""
-    with httpx.Client(base_url=f"{base}/api/v1", headers=HEADERS, timeout=60) as api:
+def run_workload(
+    base: str,
+    slow: Receiver,
+    fast: Receiver,
+    flips: int,
+    *,
+    operate: str = TOKEN,
+    ingest: str = TOKEN,
+) -> dict[str, Any]:
+    """Two webhooks and one flipping rule (with the ``operate`` token), one ingest (with the
+    ``ingest`` token); waits for every notification of the fast receiver."""
+    url = f"{base}/api/v1"
+    with httpx.Client(base_url=url, headers=_bearer(operate), timeout=60) as api:
         for name, receiver in (("slow", slow), ("fast", fast)):
             hook = {"name": name, "url": receiver.url(f"/{name}"), "min_severity": "info"}
             api.post("/webhooks", json=hook).raise_for_status()
         api.post("/alert-rules", json={"rule": FLIP_RULE}).raise_for_status()
+    with httpx.Client(base_url=url, headers=_bearer(ingest), timeout=60) as api:
         run = api.post("/runs", json={"name": "isolation"}).json()["id"]
         steps = list(range(1, 2 * flips + 2))
         values = [20.0 if s % 2 else 1.0 for s in steps]  # fires at odd steps, resolves at even
@@ -99,13 +85,15 @@ def run_workload(base: str, slow: Receiver, fast: Receiver, flips: int) -> dict[
     }
 
 
-def measure(
-    rankguard: str, database_url: str, *, slow_s: float, flips: int, env: dict[str, str]
-) -> dict[str, Any]:
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def measure(rankguard: str, database_url: str, *, slow_s: float, flips: int) -> dict[str, Any]:
     with (
         webhook_receiver() as slow,
         webhook_receiver() as fast,
-        server(rankguard, database_url, env) as base,
+        rankguard_server(database_url, rankguard=rankguard, env=SERVER_ENV) as base,
     ):
         slow.delay_s = slow_s
         return run_workload(base, slow, fast, flips)
@@ -123,7 +111,6 @@ def main() -> None:
             f"sqlite:///{Path(tmp) / 'rg.db'}",
             slow_s=args.slow_s,
             flips=args.flips,
-            env={},
         )
     print(f"rankguard: {args.rankguard}")
     print(
@@ -131,8 +118,9 @@ def main() -> None:
         f"notifications per receiver from one ingest"
     )
     print(
-        f"fast receiver latency: p50 {result['fast_p50_s']:.3f} s, max {result['fast_max_s']:.3f} s;"
-        f" slow receiver had {result['slow_received_by_then']} by then"
+        f"fast receiver latency: p50 {result['fast_p50_s']:.3f} s, "
+        f"max {result['fast_max_s']:.3f} s; slow receiver had "
+        f"{result['slow_received_by_then']} by then"
     )
 
 

@@ -17,10 +17,11 @@ them by address, and they say nothing about the data.
 
 from __future__ import annotations
 
-import json
 from urllib.parse import parse_qsl, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rankguard.server.middleware import error_response
 
 # plotly draws with inline styles; everything else comes from this server.
 CONTENT_SECURITY_POLICY = (
@@ -70,11 +71,6 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = self._refusal(scope, headers) or _nul_refusal(scope)
-        if refusal is not None:
-            status, detail = refusal
-            await _refuse(send, status, detail)
-            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -83,6 +79,11 @@ class RequestGuard:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
+        refusal = self._refusal(scope, headers) or _nul_refusal(scope)
+        if refusal is not None:
+            status, detail = refusal
+            await error_response(send_with_headers, status, detail)
+            return
         await self.app(scope, receive, send_with_headers)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, str]) -> tuple[int, object] | None:
@@ -138,19 +139,3 @@ def _nul_refusal(scope: Scope) -> tuple[int, object] | None:
             }
             return 422, [error]
     return None
-
-
-async def _refuse(send: Send, status: int, detail: object) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *SECURITY_HEADERS,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

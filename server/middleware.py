@@ -82,11 +82,13 @@ class BodyLimitMiddleware:
         headers = dict(scope["headers"])
         encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
         if encoding not in ("identity", "gzip", ""):
-            await _error(send, 415, f"Content-Encoding {encoding!r} is not supported; use gzip")
+            await error_response(
+                send, 415, f"Content-Encoding {encoding!r} is not supported; use gzip"
+            )
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _error(send, 413, self._too_large("request body"))
+            await error_response(send, 413, self._too_large("request body"))
             return
         chunks: list[bytes] = []
         size = 0
@@ -98,7 +100,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _error(send, 413, self._too_large("request body"))
+                await error_response(send, 413, self._too_large("request body"))
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -108,13 +110,13 @@ class BodyLimitMiddleware:
             try:
                 body = inflater.decompress(body, self.max_bytes + 1)
             except zlib.error as exc:
-                await _error(send, 400, f"gzip body could not be decompressed: {exc}")
+                await error_response(send, 400, f"gzip body could not be decompressed: {exc}")
                 return
             if len(body) > self.max_bytes:
-                await _error(send, 413, self._too_large("decompressed request body"))
+                await error_response(send, 413, self._too_large("decompressed request body"))
                 return
             if not inflater.eof:
-                await _error(send, 400, "gzip body is truncated")
+                await error_response(send, 400, "gzip body is truncated")
                 return
         new_headers = [
             (k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")
@@ -139,7 +141,8 @@ class BodyLimitMiddleware:
         )
 
 
-async def _error(send: Send, status: int, detail: str) -> None:
+async def error_response(send: Send, status: int, detail: object) -> None:
+    """A JSON ``{"detail": ...}`` answer from ASGI middleware (before any route ran)."""
     body = json.dumps({"detail": detail}).encode()
     await send(
         {

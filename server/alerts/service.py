@@ -40,11 +40,11 @@ from rankguard.server.alerts import runbook
 from rankguard.server.alerts.engine import evaluate_steps, flush
 from rankguard.server.alerts.rules import Rule, RuleError
 from rankguard.server.alerts.transitions import Transition, TransitionKind
+from rankguard.server.commands import InvalidCommand
 from rankguard.server.config import Settings
 from rankguard.server.db import utcnow
 from rankguard.server.models import Alert, AlertRule, Delivery, Project, Run, Webhook
 from rankguard.server.notify import payloads
-from rankguard.server.schemas import InvalidCommand
 from rankguard.server.storage.alerts import RULES_TABLE
 from rankguard.server.storage.commands import RunNotRunning, enqueue_command
 from rankguard.server.vocab import (

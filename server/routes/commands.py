@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 
+from rankguard.server.commands import CommandCreate, InvalidCommand
 from rankguard.server.deps import (
     DbDep,
     IngestPrincipal,
@@ -23,10 +24,8 @@ from rankguard.server.models import Command
 from rankguard.server.schemas import (
     CommandAck,
     CommandClaim,
-    CommandCreate,
     CommandPublic,
     CommandsPublic,
-    InvalidCommand,
 )
 from rankguard.server.storage import commands as command_store
 from rankguard.server.storage.errors import ConflictError

@@ -16,10 +16,11 @@ from starlette.concurrency import run_in_threadpool
 
 from rankguard.server import inbound
 from rankguard.server.auth import Principal
+from rankguard.server.commands import InvalidCommand
 from rankguard.server.db import Database
 from rankguard.server.deps import DbDep, OperatePrincipal, SettingsDep, unprocessable
 from rankguard.server.middleware import WireRoute
-from rankguard.server.schemas import CommandPublic, InboundIgnored, InboundResult, InvalidCommand
+from rankguard.server.schemas import CommandPublic, InboundIgnored, InboundResult
 from rankguard.server.storage.commands import CommandStillOpen, RunNotRunning, enqueue_command
 from rankguard.server.storage.runs import get_run
 

@@ -14,9 +14,9 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
+from rankguard.server.commands import validate_command
 from rankguard.server.db import utcnow
 from rankguard.server.models import Command, Event, Run
-from rankguard.server.schemas import validate_command
 from rankguard.server.storage.errors import ConflictError
 from rankguard.server.vocab import CommandState, RunStatus
 

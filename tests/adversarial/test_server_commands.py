@@ -87,7 +87,7 @@ def test_inbound_alerts_cannot_order_an_invalid_command(project: Project) -> Non
 def test_every_queue_path_validates(kind: str, args: dict[str, Any], field: str) -> None:
     """``storage.enqueue_command`` (operators, inbound alerts and alert rules all queue
     through it) refuses what the API refuses."""
-    from rankguard.server.schemas import InvalidCommand, validate_command
+    from rankguard.server.commands import InvalidCommand, validate_command
 
     with pytest.raises(InvalidCommand, match=field.replace(".", r"\.")):
         validate_command(kind, args)

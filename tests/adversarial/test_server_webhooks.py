@@ -18,7 +18,7 @@ from helpers.live_server import LiveServer
 from helpers.webhook_receiver import trickling_receiver, webhook_receiver
 from server_helpers import ADMIN_TOKEN, Api, Project, TestClient, make_settings, points_body
 
-from benchmarks.webhook_isolation import FLIP_RULE
+from benchmarks.webhook_isolation import FLIP_RULE, run_workload
 from rankguard.server.main import create_app
 from rankguard.server.notify import egress
 
@@ -115,43 +115,13 @@ def test_a_slow_receiver_does_not_delay_a_fast_one(live: LiveServer) -> None:
     tokens = live.new_project()
     with webhook_receiver() as slow, webhook_receiver() as fast:
         slow.delay_s = 2.0  # under the attempt budget: slow, not failing
-        result = _workload(live, tokens, slow, fast, flips=6)
+        result = run_workload(
+            live.url, slow, fast, flips=6, operate=tokens["operate"], ingest=tokens["ingest"]
+        )
     # 12 notifications each; the slow receiver needs 24 s for its own. Before: the fast one's
     # waited behind them (p50 4 s, max 10 s in benchmarks/webhook_isolation.py).
     assert result["fast_max_s"] < 2.0, result
     assert result["slow_received_by_then"] <= 2, result
-
-
-def _workload(
-    live: LiveServer, tokens: dict[str, str], slow: Any, fast: Any, flips: int
-) -> dict[str, Any]:
-    """benchmarks/webhook_isolation.py's workload with a project's own tokens: two webhooks,
-    a rule that fires and resolves at every other step, one ingest."""
-    headers = {"Authorization": f"Bearer {tokens['operate']}"}
-    base = live.url
-    with httpx.Client(base_url=f"{base}/api/v1", headers=headers, timeout=60) as api:
-        for name, receiver in (("slow", slow), ("fast", fast)):
-            hook = {"name": name, "url": receiver.url(f"/{name}"), "min_severity": "info"}
-            api.post("/webhooks", json=hook).raise_for_status()
-        api.post("/alert-rules", json={"rule": FLIP_RULE}).raise_for_status()
-    ingest_headers = {"Authorization": f"Bearer {tokens['ingest']}"}
-    with httpx.Client(base_url=f"{base}/api/v1", headers=ingest_headers, timeout=60) as api:
-        run = api.post("/runs", json={"name": "isolation"}).json()["id"]
-        steps = list(range(1, 2 * flips + 2))
-        body = {
-            "quantity": ["loss"] * len(steps),
-            "target": ["global"] * len(steps),
-            "step": steps,
-            "value": [20.0 if s % 2 else 1.0 for s in steps],
-        }
-        sent = time.perf_counter()
-        api.post(f"/runs/{run}/points", json=body).raise_for_status()
-    arrived = fast.wait_for(2 * flips, timeout=120, path="/fast")
-    latencies = [r.at - sent for r in arrived]
-    return {
-        "fast_max_s": max(latencies),
-        "slow_received_by_then": len([r for r in slow.requests if r.at <= arrived[-1].at]),
-    }
 
 
 # --- 7: SSRF guard, checked at save and at send; no echo -----------------------------------------
