@@ -35,7 +35,8 @@ def register(project: Project, name: str) -> tuple[str, Api]:
 
 
 def test_a_jobs_token_cannot_touch_another_run(project: Project) -> None:
-    assert project.api["operate"].post("/alert-rules", json={"rule": NAN_MSIGN_RULE}).status_code
+    rule = project.api["operate"].post("/alert-rules", json={"rule": NAN_MSIGN_RULE})
+    assert rule.status_code == 201, rule.text
     run1, job1 = register(project, "job-1")
     run2, job2 = register(project, "job-2")
     queued = (
@@ -88,7 +89,8 @@ def test_a_job_token_reads_and_manages_nothing(project: Project) -> None:
         assert job.get(path).status_code == 403, path
     order = {"kind": "msign", "args": {}}
     assert job.post(f"/runs/{run}/commands", json=order).status_code == 403
-    assert job.post("/tokens", json={"name": "x", "project": project.name, "scopes": ["admin"]})
+    mint = {"name": "x", "project": project.name, "scopes": ["admin"]}
+    assert job.post("/tokens", json=mint).status_code == 403
     assert job.client.get("/metrics", headers=job.headers).status_code == 403
 
 

@@ -91,3 +91,14 @@ def test_every_queue_path_validates(kind: str, args: dict[str, Any], field: str)
 
     with pytest.raises(InvalidCommand, match=field.replace(".", r"\.")):
         validate_command(kind, args)
+
+
+def test_alert_rules_cannot_order_out_of_bounds_commands(project: Project) -> None:
+    """A rule whose action would order an invalid command is refused when it is saved."""
+    rule = {"name": "r", "quantity": "loss", "condition": "above", "threshold": 1.0}
+    operate = project.api["operate"]
+    backoff = {**rule, "lr_backoff": {"enabled": True, "factor": 1e-300}}
+    r = operate.post("/alert-rules", json={"rule": backoff})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "rule.lr_backoff"]
+    fine = {**rule, "lr_backoff": {"factor": 0.5}}
+    assert operate.post("/alert-rules", json={"rule": fine}).status_code == 201
