@@ -168,7 +168,7 @@ def measure_read(base: str, n_points: int, reads: int) -> float:
             c.post(
                 f"/api/v1/runs/{run}/points",
                 content=gzip.compress(json.dumps(body).encode(), 1),
-                headers={"Content-Encoding": "gzip"},
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
             ).raise_for_status()
         times = []
         for _ in range(reads):
