@@ -65,6 +65,7 @@ def test_no_generated_request_gets_a_5xx(tmp_path: Path, fuzz_database: str) -> 
             ],
             capture_output=True,
             text=True,
+            cwd=tmp_path,  # st keeps a cache (.schemathesis/) in its working directory
             timeout=FUZZ_SECONDS * 4,
             check=False,
         )
