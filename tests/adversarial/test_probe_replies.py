@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from helpers.hostile_server import Answer, hostile_server
 from helpers.probe_harness import all_finite, probe_on, unchanged, wait_for_polls, weights
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+
+from rankguard.probe.http_transport import HttpTransport
 
 # The answers the issue found crashing training, and their relatives.
 MALFORMED_CLAIMS: list[Any] = [
@@ -46,14 +49,21 @@ RAW_CLAIMS: list[bytes] = [
     b'{"data": [{"id": NaN, "kind": Infinity}]}',
     b"\xff\xfe\x00garbage",
     json.dumps({"data": [{"id": "c8", "kind": "undo"}] * 20_000}).encode(),  # 700 kB
+    json.dumps({"data": [{"id": "c9", "kind": "msign"}] * 60_000}).encode(),  # 1.8 MB: unread
 ]
+
+
+def _label(value: object) -> str:
+    """A short test id (some answers are hundreds of kB)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}...({len(text)} chars)"
 
 
 def _claim_answered_by(server: Any, answer: Answer) -> None:
     server.answer("/commands/claim", answer)
 
 
-@pytest.mark.parametrize("body", MALFORMED_CLAIMS + RAW_CLAIMS, ids=repr)
+@pytest.mark.parametrize("body", MALFORMED_CLAIMS + RAW_CLAIMS, ids=_label)
 def test_a_malformed_command_poll_never_reaches_training(tmp_path: Path, body: Any) -> None:
     with hostile_server() as server, probe_on(server, tmp_path) as (probe, model):
         reference = weights(model)
@@ -79,6 +89,29 @@ def test_truncated_hanging_and_reset_polls_never_reach_training(tmp_path: Path) 
         assert unchanged(model, reference)
 
 
+def test_a_trickling_reply_is_cut_off_and_sending_goes_on(tmp_path: Path) -> None:
+    claim = json.dumps({"data": [{"id": "slow", "kind": "msign"}]}).encode()  # 44 bytes
+    with hostile_server() as server:
+        server.answer("/commands/claim", Answer(200, claim, trickle=0.1))  # 4.4 s to send
+        transport = HttpTransport(
+            server.url,
+            token=None,
+            registration={"id": str(uuid.uuid4()), "name": "trickle"},
+            spill_path=tmp_path / "spill.jsonl",
+            poll_interval=0.01,
+            retry_interval=0.01,
+            request_seconds=1.0,
+        )
+        server.wait_for(lambda: len(server.seen("/commands/claim")) >= 2, timeout=10)
+        assert transport.take_commands() == []  # the first reply was cut off after 1 s
+        server.answer("/commands/claim", Answer(200, {"data": []}))
+        points = {"quantity": ["loss"], "target": ["global"], "rank": [0], "step": [0]}
+        transport.send({"v": 1, "points": points | {"wall_time": [0.0], "value": [1.0]}})
+        report = transport.close(timeout=10)
+    assert report.delivered_all and server.steps() == [0]
+    assert transport.stats().failed_requests >= 1
+
+
 def test_a_bad_poll_is_logged_once_not_once_per_poll(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -94,7 +127,7 @@ def test_a_bad_poll_is_logged_once_not_once_per_poll(
 @pytest.mark.parametrize(
     "body",
     [b"", b"[1, 2]", b'{"job_token": 7}', b'{"job_token": "a\\r\\nX-Evil: 1"}', b"\xff"],
-    ids=repr,
+    ids=_label,
 )
 def test_a_malformed_registration_reply_is_ignored(tmp_path: Path, body: bytes) -> None:
     with hostile_server() as server:
