@@ -11,9 +11,10 @@ Kinds (docs/contract.md):
 - ``msign``: ``{"targets": "attention" | "all_2d" | [globs],
   "engine": "svd" | "newton_schulz" | null, "snapshot": true}``
 - ``pss``: ``{"targets": ..., "variant": "clip" | "conv" | "softmax", "k": int | null,
-  "scale": 1.0 (finite, in (0, 10]), "temperature": 0.25 (finite, > 0), "snapshot": true}``
+  "scale": 1.0 (in (0, 10]), "temperature": 0.25 (in (0, 100]), "snapshot": true}``, every
+  number finite and ``k`` at most 1e6
 - ``undo``: ``{}`` — restores the snapshot taken by the last msign/pss that kept one
-- ``set_probe``: ``{"every": int | null, "enable": [quantity], "disable": [quantity]}``
+- ``set_probe``: ``{"every": int in [1, 1e6] | null, "enable": [quantity], "disable": [quantity]}``
 - ``scale_lr``: ``{"factor": finite number in [1e-4, 1e4]}`` — multiplies every parameter
   group's learning rate by ``factor`` on top of the user's schedule, cumulatively, never
   above the schedule (:class:`~rankguard.probe.interventions.LearningRateScale`; needs the
@@ -55,6 +56,7 @@ from .targets import WeightTarget, select
 __all__ = [
     "MAX_COMMAND_INT",
     "PSS_SCALE_MAX",
+    "PSS_TEMPERATURE_MAX",
     "SCALE_LR_FACTOR_MAX",
     "SCALE_LR_FACTOR_MIN",
     "Command",
@@ -75,8 +77,10 @@ PSS_SCALE_MAX = 10.0
 SCALE_LR_FACTOR_MIN = 1e-4
 SCALE_LR_FACTOR_MAX = 1e4
 """``scale_lr`` ``factor`` is a finite number in [SCALE_LR_FACTOR_MIN, SCALE_LR_FACTOR_MAX]."""
-MAX_COMMAND_INT = 2**31 - 1
-"""The largest ``k`` or ``every`` a command may carry (no larger integer reaches torch)."""
+PSS_TEMPERATURE_MAX = 100.0
+"""``pss`` ``temperature`` is a finite number in (0, PSS_TEMPERATURE_MAX]."""
+MAX_COMMAND_INT = 1_000_000
+"""The largest ``k`` (pss) or ``every`` (set_probe) a command may carry."""
 
 
 class CommandKind(str, Enum):
@@ -165,7 +169,7 @@ def parse_command(raw: Mapping[str, Any]) -> Command:
             variant=variant,
             k=_count(args, "k"),
             scale=_number(args, "scale", 1.0, high=PSS_SCALE_MAX),
-            temperature=_number(args, "temperature", 0.25),
+            temperature=_number(args, "temperature", 0.25, high=PSS_TEMPERATURE_MAX),
             snapshot=_bool(args, "snapshot", True),
         )
     if kind == CommandKind.UNDO:

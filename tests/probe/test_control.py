@@ -74,7 +74,8 @@ def runner_for(model: nn.Module, changes: list[SetProbeCommand] | None = None) -
         ({"id": "a", "kind": "pss", "args": {"scale": 10.000001}}, "args.scale"),
         ({"id": "a", "kind": "pss", "args": {"scale": float("nan")}}, "args.scale"),
         ({"id": "a", "kind": "pss", "args": {"temperature": float("inf")}}, "args.temperature"),
-        ({"id": "a", "kind": "pss", "args": {"k": 2**31}}, "args.k"),
+        ({"id": "a", "kind": "pss", "args": {"k": 1_000_001}}, "args.k"),
+        ({"id": "a", "kind": "pss", "args": {"temperature": 100.5}}, "args.temperature"),
         ({"id": "a", "kind": "set_probe", "args": {"every": 10**30}}, "args.every"),
         ({"id": "a", "kind": "scale_lr", "args": {"factor": 0.99e-4}}, "args.factor"),
         ({"id": "a", "kind": "scale_lr", "args": {"factor": 1.01e4}}, "args.factor"),
@@ -92,7 +93,8 @@ def test_invalid_commands_name_the_field(raw: dict[str, Any], field: str) -> Non
 @pytest.mark.parametrize(
     "raw",
     [
-        {"id": "a", "kind": "pss", "args": {"scale": 10}},
+        {"id": "a", "kind": "pss", "args": {"scale": 10, "temperature": 100, "k": 1_000_000}},
+        {"id": "a", "kind": "set_probe", "args": {"every": 1_000_000}},
         {"id": "a", "kind": "scale_lr", "args": {"factor": 1e-4}},
         {"id": "a", "kind": "scale_lr", "args": {"factor": 1e4}},
     ],
