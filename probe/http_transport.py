@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import gzip
-import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections import Counter, deque
@@ -43,6 +40,7 @@ from urllib.parse import quote
 
 import httpx
 
+from .http_call import Reply, call
 from .spill import SpillFile, Unreadable
 from .transport import CloseReport, Losses, TransportStats, describe_os_error
 from .wire import (
@@ -50,9 +48,9 @@ from .wire import (
     Batch,
     ack_batch,
     batch_size,
-    encode_json,
     merge_batches,
     parse_commands,
+    parse_job_token,
     point_count,
 )
 
@@ -60,23 +58,11 @@ __all__ = ["HttpTransport"]
 
 logger = logging.getLogger("rankguard.probe.transport")
 
-_MAX_REPLY_BYTES = 1 << 20  # a claim of 100 commands is a few kB; nothing else is read
-_JOB_TOKEN = re.compile(r"[\x21-\x7e]{8,512}")  # printable ASCII, no spaces: header-safe
-
 
 class _Outcome(enum.Enum):
     DELIVERED = "delivered"
     KEEP = "keep"  # not now (server down, token refused, run lost): spill and retry
     REFUSED = "refused"  # never (413, 422, 400): split a merged batch, or lose this one
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reply:
-    status: int
-    body: bytes
-
-    def detail(self) -> str:
-        return self.body[:200].decode("utf-8", "replace")
 
 
 class HttpTransport:
@@ -333,16 +319,10 @@ class HttpTransport:
     def _job_auth(self, body: bytes) -> dict[str, str]:
         """The Authorization header for the run's later calls: the registration reply's
         ``job_token`` when it has a well-formed one, else the token given."""
-        try:
-            token = json.loads(body).get("job_token")
-        except (ValueError, RecursionError, AttributeError):
-            token = None  # not a JSON object: nothing to adopt
-        if token is None:
-            return dict(self._given_auth)
-        if not isinstance(token, str) or not _JOB_TOKEN.fullmatch(token):
-            self._count_failure("job token", "the registration reply's job_token is malformed")
-            return dict(self._given_auth)
-        return {"Authorization": f"Bearer {token}"}
+        token, problem = parse_job_token(body)
+        if problem:
+            self._count_failure("job token", problem)
+        return {"Authorization": f"Bearer {token}"} if token else dict(self._given_auth)
 
     def _deliver(self, batches: list[Batch]) -> list[Batch]:
         """Posts ``batches`` merged; returns those to keep for later. A merged request the
@@ -412,7 +392,7 @@ class HttpTransport:
             self._stats.acks_sent += 1
         return _Outcome.DELIVERED, ""
 
-    def _forget_registration(self, reply: _Reply | None) -> None:
+    def _forget_registration(self, reply: Reply | None) -> None:
         # A server that answers 404 for our run lost it (new database), and one that refuses
         # the job token it minted may have too: register again (with the token given).
         job_token_refused = (
@@ -423,7 +403,7 @@ class HttpTransport:
             self._auth = dict(self._given_auth)
             self._server_down_until = time.monotonic() + self._retry_interval
 
-    def _note_refusal(self, reply: _Reply | None) -> None:
+    def _note_refusal(self, reply: Reply | None) -> None:
         if reply is not None and reply.status in (401, 403):
             self._refusal = f"the server refused the token: http {reply.status}"
 
@@ -463,19 +443,11 @@ class HttpTransport:
 
     def _request(
         self, method: str, path: str, body: dict[str, Any], auth: dict[str, str]
-    ) -> _Reply | None:
-        """One HTTP call, gzip-compressed; None (and a backoff) when the server is
-        unreachable or its answer is unusable (too large, too slow, broken). Never raises."""
-        payload = gzip.compress(encode_json(body).encode(), compresslevel=1)
-        headers = {
-            "Content-Type": "application/json",
-            "Content-Encoding": "gzip",
-            "Accept-Encoding": "identity",  # read as sent: a compressed bomb is not inflated
-            **auth,
-        }
+    ) -> Reply | None:
+        """One bounded HTTP call (:func:`.http_call.call`); None (and a backoff) when the
+        server is unreachable or its answer unusable. Never raises."""
         try:
-            with self._client.stream(method, path, content=payload, headers=headers) as response:
-                reply = _Reply(response.status_code, self._read_bounded(response))
+            reply = call(self._client, method, path, body, auth, seconds=self._request_seconds)
         except Exception as exc:  # httpx errors, a bad URL, a reply too large or too slow
             self._count_failure(type(exc).__name__, exc)
             self._trouble = f"the server did not answer usably: {type(exc).__name__}"
@@ -490,24 +462,6 @@ class HttpTransport:
             kind = path.rsplit("/", 1)[-1]
             self._count_failure(f"http {reply.status} on {kind}", reply.detail())
         return reply
-
-    def _read_bounded(self, response: httpx.Response) -> bytes:
-        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("identity", ""):  # we asked for identity: not what we can trust
-            raise _UnusableReply(f"the reply is {encoding!r}-encoded")
-        # an in-process transport (tests) has answered from memory already
-        chunks_in = [response.content] if response.is_stream_consumed else response.iter_raw()
-        deadline = time.monotonic() + self._request_seconds
-        chunks: list[bytes] = []
-        size = 0
-        for chunk in chunks_in:
-            size += len(chunk)
-            if size > _MAX_REPLY_BYTES:
-                raise _UnusableReply(f"the reply is over {_MAX_REPLY_BYTES} bytes")
-            if time.monotonic() > deadline:
-                raise _UnusableReply(f"the reply took over {self._request_seconds:g} s")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def _spill_batch(self, batch: Batch) -> None:
         try:
@@ -525,7 +479,3 @@ class HttpTransport:
         if kind not in self._warned:  # log each kind of failure once, not once per step
             self._warned.add(kind)
             logger.warning("rankguard transport: %s: %s (further ones counted)", kind, detail)
-
-
-class _UnusableReply(Exception):
-    """A reply the transport will not read further."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "iter_points",
     "merge_batches",
     "parse_commands",
+    "parse_job_token",
     "point_count",
 ]
 
@@ -46,6 +48,7 @@ MAX_COMMANDS_PER_POLL = 100
 """Commands the probe asks for per claim (the server's default limit) and accepts at most."""
 
 _MAX_COMMAND_ID = 200  # characters; the server's ids are uuids
+_JOB_TOKEN = re.compile(r"[\x21-\x7e]{8,512}")  # printable ASCII, no spaces: header-safe
 
 Batch = dict[str, Any]
 
@@ -241,3 +244,20 @@ def _command_problem(entry: Any) -> str | None:
     if isinstance(command_id, str) and not 0 < len(command_id) <= _MAX_COMMAND_ID:
         return f"a claimed command's id is empty or longer than {_MAX_COMMAND_ID} characters"
     return None  # kind and args are validated when it is applied, and acked if wrong
+
+
+def parse_job_token(body: bytes) -> tuple[str | None, str | None]:
+    """The ``job_token`` of a run registration reply, and what was wrong with it. Never
+    raises. (None, None): the reply has none (not JSON, not an object, or no such field);
+    (None, problem): it has one that is not 8 to 512 printable ASCII characters without
+    spaces (it would not make a safe header)."""
+    try:
+        reply = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    token = reply.get("job_token") if isinstance(reply, dict) else None
+    if token is None:
+        return None, None
+    if not isinstance(token, str) or not _JOB_TOKEN.fullmatch(token):
+        return None, "the registration reply's job_token is malformed; the given token is kept"
+    return token, None

@@ -19,6 +19,7 @@ from rankguard.probe.wire import (
     encode_json,
     merge_batches,
     parse_commands,
+    parse_job_token,
     point_count,
 )
 
@@ -113,3 +114,21 @@ def test_parse_commands_takes_at_most_one_claims_worth() -> None:
     body = json.dumps({"data": [{"id": str(i), "kind": "undo"} for i in range(500)]}).encode()
     commands, problems = parse_commands(body)
     assert len(commands) == MAX_COMMANDS_PER_POLL and "500" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "token", "problem"),
+    [
+        (b'{"id": "r", "job_token": "rg_job_0123456789"}', "rg_job_0123456789", False),
+        (b'{"id": "r"}', None, False),
+        (b'{"id": "r", "job_token": null}', None, False),
+        (b"[1, 2]", None, False),
+        (b"\xff", None, False),
+        (b'{"job_token": 7}', None, True),
+        (b'{"job_token": "short"}', None, True),
+        (b'{"job_token": "rg_job_0123\\r\\nX-Evil: 1"}', None, True),
+    ],
+)
+def test_parse_job_token(body: bytes, token: str | None, problem: bool) -> None:
+    assert parse_job_token(body)[0] == token
+    assert (parse_job_token(body)[1] is not None) is problem
