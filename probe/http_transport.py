@@ -127,7 +127,10 @@ class HttpTransport:
         self._max_batch_points = max_batch_points
         self._request_seconds = request_seconds
         self._registered = False
-        self._server_down_until = 0.0
+        # Backoff after a failed call, kept apart for the command poll and for everything
+        # else: a batch or an ack the server keeps failing (5xx) must not starve the poll that
+        # may bring the command rescuing the run, nor a failing poll the data.
+        self._down_until = {"data": 0.0, "poll": 0.0}
         self._refusal = ""  # why the server does not take our data now (401/403), if it says
         self._trouble = ""  # what went wrong with the last request, if it did
         self._next_poll = 0.0
@@ -293,8 +296,8 @@ class HttpTransport:
             for batch in keep:
                 self._spill_batch(batch)
 
-    def _server_is_down(self) -> bool:
-        return time.monotonic() < self._server_down_until
+    def _server_is_down(self, channel: str = "data") -> bool:
+        return time.monotonic() < self._down_until[channel]
 
     def _wait_retry(self, stopping: bool) -> None:
         if not stopping:
@@ -401,7 +404,7 @@ class HttpTransport:
         if reply is not None and (reply.status == 404 or job_token_refused):
             self._registered = False
             self._auth = dict(self._given_auth)
-            self._server_down_until = time.monotonic() + self._retry_interval
+            self._down_until["data"] = time.monotonic() + self._retry_interval
 
     def _note_refusal(self, reply: Reply | None) -> None:
         if reply is not None and reply.status in (401, 403):
@@ -427,11 +430,10 @@ class HttpTransport:
                 )
 
     def _poll_commands(self) -> None:
-        if self._server_is_down():
+        if self._server_is_down("poll"):
             return
-        reply = self._request(
-            "POST", f"{self._run_path}/commands/claim", {"limit": MAX_COMMANDS_PER_POLL}, self._auth
-        )
+        path, body = f"{self._run_path}/commands/claim", {"limit": MAX_COMMANDS_PER_POLL}
+        reply = self._request("POST", path, body, self._auth, channel="poll")
         if reply is None or reply.status != 200:
             return
         commands, problems = parse_commands(reply.body)
@@ -442,7 +444,12 @@ class HttpTransport:
             self._stats.commands_received += len(commands)
 
     def _request(
-        self, method: str, path: str, body: dict[str, Any], auth: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any],
+        auth: dict[str, str],
+        channel: str = "data",
     ) -> Reply | None:
         """One bounded HTTP call (:func:`.http_call.call`); None (and a backoff) when the
         server is unreachable or its answer unusable. Never raises."""
@@ -451,13 +458,13 @@ class HttpTransport:
         except Exception as exc:  # httpx errors, a bad URL, a reply too large or too slow
             self._count_failure(type(exc).__name__, exc)
             self._trouble = f"the server did not answer usably: {type(exc).__name__}"
-            self._server_down_until = time.monotonic() + self._retry_interval
+            self._down_until[channel] = time.monotonic() + self._retry_interval
             return None
         self._trouble = ""
         if reply.status >= 500 or reply.status == 429:
             self._count_failure(f"http {reply.status}", reply.detail())
             self._trouble = f"the server answered http {reply.status}"
-            self._server_down_until = time.monotonic() + self._retry_interval
+            self._down_until[channel] = time.monotonic() + self._retry_interval
         elif reply.status >= 400:
             kind = path.rsplit("/", 1)[-1]
             self._count_failure(f"http {reply.status} on {kind}", reply.detail())

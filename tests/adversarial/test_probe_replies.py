@@ -112,6 +112,31 @@ def test_a_trickling_reply_is_cut_off_and_sending_goes_on(tmp_path: Path) -> Non
     assert transport.stats().failed_requests >= 1
 
 
+def test_a_failing_endpoint_starves_neither_the_poll_nor_the_data(tmp_path: Path) -> None:
+    """Acks answered 500 forever must not stop the command poll; a claim answered 500
+    forever must not stop the data. Each kind of call backs off on its own."""
+    with hostile_server() as server:
+        server.answer("/ack", Answer(500, {"detail": "ack store broken"}))
+        transport = HttpTransport(
+            server.url,
+            token=None,
+            registration={"id": str(uuid.uuid4()), "name": "starve"},
+            spill_path=tmp_path / "spill.jsonl",
+            poll_interval=0.01,
+            retry_interval=0.2,
+        )
+        transport.ack("c1", {"state": "applied", "step": 1})
+        server.wait_for(lambda: len(server.seen("/ack")) >= 3)
+        polls = len(server.seen("/commands/claim"))
+        server.wait_for(lambda: len(server.seen("/commands/claim")) >= polls + 3)
+        server.answer("/ack", Answer(200, {}))
+        server.answer("/commands/claim", Answer(500, {"detail": "claims broken"}))
+        points = {"quantity": ["loss"], "target": ["global"], "rank": [0], "step": [0]}
+        transport.send({"v": 1, "points": points | {"wall_time": [0.0], "value": [1.0]}})
+        server.wait_for(lambda: server.steps() == [0])
+        assert transport.close(timeout=10).delivered_all
+
+
 def test_a_bad_poll_is_logged_once_not_once_per_poll(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
