@@ -59,6 +59,7 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes  # gunzipped when the request was gzip-encoded
+    at: float = field(default_factory=time.monotonic)
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None

@@ -3,6 +3,7 @@ build it, compare the weights with a reference, wait for command polls."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,4 +59,9 @@ def wait_for_polls(server: HostileServer, n: int = 2, timeout: float = 20.0) -> 
     """Returns once ``n`` more claim requests arrived: the poll before the last one has
     been answered and handled by the probe's transport."""
     start = len(server.seen("/commands/claim"))
-    server.wait_for(lambda: len(server.seen("/commands/claim")) >= start + n, timeout)
+    try:
+        server.wait_for(lambda: len(server.seen("/commands/claim")) >= start + n, timeout)
+    except AssertionError:
+        now = time.monotonic()
+        last = [(f"{r.at - now:.1f}s", r.path.rsplit("/", 2)[-2:]) for r in server.requests[-8:]]
+        raise AssertionError(f"fewer than {n} command polls in {timeout} s; last: {last}") from None
