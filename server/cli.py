@@ -147,7 +147,8 @@ def _add_upload(subparsers: Subparsers) -> None:
         help="send an offline or spilled run file to a server",
         description="Replay JSON Lines files written by the probe (offline runs, or spill "
         "files of runs whose server was down). Ingest is idempotent: uploading twice stores "
-        "each point once.",
+        "each point once. A line that does not parse (or a last line cut short by a kill) is "
+        "skipped and named; the exit status is 1 when anything was not delivered.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="the probe's .jsonl file(s)")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")

@@ -21,7 +21,7 @@ from .periodic import MSign
 from .polar import DEFAULT_STEPS, polar_factor, steps_for_floor
 from .pss import PSSVariant, apply_pss, smooth_singular_values
 from .records import InterventionResult, MatrixResult
-from .rewrite import StatsMode, rewrite_targets, spectral_norm_estimate
+from .rewrite import RewriteError, StatsMode, rewrite_targets, spectral_norm_estimate
 from .snapshot import Snapshot
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "MSign",
     "MatrixResult",
     "PSSVariant",
+    "RewriteError",
     "Snapshot",
     "StatsMode",
     "apply_msign",
