@@ -238,7 +238,7 @@ class HttpTransport:
         return False
 
     def _post_batch(self, batch: Batch) -> bool:
-        """POSTs one batch's points and histograms; True when the server took both."""
+        """POSTs one batch's points, histograms and events; True when the server took all."""
         if self._server_is_down():
             return False
         points = batch.get("points")
@@ -256,6 +256,11 @@ class HttpTransport:
                 self._forget_registration(response)
                 return False
             self._count_rejected(response)
+        for event in batch.get("events") or ():  # e.g. quantity_unavailable
+            response = self._request("POST", f"/api/v1/runs/{self._run_id}/events", event)
+            if not _accepted(response):
+                self._forget_registration(response)
+                return False
         with self._stats_lock:
             self._stats.sent_batches += 1
             self._stats.sent_points += point_count(batch)
