@@ -20,10 +20,12 @@ blocks form a chain (block ℓ's output, recomputed, is block ℓ+1's input). Th
 capture is a fixed probe batch (:attr:`JacobianAlignment.chain`): later samples recompute the
 inputs of blocks ℓ ≥ 1 from it with the current weights, in eval mode, so successive samples
 differ by the weights alone and the warm vectors stay good. Otherwise (something between the
-blocks) each sample uses its own step's captured inputs. A ``probe_batch`` given to the probe is replayed through
-the model instead. Every forward here is the probe's own (:func:`~..replay.invisible`): no
-user hook fires, no buffer changes, blocks run in eval mode with fp32 copies of their
-parameters, and attention uses the math SDPA kernel, which supports forward-mode AD.
+blocks) each sample uses its own step's captured inputs. A ``probe_batch`` given to the probe
+is replayed through the model instead. Every forward here is the probe's own
+(:func:`~..replay.invisible`): no user hook fires, no buffer changes, blocks run in eval mode
+with fp32 copies of their parameters, and attention uses the math SDPA kernel, which has
+forward-mode AD and double backward. A block with an op lacking forward-mode AD (the grouped
+GEMMs of MoE experts) gets J w by reverse over reverse instead.
 
 Power iteration: independent random start vectors per block, sequence and side (a seeded
 generator: reproducible), iterated until the residual ≤ ``tolerance`` (checked every

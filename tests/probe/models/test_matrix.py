@@ -12,6 +12,7 @@ number of cheap iterations; there the probe must say so through ``jacobian_resid
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,7 +200,7 @@ def test_jacobian_matches_a_dense_jacobian(run: Sampled) -> None:
     gap = {n: ((dense[n][1][0] - dense[n][1][1]) / dense[n][1][0]).item() for n in names}
     for name in names:
         assert sigma[name] == pytest.approx(dense[name][1][0].item(), rel=2e-2), name
-    for a, b in zip(names, names[1:]):
+    for a, b in itertools.pairwise(names):
         expected = abs(float(dense[b][2] @ dense[a][0]))
         pair = f"{a}->{b}"
         if min(gap[a], gap[b]) >= 0.05:  # well-defined top vectors: converged and right
