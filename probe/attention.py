@@ -49,6 +49,7 @@ __all__ = [
     "AttentionSite",
     "LogitRecorder",
     "SiteSearch",
+    "attention_modules",
     "find_attention_sites",
     "head_logit_max",
     "projection_bound",
@@ -140,6 +141,12 @@ def find_attention_sites(
             search.sites.append(site)
             search.by_name += 1
     return search
+
+
+def attention_modules(sites: Iterable[AttentionSite]) -> list[str]:
+    """The sites whose direct projections are the attention's own (at most four: q, k, v, o;
+    more means the module also holds an MLP, as a block computing attention inline does)."""
+    return [s.name for s in sites if sum(1 for c in s.module.children() if _is_projection(c)) <= 4]
 
 
 def _covered(name: str, covered: Iterable[str]) -> bool:

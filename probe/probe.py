@@ -33,7 +33,7 @@ from .assembly import (
     resolve_blocks,
     schedule_for,
 )
-from .attention import LOOKED_FOR, SiteSearch
+from .attention import LOOKED_FOR, SiteSearch, attention_modules
 from .config import ProbeConfig
 from .control import CommandRunner, SetProbeCommand
 from .distributed import (
@@ -51,7 +51,7 @@ from .interventions import LearningRateScale
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
 from .quantities.sharded import is_dtensor
 from .sink import FileSink, Sink
-from .targets import WeightTarget
+from .targets import WeightTarget, with_attention_modules
 from .transport import CloseReport, SinkTransport, Transport, TransportStats
 from .wire import encode_batch
 
@@ -122,6 +122,8 @@ class Probe:
         self.blocks = resolve_blocks(model, blocks)
         search = find_sites(model, self.targets, cfg)
         self.sites = search.sites
+        if cfg.attention is None:  # the user's globs win; otherwise attention is what it does
+            self.targets = with_attention_modules(self.targets, attention_modules(self.sites))
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters())
         self.rank, self.world_size = rank_and_world()
         # FSDP2: parameters are DTensor shards, so weight quantities are collectives

@@ -152,6 +152,7 @@ class BlockJacobian:
         )
         # fp32 copies of the block's parameters: math in fp32 whatever the model dtype
         params = {k: p.detach().to(torch.float32) for k, p in block.named_parameters()}
+        buffers = dict(block.named_buffers())
 
         def f(h: Tensor) -> Tensor:
             a, kw = list(args), dict(kwargs)
@@ -159,7 +160,10 @@ class BlockJacobian:
                 a[slot] = h
             else:
                 kw[slot] = h
-            return _first(functional_call(block, params, tuple(a), kw)).to(torch.float32)
+            # buffers copied inside the transform: a forward that updates one in place (a
+            # running statistic) mutates its own copy, which torch.func allows
+            state = {**params, **{k: b.clone() for k, b in buffers.items()}}
+            return _first(functional_call(block, state, tuple(a), kw)).to(torch.float32)
 
         self.f: Callable[[Tensor], Tensor] = f
         h = captured[s : s + 1] if hidden is None else hidden
