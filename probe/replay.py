@@ -60,9 +60,19 @@ _STATEFUL_KEYS = frozenset({"cache", "past_key_value", "past_key_values", "layer
 _CACHE_SWITCHES = frozenset({"use_cache"})
 
 
+_PLAIN = (Tensor, tuple, list, dict, str, int, float, bool, torch.dtype, torch.device)
+
+
 def is_stateful(value: object) -> bool:
-    """A KV cache (any class named ``*Cache`` in its MRO: ``DynamicCache``, ``StaticCache``,
-    ``EncoderDecoderCache``...): an object a forward mutates."""
+    """A KV cache (a class named ``*Cache``, or with one among its bases: ``DynamicCache``,
+    ``StaticCache``, ``EncoderDecoderCache``...): an object a forward mutates. Called from
+    hooks that torch.compile traces: plain values answer without looking at a class."""
+    if value is None or isinstance(value, _PLAIN):
+        return False
+    if type(value).__name__.endswith("Cache"):
+        return True
+    if torch.compiler.is_compiling():
+        return False  # walking the MRO would break the graph; HF's caches are named *Cache
     return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__)
 
 

@@ -4,7 +4,7 @@ For blocks f_ℓ: H^(ℓ−1) ↦ H^(ℓ) (whole block: attention, MLP, norms, r
 probe batch, J^(ℓ) is the (T·d)×(T·d) Jacobian of one sequence. Never materialised:
 
 - u_ℓ = top left singular vector of J^(ℓ):  u ← normalize(J (Jᵀ u))   (vjp, then jvp)
-- v_ℓ = top right singular vector of J^(ℓ): v ← normalize(Jᵀ (J v))   (jvp, then vjp)
+- v_ℓ = top right singular vector of J^(ℓ) = Jᵀu_ℓ/σ₁, from the same iteration
 
 and, per adjacent pair, a = |⟨v_{ℓ+1}, u_ℓ⟩| ∈ [0, 1] (``jacobian_alignment``, target
 ``"<block ℓ>-><block ℓ+1>"``), M_ℓ = σ₁(J^(ℓ)) (``jacobian_spectral_norm``, target the block),
@@ -27,10 +27,11 @@ with fp32 copies of their parameters, and attention uses the math SDPA kernel, w
 forward-mode AD and double backward. A block with an op lacking forward-mode AD (the grouped
 GEMMs of MoE experts) gets J w by reverse over reverse instead.
 
-Power iteration: independent random start vectors per block, sequence and side (a seeded
-generator: reproducible), iterated until the residual ≤ ``tolerance`` (checked every
-``_CHECK_EVERY`` iterations, one host sync each, on Jacobian steps only) or ``cold_iterations``;
-a warm start from the previous sample runs at least ``iterations`` first.
+Power iteration: an independent random start vector per block and sequence (a seeded
+generator: reproducible, never one vector for all), iterated until the residual ≤
+``tolerance`` (checked every ``_CHECK_EVERY`` iterations, one host sync each, on Jacobian
+steps only) or ``cold_iterations``; a warm start from the previous sample runs at least
+``iterations`` first.
 """
 
 from __future__ import annotations
@@ -231,7 +232,6 @@ class JacobianAlignment(Quantity):
         self.tolerance = tolerance
         self.seed = seed
         self._u: dict[str, Tensor] = {}  # "<block>#<seq>" -> left vector, output-space shape
-        self._v: dict[str, Tensor] = {}  # "<block>#<seq>" -> right vector, input-space shape
         self._fixed: dict[str, CallCapture] | None = None  # the chain's probe batch
         self.chain: bool | None = None
         """Whether the blocks' inputs are recomputed from a fixed first capture (None: not
@@ -244,46 +244,31 @@ class JacobianAlignment(Quantity):
         g = torch.Generator(device=device).manual_seed(self.seed + zlib.crc32(key.encode()))
         return _unit(torch.randn(like, generator=g, device=device))
 
-    def _power(
-        self,
-        side: str,
-        key: str,
-        store: dict[str, Tensor],
-        shape: torch.Size,
-        device: torch.device,
-        first: Callable[[Tensor], Tensor],
-        second: Callable[[Tensor], Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(x, σ₁, residual) for the top singular vector x on the side ``first`` maps from:
-        x ← normalize(second(first(x))), residual ‖second(w/σ) − σx‖/σ with w = first(x)."""
-        warm = store.get(key)
-        cold = warm is None or warm.shape != shape
-        seed = f"{side}:{key}"  # u and v of one block never start from the same vector
-        x = self._start(seed, shape, device) if cold else warm.to(device)  # type: ignore[union-attr]
+    def top(self, jac: BlockJacobian, key: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(u₁, σ₁, v₁, residual) of J from one power iteration on the left vector,
+        u ← normalize(J Jᵀ u): each step's w = Jᵀu gives σ = ‖w‖ and v = w/σ too, and the
+        residual ‖J v − σ u‖/σ measures how far (u, σ, v) is from a singular triplet."""
+        warm = self._u.get(key)
+        cold = warm is None or warm.shape != jac.out_shape
+        device = jac.h.device
+        u = self._start(key, jac.out_shape, device) if cold else warm.to(device)  # type: ignore[union-attr]
         least = _CHECK_EVERY if cold else self.iterations
         most = max(self.cold_iterations, least)
         sigma = residual = torch.zeros((), device=device)
+        v = torch.zeros(jac.h.shape, device=device)
         for i in range(most):
-            w = first(x)
+            w = jac.vjp(u)  # Jᵀu
             sigma = torch.linalg.vector_norm(w)
-            safe = sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
-            y = second(w / safe)
-            residual = torch.linalg.vector_norm(y - sigma * x) / safe
-            x = _unit(y)
+            v = w / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
+            jv = jac.jvp(v)
+            residual = torch.linalg.vector_norm(jv - sigma * u) / sigma.clamp_min(1e-30)
+            u = _unit(jv)
             done = i + 1 >= least and (i + 1 - least) % _CHECK_EVERY == 0
             if done and float(residual) <= self.tolerance:  # host sync: Jacobian steps only
                 break
-        # a zero Jacobian sends x to 0, from which no later sample could leave: keep the start
-        store[key] = torch.where(sigma > 0, x, self._start(seed, shape, device)).detach()
-        return x, sigma, torch.where(sigma > 0, residual, torch.zeros_like(residual))
-
-    def left(self, jac: BlockJacobian, key: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(u₁, σ₁, residual) of J by u ← normalize(J Jᵀ u)."""
-        return self._power("u", key, self._u, jac.out_shape, jac.h.device, jac.vjp, jac.jvp)
-
-    def right(self, jac: BlockJacobian, key: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(v₁, σ₁, residual) of J by v ← normalize(Jᵀ J v)."""
-        return self._power("v", key, self._v, jac.h.shape, jac.h.device, jac.jvp, jac.vjp)
+        # a zero Jacobian sends u to 0, from which no later sample could leave: keep the start
+        self._u[key] = torch.where(sigma > 0, u, self._start(key, jac.out_shape, device))
+        return u, sigma, v, torch.where(sigma > 0, residual, torch.zeros_like(residual))
 
     # -- where the blocks' inputs come from --------------------------------------------------
 
@@ -339,32 +324,21 @@ class JacobianAlignment(Quantity):
         align: dict[str, list[Tensor]] = {}
         residual: dict[str, list[Tensor]] = {}
         for s in range(n_seq):
-            jacs: dict[str, BlockJacobian] = {}
             hidden: Tensor | None = None
+            tops: dict[str, tuple[Tensor, Tensor, Tensor, Tensor, torch.Size]] = {}
             for name, block in blocks:
                 if name not in calls:
                     break
-                built = BlockJacobian(block, calls[name], s, hidden if chain else None)
-                jacs[name], hidden = built, built.output
-            for i, name in enumerate(names):
-                jac = jacs.get(name)
-                if jac is None:
-                    continue
-                key = f"{name}#{s}"
-                nxt = jacs.get(names[i + 1]) if i + 1 < len(names) else None
-                if nxt is not None and nxt.h.shape == jac.out_shape:
-                    u, m, r_left = self.left(jac, key)
-                    v, m_next, r_right = self.right(nxt, f"{names[i + 1]}#{s}")
-                    align.setdefault(f"{name}->{names[i + 1]}", []).append(torch.sum(u * v).abs())
-                    sigma.setdefault(name, []).append(m)
-                    residual.setdefault(name, []).append(r_left)
-                    residual.setdefault(names[i + 1], []).append(r_right)
-                    if i + 2 == len(names):  # the last block: σ₁ from its right vector
-                        sigma.setdefault(names[i + 1], []).append(m_next)
-                elif name not in sigma:
-                    _, m, r = self.right(jac, key)
-                    sigma.setdefault(name, []).append(m)
-                    residual.setdefault(name, []).append(r)
+                jac = BlockJacobian(block, calls[name], s, hidden if chain else None)
+                hidden = jac.output
+                u, m, v, r = self.top(jac, f"{name}#{s}")
+                tops[name] = (u, m, v, r, jac.h.shape)
+                sigma.setdefault(name, []).append(m)
+                residual.setdefault(name, []).append(r)
+            for a, b in itertools.pairwise(names):
+                if a in tops and b in tops and tops[a][0].shape == tops[b][4]:
+                    cosine = torch.sum(tops[a][0] * tops[b][2]).abs()  # |⟨u₁(J_a), v₁(J_b)⟩|
+                    align.setdefault(f"{a}->{b}", []).append(cosine)
         return self._outputs(sigma, align, residual)
 
     def _outputs(
@@ -391,14 +365,10 @@ class JacobianAlignment(Quantity):
             ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "u": {k: v.clone() for k, v in self._u.items()},
-            "v": {k: v.clone() for k, v in self._v.items()},
-        }
+        return {"u": {k: v.clone() for k, v in self._u.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._u = {k: v.detach().clone() for k, v in state.get("u", {}).items()}
-        self._v = {k: v.detach().clone() for k, v in state.get("v", {}).items()}
 
 
 def _is_chain(blocks: Sequence[tuple[str, nn.Module]], calls: Mapping[str, CallCapture]) -> bool:

@@ -12,6 +12,7 @@ number of cheap iterations; there the probe must say so through ``jacobian_resid
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ from rankguard.probe.transport import MemoryTransport
 
 torch.set_num_threads(1)
 
+# dynamo's own notice while tracing Hugging Face's loss (it reads .grad of a non-leaf)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
+)
+
 OPTIONS: dict[str, Any] = {
     "every": 1,
     "jacobian_every": 1,
@@ -42,34 +48,55 @@ OPTIONS: dict[str, Any] = {
 class Sampled:
     model: nn.Module
     probe: Probe
-    batch: dict[str, Tensor]
+    batch: dict[str, Tensor]  # the last micro-batch of the sampled step
     inputs: dict[str, Tensor] = field(default_factory=dict)  # module name -> (N, in) rows
     grads: dict[str, Tensor] = field(default_factory=dict)
+    autocast: torch.dtype | None = None
 
     def latest(self, quantity: str) -> dict[str, float]:
-        return {t: v for (q, t), v in self.probe.latest().items() if q == quantity}
+        """This quantity's latest values by target (a compiled model's ``_orig_mod.`` prefix
+        taken off, so names match the model's own)."""
+        out = {}
+        for (q, t), v in self.probe.latest().items():
+            if q == quantity:
+                out[t.replace("_orig_mod.", "")] = v
+        return out
+
+    def cast(self) -> Any:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.autocast)
 
     def quantity(self, name: str) -> Any:
         return next(q for q in self.probe.quantities if q.name == name)
 
 
-def sampled_step(entry: Entry, **options: Any) -> Sampled:
+def sampled_step(entry: Entry, variant: str = "eager", **options: Any) -> Sampled:
+    """One sampled step. ``variant``: ``eager``; ``compile`` (the probe attached to the
+    ``torch.compile`` wrapper, dynamo's eager backend); ``bf16`` (the forward under bf16
+    autocast); ``accumulation`` (two micro-batches, one optimizer step, one probe.step)."""
     torch.manual_seed(0)
     model = entry.build().train()
-    batch = entry.batch(torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    batches = [entry.batch(g) for _ in range(2 if variant == "accumulation" else 1)]
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    probe = Probe(model, opt, run=entry.name, transport=MemoryTransport(), **{**OPTIONS, **options})
-    run = Sampled(model, probe, batch)
-    modules = dict(model.named_modules())
+    attached = torch.compile(model, backend="eager") if variant == "compile" else model
+    probe = Probe(
+        attached, opt, run=entry.name, transport=MemoryTransport(), **{**OPTIONS, **options}
+    )
+    run = Sampled(model, probe, batches[-1], autocast=torch.bfloat16 if variant == "bf16" else None)
+    modules = {n.replace("_orig_mod.", ""): m for n, m in attached.named_modules()}
     handles = []
-    for name in {t.module_name for t in probe.targets}:
+    for name in {t.module_name.replace("_orig_mod.", "") for t in probe.targets}:
 
         def keep(mod: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
             run.inputs[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
 
         handles.append(modules[name].register_forward_pre_hook(keep))
-    loss = entry.loss(model, batch)
-    loss.backward()
+    for batch in batches:
+        with run.cast():
+            loss = entry.loss(attached, batch)
+        (loss / len(batches)).backward()
     run.grads = {
         n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
     }
@@ -94,7 +121,7 @@ def eval_block_calls(run: Sampled) -> dict[str, tuple[tuple[Any, ...], dict[str,
         handles.append(block.register_forward_pre_hook(keep, with_kwargs=True))
     try:
         run.model.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # fp32: the probe's Jacobian is fp32 whatever the autocast
             run.model(**{k: v for k, v in run.batch.items() if k != "labels"})
     finally:
         run.model.train()
@@ -103,20 +130,31 @@ def eval_block_calls(run: Sampled) -> dict[str, tuple[tuple[Any, ...], dict[str,
     return calls
 
 
-@pytest.fixture(scope="module", params=sorted(ENTRIES))
+def name(target: Any) -> str:
+    return str(target.name).replace("_orig_mod.", "")
+
+
+MATRIX = [pytest.param(m, "eager", id=f"{m}-eager") for m in sorted(ENTRIES)] + [
+    pytest.param(m, v, id=f"{m}-{v}", marks=[pytest.mark.slow] if v == "compile" else [])
+    for m in ("gpt2", "llama")
+    for v in ("compile", "bf16", "accumulation")
+]
+
+
+@pytest.fixture(scope="module", params=MATRIX)
 def run(request: pytest.FixtureRequest) -> Sampled:
-    return sampled_step(ENTRIES[request.param])
+    model, variant = request.param
+    return sampled_step(ENTRIES[model], variant)
 
 
 def test_weight_spectra_match_svdvals(run: Sampled) -> None:
     spectral, stable = run.latest("spectral_norm"), run.latest("stable_rank")
-    assert set(spectral) == {t.name for t in run.probe.targets}
+    assert set(spectral) == {name(t) for t in run.probe.targets}
     for t in run.probe.targets:
         s = torch.linalg.svdvals(t.matrix().double())
-        assert spectral[t.name] == pytest.approx(s[0].item(), rel=1e-2), t.name
-        assert stable[t.name] == pytest.approx((s.square().sum() / s[0] ** 2).item(), rel=1e-2), (
-            t.name
-        )
+        assert spectral[name(t)] == pytest.approx(s[0].item(), rel=1e-2), t.name
+        ratio = (s.square().sum() / s[0] ** 2).item()
+        assert stable[name(t)] == pytest.approx(ratio, rel=1e-2), t.name
 
 
 def test_activation_quantities_match_an_svd_of_the_inputs(run: Sampled) -> None:
@@ -125,17 +163,17 @@ def test_activation_quantities_match_an_svd_of_the_inputs(run: Sampled) -> None:
         for q in ("representation_stable_rank", "singularity_alignment", "sa_sign_diversity")
     )
     for t in run.probe.targets:
-        z = run.inputs[t.module_name].double()  # ≤ max_rows rows: all of them
+        z = run.inputs[t.module_name.replace("_orig_mod.", "")].double()  # ≤ max_rows: all
         assert z.shape[0] <= run.probe.config.max_rows
         _, sz, vz = torch.linalg.svd(z, full_matrices=False)
         _, sw, vw = torch.linalg.svd(t.matrix().double(), full_matrices=False)
-        assert rsr[t.name] == pytest.approx((sz.square().sum() / sz[0] ** 2).item(), rel=1e-2)
+        assert rsr[name(t)] == pytest.approx((sz.square().sum() / sz[0] ** 2).item(), rel=1e-2)
         gap_w, gap_z = (sw[0] - sw[1]) / sw[0], (sz[0] - sz[1]) / sz[0]
         if gap_w > 0.02 and gap_z > 0.02:  # top vectors are defined (a spectral gap)
-            assert phi[t.name] == pytest.approx(abs(float(vw[0] @ vz[0])), abs=2e-2), t.name
+            assert phi[name(t)] == pytest.approx(abs(float(vw[0] @ vz[0])), abs=2e-2), t.name
         if gap_w > 0.02:
             p = (z @ vw[0] > 0).double().mean().item()
-            assert diversity[t.name] == pytest.approx(2 * min(p, 1 - p), abs=1.5 / z.shape[0])
+            assert diversity[name(t)] == pytest.approx(2 * min(p, 1 - p), abs=1.5 / z.shape[0])
 
 
 def test_gradient_quantities(run: Sampled) -> None:
@@ -149,13 +187,13 @@ def reference_scores(run: Sampled, entry: Entry) -> dict[str, Tensor]:
     inputs = {k: v for k, v in run.batch.items() if k != "labels"}
     run.model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), run.cast():
             if entry.hf:
                 with hf_eager_scores(run.model) as scores:
                     run.model(**inputs)
                 return scores
             scores = {}
-            sites = {s.name: s for s in run.probe.sites}
+            sites = {s.name.replace("_orig_mod.", ""): s for s in run.probe.sites}
             handles = []
             for name, site in sites.items():
 
@@ -183,23 +221,28 @@ def test_attention_logits_are_the_models_own(run: Sampled) -> None:
     reference = reference_scores(run, entry)
     assert reference and set(run.latest("attention_logit_max")) == set(reference)
     assert not run.latest("attention_logit_bound")  # every site's attention was intercepted
-    per_head = run.quantity("attention_logit_max").per_head
-    for name, ref in reference.items():
-        torch.testing.assert_close(per_head[name].double(), ref, rtol=1e-2, atol=1e-6)
-        assert run.latest("attention_logit_max")[name] == pytest.approx(ref.max().item(), rel=1e-2)
+    per_head = {
+        k.replace("_orig_mod.", ""): v
+        for k, v in run.quantity("attention_logit_max").per_head.items()
+    }
+    for site, ref in reference.items():
+        torch.testing.assert_close(per_head[site].double(), ref, rtol=1e-2, atol=1e-6)
+        assert run.latest("attention_logit_max")[site] == pytest.approx(ref.max().item(), rel=1e-2)
 
 
 def test_jacobian_matches_a_dense_jacobian(run: Sampled) -> None:
     names = [n for n, _ in run.probe.blocks]
     assert run.quantity("jacobian_alignment").chain  # lr 0, no dropout: a fixed probe batch
     calls = eval_block_calls(run)
-    dense = {name: block_svd(block, *calls[name]) for name, block in run.probe.blocks}
+    dense = {n: block_svd(block, *calls[n]) for n, block in run.probe.blocks}
+    names = [n.replace("_orig_mod.", "") for n in names]
+    dense = {n.replace("_orig_mod.", ""): v for n, v in dense.items()}
     sigma, align = run.latest("jacobian_spectral_norm"), run.latest("jacobian_alignment")
     gain, residual = run.latest("jacobian_alignment_gain"), run.latest("jacobian_residual")
     tolerance = run.probe.config.jacobian_tolerance
     gap = {n: ((dense[n][1][0] - dense[n][1][1]) / dense[n][1][0]).item() for n in names}
-    for name in names:
-        assert sigma[name] == pytest.approx(dense[name][1][0].item(), rel=2e-2), name
+    for block in names:
+        assert sigma[block] == pytest.approx(dense[block][1][0].item(), rel=2e-2), block
     for a, b in itertools.pairwise(names):
         expected = abs(float(dense[b][2] @ dense[a][0]))
         pair = f"{a}->{b}"
