@@ -134,8 +134,8 @@ def name(target: Any) -> str:
     return str(target.name).replace("_orig_mod.", "")
 
 
-MATRIX = [pytest.param(m, "eager", id=f"{m}-eager") for m in sorted(ENTRIES)] + [
-    pytest.param(m, v, id=f"{m}-{v}", marks=[pytest.mark.slow] if v == "compile" else [])
+MATRIX = [pytest.param((m, "eager"), id=f"{m}-eager") for m in sorted(ENTRIES)] + [
+    pytest.param((m, v), id=f"{m}-{v}", marks=[pytest.mark.slow] if v == "compile" else [])
     for m in ("gpt2", "llama")
     for v in ("compile", "bf16", "accumulation")
 ]
