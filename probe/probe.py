@@ -90,6 +90,9 @@ class Probe:
         sink: where batches go when there is no server (default: a :class:`FileSink` under
             ``log_dir``, the same file a live run spills to).
         transport: replaces the default transport (HTTP when ``server`` is given) — tests.
+        start_step: the step the first ``probe.step()`` records (a trainer's own numbering:
+            Hugging Face's first optimizer step is 1; a resumed run's is where it resumes),
+            so the hooks of a sampled step are armed for the right forward.
         **options: any :class:`ProbeConfig` field (``every=10``, ``targets=[...]``,
             ``schedules={"stable_rank": 5}``, ...), applied on top of ``config``.
     """
@@ -107,6 +110,7 @@ class Probe:
         probe_batch: Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
         sink: Sink | None = None,
         transport: Transport | None = None,
+        start_step: int = 0,
         **options: Any,
     ) -> None:
         # checked before any hook is installed: a bad argument leaves the model untouched
@@ -131,7 +135,9 @@ class Probe:
         self.sharded = any(is_dtensor(p) for _, p in self.params)
         self._said: set[tuple[str, str | None]] = set()
         self._events: list[dict[str, Any]] = []
-        self._step = 0
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ConfigError(f"start_step: expected an int >= 0, got {start_step!r}")
+        self._step = start_step
         wanted = cfg.quantities if cfg.quantities is not None else tuple(REGISTRY)
         self.quantities: list[Quantity] = build_quantities(
             cfg, self.blocks, wanted, explicit=cfg.quantities is not None

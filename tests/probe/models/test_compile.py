@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.zoo import ENTRIES
 from torch._dynamo.utils import counters
-from zoo import ENTRIES
 
 from rankguard.probe import Probe
 from rankguard.probe.transport import MemoryTransport

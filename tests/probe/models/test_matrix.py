@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 import torch
-from reference import block_svd, causal_scores, hf_eager_scores
+from helpers.dense import block_svd, causal_scores, hf_eager_scores
+from helpers.zoo import ENTRIES, Entry
 from torch import Tensor, nn
-from zoo import ENTRIES, Entry
 
 from rankguard.probe import Probe
 from rankguard.probe.transport import MemoryTransport

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from helpers.models import TinyGPT
 from torch import Tensor, nn
+
+from helpers.models import TinyGPT
 
 VOCAB, SEQ, BATCH, D, HEADS = 64, 8, 2, 32, 4
 
