@@ -8,7 +8,7 @@ import httpx
 import pytest
 from helpers.live_server import free_port
 
-from benchmarks.demo import run_demo, stop_started_servers
+from rankguard.probe.demo.run import run_demo, stop_started_servers
 
 pytestmark = pytest.mark.slow
 
