@@ -10,8 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankguard.probe import Probe
-from rankguard.probe.hooks import CallCapture
-from rankguard.probe.replay import invisible, stateless
 from rankguard.probe.transport import MemoryTransport
 
 
@@ -104,6 +102,8 @@ def test_the_probe_forwards_fire_no_user_hook_and_change_no_state() -> None:
 
 
 def test_invisible_restores_everything_even_on_error() -> None:
+    from rankguard.probe.replay import invisible
+
     model = Model()
     calls = []
     model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
@@ -130,6 +130,9 @@ class DynamicCache(FakeCache):
 
 
 def test_a_kv_cache_is_never_kept_or_replayed() -> None:
+    from rankguard.probe.hooks import CallCapture
+    from rankguard.probe.replay import stateless
+
     cache = DynamicCache()
     capture = CallCapture.of(
         (torch.zeros(3, 4), cache), {"cache": cache, "use_cache": True, "mask": torch.ones(3, 4)}, 1
