@@ -127,14 +127,15 @@ class ProbeConfig:
     cold_iterations: int = 30
     """Power iterations the first time a weight is seen (no warm vector yet)."""
     jacobian_iterations: int = 3
-    """Warm jvp/vjp power iterations per block Jacobian per Jacobian step."""
+    """Jacobian power iterations per block on a warm sample (from the previous vector); the
+    residual reached is reported as ``jacobian_residual``."""
     jacobian_cold_iterations: int = 100
-    """The most Jacobian power iterations per vector (a cold start stops earlier once the
-    residual reaches ``jacobian_tolerance``)."""
+    """The most Jacobian power iterations per block on the first sample (no warm vector),
+    which stops earlier once the residual reaches ``jacobian_tolerance``."""
     jacobian_tolerance: float = 1e-3
-    """Relative residual ‖J v − σ u‖/σ at which the Jacobian power iterations stop (checked
-    every 5 iterations, one host sync each, on Jacobian steps only); the residual reached is
-    reported as ``jacobian_residual``."""
+    """Relative residual ‖J v − σ u‖/σ at which the first sample's Jacobian power iterations
+    stop (checked every 5 iterations, one host sync each); the residual reached is reported
+    as ``jacobian_residual`` on every sample."""
     histogram_bins: int = 41
     """Bins of the SA cosine histogram."""
     exact: bool = False

@@ -28,10 +28,11 @@ forward-mode AD and double backward. A block with an op lacking forward-mode AD 
 GEMMs of MoE experts) gets J w by reverse over reverse instead.
 
 Power iteration: an independent random start vector per block and sequence (a seeded
-generator: reproducible, never one vector for all), iterated until the residual ≤
-``tolerance`` (checked every ``_CHECK_EVERY`` iterations, one host sync each, on Jacobian
-steps only) or ``cold_iterations``; a warm start from the previous sample runs at least
-``iterations`` first.
+generator: reproducible, never one vector for all). The first sample (no warm vector) is
+iterated until the residual ≤ ``tolerance`` (checked every ``_CHECK_EVERY`` iterations, one
+host sync each) or ``cold_iterations``; later samples start from the previous vector and run
+``iterations`` (no host sync). The residual is reported every time, so an estimate that did
+not converge is visible.
 """
 
 from __future__ import annotations
@@ -252,8 +253,10 @@ class JacobianAlignment(Quantity):
         cold = warm is None or warm.shape != jac.out_shape
         device = jac.h.device
         u = self._start(key, jac.out_shape, device) if cold else warm.to(device)  # type: ignore[union-attr]
+        # cold (first sample, new shape): to the tolerance; warm: the fixed, cheap number of
+        # iterations, no host sync, the residual reported either way
         least = _CHECK_EVERY if cold else self.iterations
-        most = max(self.cold_iterations, least)
+        most = max(self.cold_iterations, least) if cold else self.iterations
         sigma = residual = torch.zeros((), device=device)
         v = torch.zeros(jac.h.shape, device=device)
         for i in range(most):
