@@ -296,12 +296,13 @@ class JacobianAlignment(Quantity):
             return []
         found = self.block_calls(ctx)
         if found is None or blocks[0][0] not in found[0]:
-            ctx.unavailable(
-                "jacobian_alignment",
-                "the blocks were not called during the sampled step's forward (pass blocks= "
-                "or probe_batch=)",
-            )
-            return []
+            if ctx.captures.inputs or ctx.captures.calls:  # the model ran, its blocks did not
+                ctx.unavailable(
+                    "jacobian_alignment",
+                    "the blocks were not called during the sampled step's forward (pass "
+                    "blocks= or probe_batch=)",
+                )
+            return []  # else no forward since the probe was attached: nothing to say yet
         calls, chain = found
         with (
             warnings.catch_warnings(),
