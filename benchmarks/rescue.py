@@ -11,7 +11,7 @@ attention rules) and a learning-rate halving (``scale_lr``, the update-ratio rul
 ``--msign-only`` turns the backoff off, to measure MSign alone. Healthy scenarios can be run
 the same way to see what the remedies do to a run that did not need them (``--scenarios``).
 
-Outcome per run, under the one failure definition (``benchmarks/scenarios/failure.py``):
+Outcome per run, under the one failure definition (``rankguard.probe.demo.failure``):
 explosion (incl. non-finite), silent degradation (final trailing-25 loss > 1.15x the healthy
 control's, same seed), or none; plus the final loss relative to the control. The controls and
 the unprotected runs are the recordings of ``early_warning record`` (run that first)::
@@ -118,7 +118,7 @@ def rescue_run(scenario_name: str, seed: int, *, msign_only: bool = False) -> di
     import torch
 
     from benchmarks.scenarios import catalog
-    from benchmarks.scenarios.train import train
+    from rankguard.probe.demo.train import train
 
     torch.set_num_threads(1)
     scenario = catalog.get(scenario_name)
@@ -189,7 +189,7 @@ def run_all(
 
 def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[str, Any]:
     """Failure kind (or None), final trailing-25 loss and its ratio to the control's."""
-    from benchmarks.scenarios.failure import classify, smoothed_final_loss
+    from rankguard.probe.demo.failure import classify, smoothed_final_loss
 
     fail = classify(losses, control_losses)
     final = smoothed_final_loss(losses)

@@ -348,7 +348,8 @@ class HttpTransport:
         return keep + batches[half:] if keep else self._deliver(batches[half:])
 
     def _post_batch(self, batch: Batch) -> tuple[_Outcome, str]:
-        """POSTs one batch's points, histograms and acks; the outcome and, when refused, why."""
+        """POSTs one batch's points, histograms, events and acks; the outcome and, when
+        refused, why."""
         if self._server_is_down():
             return _Outcome.KEEP, ""
         points = batch.get("points")
@@ -359,6 +360,10 @@ class HttpTransport:
         histograms = batch.get("histograms")
         if histograms:
             outcome, reason = self._post(f"{self._run_path}/histograms", {"histograms": histograms})
+            if outcome is not _Outcome.DELIVERED:
+                return outcome, reason
+        for event in batch.get("events") or ():  # e.g. quantity_unavailable
+            outcome, reason = self._post(f"{self._run_path}/events", event)
             if outcome is not _Outcome.DELIVERED:
                 return outcome, reason
         for item in batch.get("acks") or ():

@@ -135,12 +135,17 @@ def encode_batch(
     points: Sequence[Point],
     histograms: Sequence[Mapping[str, Any]] = (),
     run: Mapping[str, Any] | None = None,
+    events: Sequence[Mapping[str, Any]] = (),
 ) -> Batch:
+    """One batch; ``events`` (``{"kind", "step", "payload"}``, the body of
+    ``POST /runs/{id}/events``) only when there are some."""
     batch: Batch = {"v": FORMAT_VERSION}
     if run is not None:
         batch["run"] = dict(run)
     batch["points"] = encode_points(points)
     batch["histograms"] = list(histograms)
+    if events:
+        batch["events"] = [dict(e) for e in events]
     return batch
 
 
@@ -187,14 +192,18 @@ def merge_batches(batches: list[Batch]) -> Batch:
     columns: dict[str, list[Any]] = {}
     histograms: list[Any] = []
     acks: list[Any] = []
+    events: list[Any] = []
     for batch in batches:
         for name, column in (batch.get("points") or {}).items():
             columns.setdefault(name, []).extend(column)
         histograms.extend(batch.get("histograms") or [])
         acks.extend(batch.get("acks") or [])
+        events.extend(batch.get("events") or [])
     merged: Batch = {"points": columns, "histograms": histograms}
     if acks:
         merged["acks"] = acks
+    if events:
+        merged["events"] = events
     return merged
 
 

@@ -102,7 +102,7 @@ def test_every_field_reaches_the_probe(tiny_gpt, tmp_path, train) -> None:
 
 
 def test_registration_config_keeps_its_keys() -> None:
-    # the run registration's "config" object (stored by the server) is unchanged by the move
+    # the run registration's "config" object (stored by the server): the keys it carries
     assert set(ProbeConfig().to_json()) == {
         "every",
         "jacobian_every",
@@ -113,6 +113,7 @@ def test_registration_config_keeps_its_keys() -> None:
         "embeddings",
         "head",
         "attention",
+        "attention_heads",
         "max_rows",
         "max_sequences",
         "jacobian_sequences",
@@ -121,6 +122,7 @@ def test_registration_config_keeps_its_keys() -> None:
         "cold_iterations",
         "jacobian_iterations",
         "jacobian_cold_iterations",
+        "jacobian_tolerance",
         "histogram_bins",
         "exact",
     }
