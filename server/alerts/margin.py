@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rankguard.server.alerts.engine import _combine as combine  # the engine's aggregation
@@ -217,18 +217,18 @@ def rule_margin(
 ) -> Margin:
     """The margin of ``rule`` given its engine ``state`` and the latest (step, value) of each
     target of its quantity (targets outside its selector are ignored)."""
-    head = {
-        "rule": rule.name,
-        "quantity": rule.quantity,
-        "condition": rule.condition.value,
-        "severity": rule.severity.value,
-        "firing": is_firing(state),
-    }
+    base = Margin(
+        rule=rule.name,
+        quantity=rule.quantity,
+        condition=rule.condition.value,
+        severity=rule.severity.value,
+        firing=is_firing(state),
+    )
     if not rule.enabled:
-        return Margin(**head, note="rule disabled")
+        return replace(base, note="rule disabled")
     chosen = {t: sv for t, sv in latest.items() if rule.matches_target(t)}
     if not chosen:
-        return Margin(**head, note=f"no {rule.quantity} data yet")
+        return replace(base, note=f"no {rule.quantity} data yet")
     step = max(s for s, _ in chosen.values())
     all_series: Mapping[str, Any] = (state or {}).get("series") or {}
     if rule.aggregation in BOOLEAN_AGGREGATIONS:
@@ -245,8 +245,8 @@ def rule_margin(
         picked = _decisive(rule, judged)
         if picked is None:
             if not reasons:  # at_least_k with fewer targets than k: it cannot fire
-                return Margin(**head, step=step, note=f"fewer than {rule.k} targets report")
-            return Margin(**head, step=step, pending=True, note=reasons[0])
+                return replace(base, step=step, note=f"fewer than {rule.k} targets report")
+            return replace(base, step=step, pending=True, note=reasons[0])
         target, d = picked
         series = all_series.get(target)
         note = f"{len(reasons)} target(s) not assessed yet: {reasons[0]}" if reasons else ""
@@ -257,7 +257,7 @@ def rule_margin(
         d_or_reason = distance(rule, series, value)
         target = f"{rule.aggregation.value} over {len(names)} target(s)"
         if isinstance(d_or_reason, str):
-            return Margin(**head, target=target, step=step, pending=True, note=d_or_reason)
+            return replace(base, target=target, step=step, pending=True, note=d_or_reason)
         d, note = d_or_reason, ""
     seen = int(series["n"]) if series else 0
     armed = seen >= rule.warmup and step >= rule.min_step
@@ -265,8 +265,8 @@ def rule_margin(
         note = (note + "; " if note else "") + (
             f"warming up ({seen} of {rule.warmup} samples, min step {rule.min_step})"
         )
-    return Margin(
-        **head,
+    return replace(
+        base,
         margin=d.margin,
         relative=relative(d),
         value=d.value,
