@@ -81,7 +81,7 @@ def read_runs(
 def read_compare(
     db: DbDep,
     principal: ReadPrincipal,
-    runs: Annotated[str, Query(max_length=6 * 37, description="2 to 6 run ids, comma-separated")],
+    runs: Annotated[str, Query(max_length=400, description="1 to 6 run ids, comma-separated")],
     quantity: Annotated[str, Query(max_length=64)] = compare.DEFAULT_QUANTITY,
     target: Text = None,
     agg: Literal["min", "mean", "max"] | None = None,

@@ -180,6 +180,7 @@ def payload(session: Session, run: Run, alert: Alert) -> dict[str, Any]:
     context = [r for q in CONTEXT if q != alert.quantity
                for r in series_rows(session, run.id, q, ["global"])]  # fmt: skip
     events = list_events(session=session, run_id=run.id, step_min=lo, step_max=hi, limit=10_000)
+    events.sort(key=lambda e: (e.step if e.step is not None else hi + 1, e.id))
     commands = following_commands(session, run.id, alert.id, alert.created_at, alert.resolved_at)
     markers = _markers(alert, events)
     figures = [

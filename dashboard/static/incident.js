@@ -116,14 +116,16 @@
   }
 
   async function draw(figures) {
+    // Every container first: a plot sized while it was alone in its row would not shrink.
     const holder = $("incident-figures");
     for (const f of figures) {
-      let div = $(f.id);
-      if (!div) {
-        div = RG.el("div", { id: f.id, class: "figure" });
-        holder.append(RG.el("section", { class: "card figure-card" }, div));
+      if (!$(f.id)) {
+        holder.append(RG.el("section", { class: "card figure-card" },
+          RG.el("div", { id: f.id, class: "figure" })));
       }
-      await Plotly.react(div, f.figure.data || [], f.figure.layout || {}, plotConfig);
+    }
+    for (const f of figures) {
+      await Plotly.react($(f.id), f.figure.data || [], f.figure.layout || {}, plotConfig);
     }
   }
 

@@ -135,7 +135,7 @@
       tbody.append(RG.el("tr", { "data-run-id": r.id, "data-health": r.health },
         pickCell(r),
         name,
-        RG.el("td", { text: r.project }),
+        RG.el("td", { class: "nowrap", text: r.project }),
         RG.el("td", {}, RG.el("span", { class: "badge " + r.status, text: r.status })),
         RG.el("td", { title: healthTitle(r) },
           RG.el("span", { class: "badge health-" + r.health, text: r.health })),
@@ -145,7 +145,7 @@
         RG.el("td", { class: "num", text: RG.fmt(r.last_loss) }),
         RG.el("td", { class: "num" + (r.alerts_firing > 0 ? " alerting" : ""),
           text: String(r.alerts_firing) }),
-        RG.el("td", { text: RG.when(r.created_at) })));
+        RG.el("td", { class: "nowrap", text: RG.when(r.created_at) })));
     }
     table.hidden = body.data.length === 0;
     const filtered = FILTERS.some((f) => f !== "sort" && params().get(f));

@@ -282,6 +282,8 @@ def rule_margin(
 def _num(value: float | None) -> str:
     if value is None:
         return "n/a"
+    if math.isnan(value):
+        return "NaN"
     return f"{value:.4g}" if math.isfinite(value) else str(value).replace("inf", "Inf")
 
 

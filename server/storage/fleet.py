@@ -77,8 +77,10 @@ def _has_tag(session: Session, tag: str) -> Any:
         return text(
             "(CAST(runs.config AS jsonb) -> 'tags') @> jsonb_build_array(CAST(:tag AS text))"
         ).bindparams(tag=tag)
+    # json_each of a scalar yields the scalar: only a list counts as tags (as on PostgreSQL).
     return text(
-        "EXISTS (SELECT 1 FROM json_each(runs.config, '$.tags') AS t WHERE t.value = :tag)"
+        "json_type(runs.config, '$.tags') = 'array' AND EXISTS "
+        "(SELECT 1 FROM json_each(runs.config, '$.tags') AS t WHERE t.value = :tag)"
     ).bindparams(tag=tag)
 
 
@@ -180,7 +182,8 @@ def tag_names(session: Session, project_id: int | None, limit: int = 200) -> lis
     else:
         sql = (
             "SELECT DISTINCT t.value FROM runs, json_each(runs.config, '$.tags') AS t "
-            f"WHERE t.type = 'text' {where} ORDER BY 1 LIMIT {int(limit)}"
+            "WHERE json_type(runs.config, '$.tags') = 'array' AND t.type = 'text' "
+            f"{where} ORDER BY 1 LIMIT {int(limit)}"
         )
     return [str(r[0]) for r in session.execute(text(sql))]
 
