@@ -24,23 +24,12 @@ from typing import Any
 import httpx
 import pytest
 from helpers import synthetic
+from helpers.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, login, wait_rendered, with_csp
 
 from rankguard.dashboard.page import FIGURE_IDS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = os.environ.get("RANKGUARD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 ADMIN = "rg_browser-test-admin-token-0123456789"
 BLOCKS, STEPS = 2, 200  # 12 weight targets x 200 steps
 HEATMAP_ROWS = BLOCKS * 6
@@ -237,16 +226,6 @@ FIGURE_STATE = """(id) => {
 }"""
 
 
-def login(page: Any, token: str) -> None:
-    page.wait_for_selector("#token-input", state="visible", timeout=15_000)
-    page.fill("#token-input", token)
-    page.click("#token-form button[type=submit]")
-
-
-def wait_rendered(page: Any) -> None:
-    page.wait_for_function("window.__rankguardRendered === true", timeout=60_000)
-
-
 def test_pages_render_every_figure_and_msign_reaches_applied(
     server: Server, seeded: str, browser: Any, tmp_path: Path
 ) -> None:
@@ -255,27 +234,20 @@ def test_pages_render_every_figure_and_msign_reaches_applied(
     page = context.new_page()
     urls: list[str] = []
     page.on("request", lambda r: urls.append(r.url))
-    console_errors: list[str] = []
-    # The browser logs refused fetches (the 401 that asks for a token, the 403 of a read
-    # token ordering MSign) as console errors; those are expected, anything else is not.
-    page.on(
-        "console",
-        lambda m: (
-            console_errors.append(m.text)
-            if m.type == "error" and "status of 40" not in m.text
-            else None
-        ),
-    )
-    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    # Under the server's CSP. The browser logs refused fetches (the 401 that asks for a
+    # token, the 403 of a read token ordering MSign) as console errors; those are expected,
+    # anything else (a CSP violation included) is not.
+    console_errors = with_csp(page)
 
     # Runs list: asks for a token, then lists the run with its step, loss and alert count.
     page.goto(server.url + "/")
     login(page, server.read)
     row = page.wait_for_selector(f'tr[data-run-id="{seeded}"]', timeout=15_000)
     cells = [c.inner_text() for c in row.query_selector_all("td")]
-    assert cells[0] == "seeded" and cells[2] == "running"
-    assert cells[3] == str(STEPS - 1)
-    assert cells[5] == "0"  # the seeded alert is an event: no row of the alerts table fires
+    # pick, run, project, status, health, nearest rule, loss, last step, last loss, firing
+    assert cells[1] == "seeded" and cells[3] == "running"
+    assert cells[7] == str(STEPS - 1)
+    assert cells[9] == "0"  # the seeded alert is an event: no row of the alerts table fires
     page.screenshot(path=str(ARTIFACTS / "dashboard-runs.png"), full_page=True)
 
     # Run page (same tab: the token stays in sessionStorage, no second prompt).
