@@ -36,18 +36,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.dashboard_seed import clone_run, seed_fleet, seed_run
-
-CHROMIUM = os.environ.get("RANKGUARD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from tests.helpers.browser import chromium
 
 
 def serve(db_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -180,13 +169,16 @@ def measure(browser: Any, workdir: Path, targets: int, steps: int, loads: int) -
     return result
 
 
-def first_render(browser: Any, url: str) -> float:
-    """Seconds from navigation start to the page's data drawn, in a fresh browser context."""
+def first_render(browser: Any, url: str, phases: dict[str, float] | None = None) -> float:
+    """Seconds from navigation start to the page's data drawn, in a fresh browser context;
+    ``phases`` (given) receives where that time went (PHASES_JS)."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.goto(url)
     page.wait_for_function("() => window.__rankguardRendered === true", timeout=120_000)
     ms: float = page.evaluate("window.__rankguardRenderedAt")
+    if phases is not None:
+        phases.update(page.evaluate(PHASES_JS))
     context.close()
     return ms / 1000
 
@@ -248,10 +240,12 @@ def measure_compare(browser: Any, workdir: Path, targets: int, steps: int, repea
           f"points), seeded in {time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
     page = "/compare?runs=" + ",".join(ids)
     loads, endpoint, mean_agg = [], [], []
+    phases: dict[str, float] = {}
     proc, url = serve(db_url, workdir)
     try:
+        warmup = first_render(browser, url + page)  # the server's first build imports plotly
         for _ in range(repeats):
-            loads.append(first_render(browser, url + page))
+            loads.append(first_render(browser, url + page, phases))
             for sink, extra in ((endpoint, ""), (mean_agg, "&agg=mean")):
                 start = time.perf_counter()
                 resp = httpx.get(url + "/api/v1/dashboard/compare?runs=" + ",".join(ids) + extra,
@@ -261,8 +255,11 @@ def measure_compare(browser: Any, workdir: Path, targets: int, steps: int, repea
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    print(f"  first render on a freshly started server: {warmup:.2f} s", flush=True)
     _median("first render, fresh browser context (stable_rank min over matrices + loss)",
             loads, 2.0)  # fmt: skip
+    print("  last load, ms from navigation: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in phases.items() if v is not None))  # fmt: skip
     _median("endpoint, stable_rank min over matrices (rollup)", endpoint)
     _median("endpoint, stable_rank mean over matrices (every point read)", mean_agg)
 
@@ -281,11 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.targets, args.steps, args.runs, args.run_steps = 100, 500, 60, 100
-    from playwright.sync_api import sync_playwright
-
     print("before:", _load(), flush=True)
-    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with tempfile.TemporaryDirectory() as tmp, chromium() as browser:
         if "run" in args.only:
             small = measure(browser, Path(tmp), 12, 200, args.loads)
             big = measure(browser, Path(tmp), args.targets, args.steps, args.loads)
@@ -299,7 +293,6 @@ def main(argv: list[str] | None = None) -> None:
             measure_runs_page(browser, Path(tmp), args.runs, args.run_steps, args.repeats)
         if "compare" in args.only:
             measure_compare(browser, Path(tmp), args.targets, args.steps, args.repeats)
-        browser.close()
     print("after:", _load())
 
 

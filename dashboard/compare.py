@@ -64,11 +64,12 @@ def _aggregate(
     found = layer_aggregate(session, run_id, quantity, agg, columns=COLUMNS)
     if found is None:
         return None
-    if found.width > 1:
-        notes.append(
-            f"{label}: {agg} over {found.targets} targets per {found.width} steps "
-            f"(from the {found.source})"
-        )
+    if found.source == "rollup":
+        notes.append(f"{label}: {agg} over {found.targets} targets per {found.width} steps")
+    elif found.source != "points":
+        notes.append(f"{label}: {agg} over {found.targets} targets at {found.source}")
+    elif found.width > 1:
+        notes.append(f"{label}: {agg} over {found.targets} targets and {found.width} steps")
     return {"steps": found.steps, "values": found.values}
 
 

@@ -76,6 +76,7 @@
     const mine = ++request;
     const message = $("compare-message");
     const resp = await (pending === undefined ? fetchCompare() : pending);
+    performance.mark("rg:response");
     await domReady;
     if (mine !== request) return;
     if (resp === null) {
@@ -89,6 +90,7 @@
       return;
     }
     const body = await resp.json();
+    performance.mark("rg:parsed");
     if (mine !== request) return;
     renderChips(body.runs);
     fillSelect($("c-quantity"), body.quantities, body.quantity, null);

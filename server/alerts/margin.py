@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from rankguard.server.alerts.engine import _combine as combine  # the engine's aggregation
@@ -210,25 +210,37 @@ def _decisive(rule: Rule, judged: list[tuple[str, Distance]]) -> tuple[str, Dist
     return ordered[k - 1] if len(ordered) >= k else None
 
 
+# Conditions whose margin reads no statistic: with no warm-up either, a rule of these needs
+# only whether it fires, not its engine state (a reader of many runs may skip the state).
+_STATELESS = frozenset({Condition.ABOVE.value, Condition.BELOW.value, Condition.NON_FINITE.value})
+
+
+def needs_state(rule: Rule) -> bool:
+    """Whether ``rule_margin`` reads the rule's engine state beyond its firing latch."""
+    return rule.condition.value not in _STATELESS or rule.warmup > 0
+
+
 def rule_margin(
     rule: Rule,
     state: Mapping[str, Any] | None,
     latest: Mapping[str, tuple[int, float]],
+    *,
+    firing: bool | None = None,
 ) -> Margin:
     """The margin of ``rule`` given its engine ``state`` and the latest (step, value) of each
-    target of its quantity (targets outside its selector are ignored)."""
-    base = Margin(
-        rule=rule.name,
-        quantity=rule.quantity,
-        condition=rule.condition.value,
-        severity=rule.severity.value,
-        firing=is_firing(state),
-    )
+    target of its quantity (targets outside its selector are ignored). ``firing`` overrides
+    the state's alert latch (a caller that knows it without the state, see ``needs_state``)."""
+    head = (rule.name, rule.quantity, rule.condition.value, rule.severity.value)
+    fires = is_firing(state) if firing is None else firing
+
+    def make(**fields: Any) -> Margin:
+        return Margin(*head, fires, **fields)
+
     if not rule.enabled:
-        return replace(base, note="rule disabled")
+        return make(note="rule disabled")
     chosen = {t: sv for t, sv in latest.items() if rule.matches_target(t)}
     if not chosen:
-        return replace(base, note=f"no {rule.quantity} data yet")
+        return make(note=f"no {rule.quantity} data yet")
     step = max(s for s, _ in chosen.values())
     all_series: Mapping[str, Any] = (state or {}).get("series") or {}
     if rule.aggregation in BOOLEAN_AGGREGATIONS:
@@ -245,8 +257,8 @@ def rule_margin(
         picked = _decisive(rule, judged)
         if picked is None:
             if not reasons:  # at_least_k with fewer targets than k: it cannot fire
-                return replace(base, step=step, note=f"fewer than {rule.k} targets report")
-            return replace(base, step=step, pending=True, note=reasons[0])
+                return make(step=step, note=f"fewer than {rule.k} targets report")
+            return make(step=step, pending=True, note=reasons[0])
         target, d = picked
         series = all_series.get(target)
         note = f"{len(reasons)} target(s) not assessed yet: {reasons[0]}" if reasons else ""
@@ -257,7 +269,7 @@ def rule_margin(
         d_or_reason = distance(rule, series, value)
         target = f"{rule.aggregation.value} over {len(names)} target(s)"
         if isinstance(d_or_reason, str):
-            return replace(base, target=target, step=step, pending=True, note=d_or_reason)
+            return make(target=target, step=step, pending=True, note=d_or_reason)
         d, note = d_or_reason, ""
     seen = int(series["n"]) if series else 0
     armed = seen >= rule.warmup and step >= rule.min_step
@@ -265,8 +277,7 @@ def rule_margin(
         note = (note + "; " if note else "") + (
             f"warming up ({seen} of {rule.warmup} samples, min step {rule.min_step})"
         )
-    return replace(
-        base,
+    return make(
         margin=d.margin,
         relative=relative(d),
         value=d.value,
@@ -332,6 +343,7 @@ __all__ = [
     "health",
     "known_conditions",
     "nearest",
+    "needs_state",
     "relative",
     "rule_margin",
 ]

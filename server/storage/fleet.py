@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy import Select, Text, and_, cast, exists, func, not_, or_, select, text
 from sqlalchemy.orm import Session
 
-from rankguard.server.alerts.margin import Margin, rule_margin
+from rankguard.server.alerts.margin import Margin, needs_state, rule_margin
 from rankguard.server.alerts.rules import Rule, RuleError
 from rankguard.server.models import Alert, AlertRule, Project, Run, Series
 from rankguard.server.storage._arrays import series_slices
@@ -268,32 +268,51 @@ def _latest_rows(session: Session, run_ids: list[str], quantities: list[str]) ->
 
 def run_margins(session: Session, run_ids: Sequence[str]) -> dict[str, list[Margin]]:
     """Every run-level rule of each run with its margin (``alerts.margin.rule_margin``), in
-    rule order. A stored rule that no longer validates is reported, not raised. The rule is
-    read as its JSON text (the parse cache's key), the state as JSON."""
-    rows: dict[str, list[tuple[str, str, str, Any]]] = {}
-    raw_rule = cast(AlertRule.rule, Text)
+    rule order. A stored rule that no longer validates is reported, not raised.
+
+    Rule and state are read as JSON text: the rule's is the parse cache's key, and a state is
+    parsed only for a rule whose margin reads statistics (``margin.needs_state``); the others
+    take whether they fire from the alerts table (the state is O(targets) JSON: most of the
+    cost for a thousand runs)."""
+    rows: dict[str, list[tuple[int, str, str, str, str | None]]] = {}
+    columns = (AlertRule.run_id, AlertRule.id, AlertRule.name, AlertRule.quantity,
+               cast(AlertRule.rule, Text), cast(AlertRule.state, Text))  # fmt: skip
+    firing: set[int] = set()
     for chunk in chunks(list(run_ids)):
-        for run_id, name, quantity, raw, state in session.execute(
-            select(AlertRule.run_id, AlertRule.name, AlertRule.quantity, raw_rule, AlertRule.state)
+        for run_id, *row in session.execute(
+            select(*columns)
             .where(AlertRule.run_id.in_(list(chunk)))
             .order_by(AlertRule.run_id, AlertRule.id)
         ):
-            rows.setdefault(str(run_id), []).append((name, quantity, raw, state))
-    quantities = {q for rs in rows.values() for _, q, _, _ in rs}
+            rows.setdefault(str(run_id), []).append(tuple(row))  # type: ignore[arg-type]
+        firing.update(
+            session.scalars(
+                select(Alert.rule_id).where(
+                    Alert.run_id.in_(list(chunk)), Alert.state == AlertState.FIRING.value
+                )
+            )
+        )
+    quantities = {q for rs in rows.values() for _, _, q, _, _ in rs}
     latest = latest_values(session, list(rows), quantities)
     out: dict[str, list[Margin]] = {run_id: [] for run_id in run_ids}
     for run_id, rule_rows in rows.items():
         values = latest.get(run_id, {})
-        for name, quantity, raw, state in rule_rows:
+        for row_id, name, quantity, raw, raw_state in rule_rows:
             try:
                 rule = _parsed(raw)
             except (RuleError, ValueError) as exc:
                 out[run_id].append(
                     Margin(rule=name, quantity=quantity, condition="?", severity="",
-                           firing=False, pending=True, note=f"rule not readable: {exc}")
+                           firing=row_id in firing, pending=True,
+                           note=f"rule not readable: {exc}")
                 )  # fmt: skip
                 continue
-            out[run_id].append(rule_margin(rule, state, values.get(rule.quantity, {})))
+            latest_q = values.get(rule.quantity, {})
+            if needs_state(rule):
+                state = json.loads(raw_state) if raw_state else None
+                out[run_id].append(rule_margin(rule, state, latest_q))
+            else:
+                out[run_id].append(rule_margin(rule, None, latest_q, firing=row_id in firing))
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from helpers import synthetic
-from helpers.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, login, wait_rendered, with_csp
+from helpers.browser import ARTIFACTS, CHROMIUM, chromium, login, wait_rendered, with_csp
 
 from rankguard.dashboard.page import FIGURE_IDS
 
@@ -204,12 +204,8 @@ class RealProbe(threading.Thread):
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 FIGURE_STATE = """(id) => {

@@ -268,7 +268,15 @@ def test_rollup_aggregate_is_the_block_extreme(env: Env, monkeypatch: pytest.Mon
           for i in range(4)]  # fmt: skip
     flat = np.min(np.array(sr), axis=0)
     assert values == pytest.approx([flat[b : b + 64].min() for b in (0, 64, 128, 192)])
-    assert "per 64 steps (from the rollup)" in body["notes"][0]
+    assert body["notes"] == ["collapsing: min over 4 targets per 64 steps"]
+    # The mean reads the points again, at one sampled step in k (k: at most RAW_LIMIT points).
+    body = compare(env, "collapsing", agg="mean")
+    [line] = traces(body, "fig-compare")
+    steps, values = decode(line["x"]), decode(line["y"])
+    k = -(-4 * seed.STEPS // 10)
+    assert steps.tolist() == list(range(0, seed.STEPS, k))
+    assert values == pytest.approx(np.mean(np.array(sr), axis=0)[::k])
+    assert body["notes"] == [f"collapsing: mean over 4 targets at one sampled step in {k}"]
 
 
 def test_compare_limits_and_access(env: Env) -> None:

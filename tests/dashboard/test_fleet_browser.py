@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 from helpers import fleet as seed
-from helpers.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, login, wait_rendered, with_csp
+from helpers.browser import ARTIFACTS, chromium, login, wait_rendered, with_csp
 from helpers.live_server import LiveServer, running_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -39,12 +39,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
