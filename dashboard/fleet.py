@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,26 +37,44 @@ _RISK_ORDER = {"firing": 0, "tripping": 1, "near": 2, "unknown": 3, "ok": 4}
 
 class MarginCache:
     """Margins per run with the marks they were computed at: (status, last step, number of
-    rules, newest rule edit). Bounded: dropped whole when full (a miss costs a recompute)."""
+    rules, newest rule edit). While a run trains its last step moves with every batch, so a
+    run whose only change is its last step keeps margins up to ``max_age_s`` old (the page
+    polls every 10 s): a fleet of training runs costs a recompute per run per ``max_age_s`` at
+    most, however many pages sort by risk. Bounded: dropped whole when full."""
 
-    def __init__(self, max_runs: int = 50_000) -> None:
-        self._items: dict[str, tuple[tuple[Any, ...], list[Margin]]] = {}
+    MAX_AGE_S = 10.0
+
+    def __init__(self, max_runs: int = 50_000, *, max_age_s: float = MAX_AGE_S) -> None:
+        self._items: dict[str, tuple[tuple[Any, ...], float, list[Margin]]] = {}
         self._max = max_runs
+        self._max_age_s = max_age_s
         self._lock = threading.Lock()
+
+    def _fresh(self, run_id: str, key: tuple[Any, ...], now: float) -> list[Margin] | None:
+        hit = self._items.get(run_id)
+        if hit is None:
+            return None
+        old, at, margins = hit
+        if old == key:
+            return margins
+        # Only the last step moved (same status, same rules), recently: still good.
+        same_otherwise = old[0] == key[0] and old[2:] == key[2:]
+        return margins if same_otherwise and now - at < self._max_age_s else None
 
     def margins(
         self, session: Session, marks: dict[str, tuple[Any, ...]]
     ) -> dict[str, list[Margin]]:
-        """The margins of the runs in ``marks`` (run id -> its status and last step),
-        computed for those whose marks moved since they were cached."""
+        """The margins of the runs in ``marks`` (run id -> (status, last step)), computed for
+        those not fresh in the cache."""
         rules = rules_marks(session, list(marks))
         keys = {run_id: (*m, *rules.get(run_id, (0, None))) for run_id, m in marks.items()}
+        now = time.monotonic()
         out: dict[str, list[Margin]] = {}
         with self._lock:
             for run_id, key in keys.items():
-                hit = self._items.get(run_id)
-                if hit is not None and hit[0] == key:
-                    out[run_id] = hit[1]
+                hit = self._fresh(run_id, key, now)
+                if hit is not None:
+                    out[run_id] = hit
         missing = [run_id for run_id in keys if run_id not in out]
         if missing:
             fresh = run_margins(session, missing)
@@ -63,7 +82,7 @@ class MarginCache:
                 if len(self._items) + len(fresh) > self._max:
                     self._items.clear()
                 for run_id, ms in fresh.items():
-                    self._items[run_id] = (keys[run_id], ms)
+                    self._items[run_id] = (keys[run_id], now, ms)
                     out[run_id] = ms
         return out
 

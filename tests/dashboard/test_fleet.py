@@ -353,3 +353,31 @@ def test_fleet_pages_are_shells_with_local_scripts_only(env: Env, path: str) -> 
     assert "<script>" not in html and not re.search(r"\son[a-z]+=", html)  # CSP: no inline
     for url in re.findall(r'(?:src|href)="([^"#]+)"', html):
         assert env.client.get(url).status_code == 200, url
+
+
+def test_margin_cache_recomputes_what_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's margins are recomputed when its status or rules change; when only its last
+    step moved (a training run), after max_age_s."""
+    from rankguard.dashboard import fleet as fleet_module
+
+    computed: list[list[str]] = []
+    rules = {"r1": (10, "edit-1")}
+    monkeypatch.setattr(fleet_module, "rules_marks", lambda session, ids: dict(rules))
+    monkeypatch.setattr(
+        fleet_module,
+        "run_margins",
+        lambda session, ids: computed.append(sorted(ids)) or {i: [] for i in ids},
+    )
+    cache = fleet_module.MarginCache(max_age_s=3600)
+    cache.margins(None, {"r1": ("running", 10)})  # type: ignore[arg-type]
+    cache.margins(None, {"r1": ("running", 10)})  # type: ignore[arg-type]
+    cache.margins(None, {"r1": ("running", 11)})  # type: ignore[arg-type]  # recent enough
+    assert computed == [["r1"]]
+    cache.margins(None, {"r1": ("finished", 11)})  # type: ignore[arg-type]
+    rules["r1"] = (10, "edit-2")
+    cache.margins(None, {"r1": ("finished", 11)})  # type: ignore[arg-type]
+    assert computed == [["r1"]] * 3
+    stale = fleet_module.MarginCache(max_age_s=0)
+    stale.margins(None, {"r1": ("running", 1)})  # type: ignore[arg-type]
+    stale.margins(None, {"r1": ("running", 2)})  # type: ignore[arg-type]
+    assert len(computed) == 5
