@@ -198,14 +198,11 @@ def project_choices(session: Session, project_id: int | None) -> list[str]:
 
 # --- margins -------------------------------------------------------------------------------
 
-# Parsed rules, twice cached: by their stored JSON text (Rule.from_dict validates every field,
-# ~0.1 ms, and runs of one model share their rules' text: the default pack, specialised alike)
-# and by row id with its last edit (so a warm server reads no rule text at all: a rule's
-# runbook makes it kilobytes). Bounded: each dropped whole when full.
+# Parsed rules by their stored JSON text: Rule.from_dict validates every field (~0.1 ms), and
+# runs of one model share their rules' text (the default pack, specialised alike), so a fleet
+# of a thousand runs parses a handful. Bounded: dropped whole when full.
 _PARSED: dict[str, Rule] = {}
-_BY_ROW: dict[int, tuple[Any, Rule]] = {}
 _PARSED_MAX = 10_000
-_BY_ROW_MAX = 200_000
 
 
 def _parsed(raw: str) -> Rule:
@@ -216,32 +213,6 @@ def _parsed(raw: str) -> Rule:
             _PARSED.clear()
         _PARSED[raw] = rule
     return rule
-
-
-def _rules_by_row(session: Session, edits: dict[int, Any]) -> dict[int, Rule | str]:
-    """The parsed rule of each row id (``edits``: id -> last edit), or why it is unreadable;
-    reads the text of the rows not cached at that edit only."""
-    out: dict[int, Rule | str] = {}
-    missing = []
-    for row_id, edited in edits.items():
-        hit = _BY_ROW.get(row_id)
-        if hit is not None and hit[0] == edited:
-            out[row_id] = hit[1]
-        else:
-            missing.append(row_id)
-    for chunk in chunks(missing):
-        query = select(AlertRule.id, cast(AlertRule.rule, Text)).where(AlertRule.id.in_(chunk))
-        for row_id, raw in session.execute(query):
-            try:
-                rule = _parsed(raw)
-            except (RuleError, ValueError) as exc:
-                out[row_id] = f"rule not readable: {exc}"
-                continue
-            if len(_BY_ROW) >= _BY_ROW_MAX:
-                _BY_ROW.clear()
-            _BY_ROW[row_id] = (edits[row_id], rule)
-            out[row_id] = rule
-    return out
 
 
 def rules_marks(session: Session, run_ids: Sequence[str]) -> dict[str, tuple[int, Any]]:
@@ -299,21 +270,21 @@ def run_margins(session: Session, run_ids: Sequence[str]) -> dict[str, list[Marg
     """Every run-level rule of each run with its margin (``alerts.margin.rule_margin``), in
     rule order. A stored rule that no longer validates is reported, not raised.
 
-    A rule's text is read only when it is not cached (``_rules_by_row``), and its state only
-    when its margin reads statistics (``margin.needs_state``: the state is O(targets) JSON);
-    the other rules take whether they fire from the alerts table."""
-    rows: dict[str, list[tuple[int, str, str]]] = {}
-    edits: dict[int, Any] = {}
+    Rule and state are read as JSON text: the rule's is the parse cache's key, and a state is
+    parsed only for a rule whose margin reads statistics (``margin.needs_state``); the others
+    take whether they fire from the alerts table (the state is O(targets) JSON: most of the
+    cost for a thousand runs)."""
+    rows: dict[str, list[tuple[int, str, str, str, str | None]]] = {}
+    columns = (AlertRule.run_id, AlertRule.id, AlertRule.name, AlertRule.quantity,
+               cast(AlertRule.rule, Text), cast(AlertRule.state, Text))  # fmt: skip
     firing: set[int] = set()
     for chunk in chunks(list(run_ids)):
-        for run_id, row_id, name, quantity, edited in session.execute(
-            select(AlertRule.run_id, AlertRule.id, AlertRule.name, AlertRule.quantity,
-                   AlertRule.updated_at)
+        for run_id, *row in session.execute(
+            select(*columns)
             .where(AlertRule.run_id.in_(list(chunk)))
             .order_by(AlertRule.run_id, AlertRule.id)
-        ):  # fmt: skip
-            rows.setdefault(str(run_id), []).append((row_id, name, quantity))
-            edits[row_id] = edited
+        ):
+            rows.setdefault(str(run_id), []).append(tuple(row))  # type: ignore[arg-type]
         firing.update(
             session.scalars(
                 select(Alert.rule_id).where(
@@ -321,30 +292,27 @@ def run_margins(session: Session, run_ids: Sequence[str]) -> dict[str, list[Marg
                 )
             )
         )
-    rules = _rules_by_row(session, edits)
-    stateful = [i for i, r in rules.items() if isinstance(r, Rule) and needs_state(r)]
-    states: dict[int, Any] = {}
-    for chunk in chunks(stateful):
-        query = select(AlertRule.id, AlertRule.state).where(AlertRule.id.in_(list(chunk)))
-        states.update((int(i), st) for i, st in session.execute(query))
-    quantities = {q for rs in rows.values() for _, _, q in rs}
+    quantities = {q for rs in rows.values() for _, _, q, _, _ in rs}
     latest = latest_values(session, list(rows), quantities)
     out: dict[str, list[Margin]] = {run_id: [] for run_id in run_ids}
     for run_id, rule_rows in rows.items():
         values = latest.get(run_id, {})
-        for row_id, name, quantity in rule_rows:
-            rule = rules[row_id]
-            if isinstance(rule, str):
+        for row_id, name, quantity, raw, raw_state in rule_rows:
+            try:
+                rule = _parsed(raw)
+            except (RuleError, ValueError) as exc:
                 out[run_id].append(
                     Margin(rule=name, quantity=quantity, condition="?", severity="",
-                           firing=row_id in firing, pending=True, note=rule)
+                           firing=row_id in firing, pending=True,
+                           note=f"rule not readable: {exc}")
                 )  # fmt: skip
-            elif row_id in states:
-                out[run_id].append(rule_margin(rule, states[row_id], values.get(quantity, {})))
+                continue
+            latest_q = values.get(rule.quantity, {})
+            if needs_state(rule):
+                state = json.loads(raw_state) if raw_state else None
+                out[run_id].append(rule_margin(rule, state, latest_q))
             else:
-                out[run_id].append(
-                    rule_margin(rule, None, values.get(quantity, {}), firing=row_id in firing)
-                )
+                out[run_id].append(rule_margin(rule, None, latest_q, firing=row_id in firing))
     return out
 
 
