@@ -114,7 +114,8 @@ def layer_aggregate(
             return _from_rollup(session, ids, int(b0), int(b1), agg, columns)
         stride = -(-int(n) // RAW_LIMIT)
         steps = _every_kth_step(session, ids[0], stride)
-        return _from_points(session, ids, agg, 1, steps=steps, source=f"one sampled step in {stride}")
+        source = f"one sampled step in {stride}"
+        return _from_points(session, ids, agg, 1, steps=steps, source=source)
     # A bucket of steps per column when there are more steps than columns.
     span_steps = (int(b1) - int(b0) + 1) * BLOCK
     width = 1 if span_steps <= columns else -(-span_steps // columns)
