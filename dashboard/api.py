@@ -5,10 +5,12 @@ Read scope; a token sees its own project's runs only (404 for another's, never 4
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from rankguard.dashboard import compare, fleet, incident
 from rankguard.server.deps import DbDep, ReadPrincipal, alert_or_404, run_or_404
@@ -20,6 +22,23 @@ from rankguard.server.vocab import RunStatus
 api = APIRouter(prefix="/api/v1", tags=["dashboard"])
 
 Text = Annotated[str | None, Query(max_length=255)]
+
+
+# The tag filter's choices: every run's config is read to list them (a probe's config names
+# every target), so a list is reused for this long.
+TAGS_MAX_AGE_S = 30.0
+
+
+def _tags(request: Request, session: Session, project_id: int | None) -> list[str]:
+    state = request.app.state
+    cached: dict[int | None, tuple[float, list[str]]] = getattr(state, "dashboard_tags", {})
+    hit = cached.get(project_id)
+    now = time.monotonic()
+    if hit is not None and now - hit[0] < TAGS_MAX_AGE_S:
+        return hit[1]
+    tags = tag_names(session, project_id)
+    state.dashboard_tags = {**cached, project_id: (now, tags)}
+    return tags
 
 
 def _margin_cache(request: Request) -> fleet.MarginCache:
@@ -62,7 +81,7 @@ def read_runs(
             limit=limit, offset=(page - 1) * limit,
         )  # fmt: skip
         projects = project_choices(session, principal.project_id)
-        tags = tag_names(session, principal.project_id)
+        tags = _tags(request, session, principal.project_id)
     return WireJSONResponse(
         {
             "data": result.rows,

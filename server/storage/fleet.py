@@ -121,27 +121,20 @@ def list_run_rows(
     session: Session, f: RunFilter, *, sort: str, descending: bool, limit: int, offset: int
 ) -> tuple[list[RunRow], int]:
     """One page of the runs that pass ``f``, sorted by a ``SQL_SORTS`` key (ties: newest
-    first), and how many pass."""
+    first), and how many pass. The page's ids are found first and only their rows are
+    built (SQLite would compute every listed column of every run before sorting)."""
     if sort not in SQL_SORTS:
         raise ValueError(f"sort={sort!r} is not valid; use one of {', '.join(SQL_SORTS)}")
-    firing = _firing_count().label("firing")
-    tags = Run.config["tags"].label("tags")
-    columns = (Run.id, Run.name, Project.name, Run.status, Run.created_at, Run.finished_at,
-               Run.last_step, firing, tags)  # fmt: skip
     key: Any = {
         "started": Run.created_at,
         "name": Run.name,
         "last_step": func.coalesce(Run.last_step, -1),
         "status": Run.status,
-        "firing": firing,
+        "firing": _firing_count(),
     }[sort]
     order = [key.desc() if descending else key.asc(), Run.created_at.desc(), Run.id]
-    query = _filtered(session, f, columns).order_by(*order).limit(limit).offset(offset)
-    rows = [
-        RunRow(i, n, p, s, c, fin, last, int(fire or 0), _tags(tg))
-        for i, n, p, s, c, fin, last, fire, tg in session.execute(query)
-    ]
-    return rows, count_runs(session, f)
+    page = _filtered(session, f, [Run.id]).order_by(*order).limit(limit).offset(offset)
+    return run_rows_by_id(session, f, list(session.scalars(page))), count_runs(session, f)
 
 
 def count_runs(session: Session, f: RunFilter) -> int:
