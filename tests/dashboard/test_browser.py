@@ -306,7 +306,7 @@ def test_pages_render_every_figure_and_msign_reaches_applied(
             """(n) => (document.getElementById('fig-loss').layout.shapes || [])
                  .filter((s) => s.name === 'event-intervention').length >= n""",
             arg=2 if run_id == seeded else 1,
-            timeout=30_000,
+            timeout=90_000,
         )
         page.screenshot(path=str(ARTIFACTS / "dashboard-msign-applied.png"), full_page=True)
     finally:

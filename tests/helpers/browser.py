@@ -61,6 +61,11 @@ def with_csp(page: Any) -> list[str]:
     problems: list[str] = []
 
     def handle(route: Any) -> None:
+        # Only documents carry a CSP that applies; anything else goes straight through (a
+        # proxied figure payload would slow every poll of a page under a loaded machine).
+        if route.request.resource_type != "document":
+            route.continue_()
+            return
         response = route.fetch()
         headers = {**response.headers, "content-security-policy": CSP}
         route.fulfill(response=response, headers=headers)
