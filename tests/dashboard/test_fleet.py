@@ -29,6 +29,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 ADMIN = "rg_test-admin-token-for-fleet-pages-0123"
+METRICS = "rg_test-metrics-token-for-fleet-pages-01"
 
 
 def auth(token: str) -> dict[str, str]:
@@ -55,7 +56,12 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp: Path = tmp_path_factory.mktemp("fleet")
-    settings = Settings(database_url=f"sqlite:///{tmp / 'rg.db'}", admin_token=ADMIN)
+    settings = Settings(
+        database_url=f"sqlite:///{tmp / 'rg.db'}",
+        admin_token=ADMIN,
+        allowed_hosts=["testserver"],
+        metrics_token=METRICS,
+    )
     with TestClient(create_app(settings)) as client:
         tokens = {}
         for scope in ("ingest", "read", "operate"):
@@ -179,7 +185,7 @@ def test_runs_list_rejects_bad_parameters_naming_the_field(env: Env) -> None:
 
 
 def test_margin_gauges_cover_active_runs_only(env: Env) -> None:
-    text = env.client.get("/metrics").text
+    text = env.client.get("/metrics", headers=auth(METRICS)).text
     lines = [ln for ln in text.splitlines() if ln.startswith("rankguard_run_rule_margin{")]
     runs = {re.search(r'run="([^"]+)"', ln).group(1) for ln in lines}  # type: ignore[union-attr]
     fleet = env.fleet.runs
