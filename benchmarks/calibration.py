@@ -52,6 +52,7 @@ class Knob:
 
 # Rule name -> the knob the procedure sets (the rest of each rule is as pack.py writes it).
 KNOBS: dict[str, Knob] = {
+    "sa_sign_diversity_collapse": Knob("threshold", 1e-4, 0.5, quiet_up=False),
     "stable_rank_collapse": Knob("threshold", 0.02, 0.95, quiet_up=False),
     "representation_collapse": Knob("threshold", 1.0005, 3.0, quiet_up=False, offset=1.0),
     "jacobian_alignment_gain_above_one": Knob("threshold", 1.0, 1e5),
