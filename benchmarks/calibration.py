@@ -55,7 +55,7 @@ KNOBS: dict[str, Knob] = {
     "sa_sign_diversity_collapse": Knob("threshold", 1e-4, 0.5, quiet_up=False),
     "stable_rank_collapse": Knob("threshold", 0.02, 0.95, quiet_up=False),
     "representation_collapse": Knob("threshold", 1.0005, 3.0, quiet_up=False, offset=1.0),
-    "jacobian_alignment_gain_above_one": Knob("threshold", 1.0, 1e5),
+    "jacobian_alignment_gain_above_one": Knob("threshold", 1.05, 1e5, offset=1.0),
     "attention_logit_high": Knob("threshold", 1.0, 1e5),
     "update_ratio_high": Knob("threshold", 1e-3, 10.0),
     "update_ratio_rise": Knob("threshold", 1.05, 1e3, offset=1.0),

@@ -290,19 +290,24 @@ def core_rules(*, remediate: bool = False) -> list[Rule]:
         Rule(
             name=JACOBIAN_GAIN,
             quantity="jacobian_alignment_gain",
-            condition=Condition.ABOVE,
-            # calibrated: 50 (papers: 1, sufficient not necessary). a*M exceeds 1 on every
-            # healthy run here (up to ~35 after step 50); failing runs reach 1e2-1e4.
-            threshold=799.7,
-            aggregation=Aggregation.ANY,
+            # calibrated, relative (papers: a*M > 1, sufficient not necessary). a*M exceeds 1 on
+            # every healthy run, and its healthy level is the model's and optimizer's: up to
+            # ~35 on AdamW runs, ~630 on a healthy SGD run, so no absolute bound transfers.
+            # Against the run's own first two Jacobian samples (steps 25, 50 at the benchmark's
+            # cadence), healthy runs of both architectures stay within ~11x.
+            condition=Condition.RISE_FROM_BASELINE,
+            threshold=12.81,
+            aggregation=Aggregation.MAX,
+            baseline_samples=2,
             consecutive=1,
             severity=AlertSeverity.WARNING,
             min_step=50,
             cooldown=200,
             description=(
-                "Adjacent-block Jacobian alignment times spectral norm a*M > 50 after step 50 "
-                "(calibrated; MSign Thm 4.2's exponential-growth zone starts at a*M > 1, "
-                "papers.md §1.4, which healthy runs pass all the time)."
+                "The largest adjacent-block Jacobian alignment times spectral norm a*M rose "
+                "above the calibrated multiple of the run's own level (its first two Jacobian "
+                "samples), after step 50 (MSign Thm 4.2's exponential-growth zone starts at "
+                "a*M > 1, papers.md §1.4, which healthy runs pass all the time)."
             ),
             runbook=(
                 "When a*M > 1 across blocks the product of block Jacobians can grow exponentially "
