@@ -147,13 +147,12 @@ def test_alert_loop_orders_msign_once_per_firing_within_rate_limit() -> None:
 
 def test_rescue_rules_back_off_the_lr_unless_msign_only() -> None:
     from benchmarks.rescue import rules_for
-    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH
+    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH, UPDATE_RATIO_RISE
 
     names = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(4)]
     full = {r.name: r for r in rules_for(names)}
     assert full[UPDATE_RATIO_HIGH].action.command()["kind"] == "scale_lr"  # type: ignore[union-attr]
     msign_only = {r.name: r for r in rules_for(names, msign_only=True)}
-    assert not msign_only[UPDATE_RATIO_HIGH].enabled
-    assert all(
-        r.enabled == full[n].enabled for n, r in msign_only.items() if n != UPDATE_RATIO_HIGH
-    )
+    assert not msign_only[UPDATE_RATIO_HIGH].enabled and not msign_only[UPDATE_RATIO_RISE].enabled
+    lr_rules = (UPDATE_RATIO_HIGH, UPDATE_RATIO_RISE)
+    assert all(r.enabled == full[n].enabled for n, r in msign_only.items() if n not in lr_rules)
