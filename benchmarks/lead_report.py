@@ -32,12 +32,15 @@ PEERS = {
     "peer:llmfoundry_kill_loss_spike": "llm-foundry",
     "peer:wandb_loss_zscore": "W&B z",
     "peer:loss_cusum": "CUSUM",
-    "peer:loss_stall": "stall",
-    "peer:loss_gradual_divergence": "divergence",
     "trainscope_cusum": "trainscope CUSUM",
     "trainscope_kurtosis": "trainscope kurtosis",
     "trainscope_grad_norm": "trainscope gnorm",
     "trainscope_layer_grad": "trainscope layer grads",
+}
+# rankguard's own loss rules (no peer ships them): shown beside the peers, never counted as one
+OWN_LOSS = {
+    "peer:loss_stall": "stall (rankguard)",
+    "peer:loss_gradual_divergence": "divergence (rankguard)",
 }
 FALSE_ALERT_TARGET = 0.1  # at most 1 false alert per 10 healthy runs
 
@@ -85,7 +88,7 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         healthy = [r for r in mine if r["role"] == "healthy"]
         scoped = [r for r in mine if r["trainscope_recorded"]]
         detectors: dict[str, Any] = {}
-        for det in [*OURS, *PEERS]:
+        for det in [*OURS, *PEERS, *OWN_LOSS]:
             pool_f = [r for r in failing if not det.startswith("trainscope") or r in scoped]
             pool_h = [r for r in healthy if not det.startswith("trainscope") or r in scoped]
             leads = [r["lead_time"][det] for r in pool_f if r["lead_time"].get(det) is not None]
@@ -128,7 +131,7 @@ def markdown_tables(result: Mapping[str, Any]) -> str:
     """The lead-time table (failing runs), the false-alert table (healthy runs) and the
     per-architecture headline, as Markdown."""
     runs = result["runs"]
-    cols = {**OURS, **PEERS}
+    cols = {**OURS, **PEERS, **OWN_LOSS}
     lines = [
         "| run (family) | failure (step) | " + " | ".join(cols.values()) + " |",
         "|---|---|" + "---|" * len(cols),
@@ -183,7 +186,7 @@ def plot_runs(result: Mapping[str, Any], load: Any, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = {**OURS, **PEERS}
+    cols = {**OURS, **PEERS, **OWN_LOSS}
     paths = []
     by_scenario: dict[str, list[Mapping[str, Any]]] = {}
     for r in result["runs"]:
