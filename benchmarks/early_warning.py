@@ -1,38 +1,30 @@
-"""Claim (issue 7): rankguard's spectral alerts fire well before the loss moves, and stay quiet
-on healthy runs.
+"""Claim (issues 7, 20): rankguard's alerts fire well before the loss moves, earlier than the
+detectors users already run, on more than one architecture, and stay quiet on healthy runs.
 
-Every scenario of ``benchmarks/scenarios/catalog.py`` is trained with a probe attached
-(``every=5``, Jacobian every 25) and its series are recorded: the probe's points, and the
-per-step loss and pre-clip gradient norm of the training loop. The detectors of
-``benchmarks/detectors.py`` then run offline over the recorded series:
+Every scenario of ``benchmarks/scenarios/catalog.py`` (families of a GPT and of a Llama, AdamW,
+SGD with momentum and Lion, LR faults, post-LN, fp16 attention) is trained with a probe attached
+(``every=5``, Jacobian every 25) and recorded: the probe's points and the per-step loss and
+pre-clip gradient norm. Offline, over the recordings (``detectors.py``: every detector is a
+rule of the server's alert engine):
 
-- the peers' baselines: OLMo-core's loss spike (mean + 6 sigma over the last 128 steps, judged
-  once the window is full), Megatron's spiky loss (> 10x the max of the last 100) and a
-  gradient-norm threshold (> 10x the running median of the last 100). (OLMo-core applies its
-  6-sigma rule to the gradient norm too; on these runs it fired on 21 of 24 healthy runs, so
-  it is no comparator and is not in the table);
-- every rule of rankguard's default pack (``server/alerts/pack.py``), through the alert engine.
+- the peers' detectors with their published defaults (``server/alerts/peers.py``) over the
+  per-step loss and gradient norm, as their trainers see them; trainscope's, recorded for real
+  in its own environment (``trainscope_runs.py``);
+- rankguard's default pack (``server/alerts/pack.py``) over what the probe sent.
 
-Failure step (``failure_step``): an explosion's step from ``failure.find_explosion``; for a
-silent degradation, the first step from which the run's trailing-25 mean loss stays above
-1.15x its healthy control's trailing-25 mean at the same step until the end of the run
-(``degradation_step``). Lead time = failure step - first firing step (negative: late; None:
-never fired). False alert = a detector firing at all on a healthy control run.
+Calibration (``calibration.py``) is a procedure over the healthy runs of the development seeds
+(0, 1, 3-6 where recorded); the frozen pack is that procedure on every family, and each family is
+also scored by the pack the procedure gives without it (leave-one-family-out). The headline is
+on fresh seeds 21, 22 (``HELDOUT_SEEDS``), recorded after the pack was frozen::
 
-Calibration is honest: the rule thresholds were chosen on the development seeds 0, 1, 3-6
-(``CALIBRATION_SEEDS``; 0-1 first, then 3-6, which were a held-out set until the second
-calibration looked at them). Seeds 7-10 were the held-out set of that calibration, recorded
-and analysed once after it was frozen. The representation-collapse rule came later (from the
-development seeds, but with the 7-10 table already seen), so that pack's table is on fresh
-seeds 11-14, recorded after it was frozen. The update-ratio rule (with its learning-rate
-backoff) came after the 11-14 tables had been read, so the current headline is on fresh seeds
-15-18 (``HELDOUT_SEEDS``), recorded after this pack was frozen::
+    python -m benchmarks.early_warning record --seeds 0,1 --workers 2
+    python -m benchmarks.early_warning record --seeds 21,22 --workers 2
+    benchmarks/.venv-peers/bin/python -m benchmarks.trainscope_runs --seeds 21,22 --workers 2
+    python -m benchmarks.early_warning analyse --seeds 21,22 --tag heldout_2122 --plots
 
-    python -m benchmarks.early_warning record --seeds 0,1,3,4,5,6 --workers 2
-    python -m benchmarks.early_warning analyse --seeds 0,1,3,4,5,6 --tag calibration
-    python -m benchmarks.early_warning record --seeds 15,16,17,18 --workers 2
-    python -m benchmarks.early_warning analyse --seeds 15,16,17,18 --tag heldout_1518 --plots
-    python -m benchmarks.early_warning analyse --seeds 11,12,13,14 --tag heldout_fresh
+Failure step (``failure_of``): an explosion's step from ``failure.find_explosion``; for a
+silent degradation, the first step from which the trailing-25 mean loss stays above 1.15x the
+healthy control's until the end (``degradation_step``). Scoring: ``lead_report.py``.
 
 Recorded runs are cached as ``benchmarks/results/runs/<scenario>_seed<k>.json.gz``; ``record``
 skips runs already there unless ``--force``.
@@ -59,7 +51,7 @@ if str(_ROOT) not in sys.path:
 RESULTS = _ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "runs"
 CALIBRATION_SEEDS = (0, 1, 3, 4, 5, 6)
-HELDOUT_SEEDS = (15, 16, 17, 18)
+HELDOUT_SEEDS = (21, 22)
 PROBE_EVERY = 5
 JACOBIAN_EVERY = 25
 STOP_AFTER_EXPLOSION = 15  # steps recorded past an explosion (enough to see the aftermath)
@@ -195,6 +187,8 @@ def record_run(scenario_name: str, seed: int) -> dict[str, Any]:
     return {
         "scenario": scenario_name,
         "seed": seed,
+        "family": scenario.family,
+        "arch": scenario.arch,
         "role": scenario.role,
         "control": scenario.control,
         "steps_run": result.steps_run,
@@ -299,8 +293,8 @@ def failure_of(record: Mapping[str, Any], control: Mapping[str, Any] | None) -> 
 
 # --- analysis ----------------------------------------------------------------------------------
 
-# Rule-pack rules grouped for the headline comparison: rankguard's precursor detectors versus
-# the loss/gradient detectors any trainer has.
+# rankguard's precursor rules: what the peers lack. The spectral/attention ones, and the
+# update-to-weight ratio of one optimizer step (absolute, and relative to the run's own level).
 SPECTRAL_RULES = (
     "sa_sign_diversity_collapse",
     "stable_rank_collapse",
@@ -309,36 +303,44 @@ SPECTRAL_RULES = (
     "attention_logit_divergence",
     "representation_collapse",
 )
-# rankguard's rules that fire before a failure without being spectral: the update-to-weight
-# ratio of one optimizer step (the learning rate too high for the weights). Reported beside
-# the spectral headline, never inside it: the issue's claim is about the spectral detectors.
-RANKGUARD_RULES = (*SPECTRAL_RULES, "update_ratio_high")
-# The peers' shipped detectors (OLMo-core, Megatron-LM), and every baseline: those plus our
-# stricter running-median gradient threshold. The headline is reported against both.
-PEER_BASELINES = ("olmo_loss_spike", "megatron_spiky_loss", "megatron_large_grads")
-BASELINES = (*PEER_BASELINES, "grad_norm_10x_median")
+PRECURSOR_RULES = (*SPECTRAL_RULES, "update_ratio_high", "update_ratio_rise")
+TRAINSCOPE = (
+    "trainscope_cusum",
+    "trainscope_kurtosis",
+    "trainscope_grad_norm",
+    "trainscope_layer_grad",
+)
 
 
-def detect(record: Mapping[str, Any], rules: Sequence[Any]) -> dict[str, int | None]:
-    """First firing step of every detector on one recorded run."""
+def _earliest(fired: Mapping[str, int | None], names: Sequence[str]) -> int | None:
+    steps = [fired[n] for n in names if fired.get(n) is not None]
+    return min(steps) if steps else None  # type: ignore[type-var]
+
+
+def detect(
+    record: Mapping[str, Any],
+    pack: Sequence[Any],
+    peers: Sequence[Any],
+    trainscope: Mapping[str, int | None] | None,
+) -> dict[str, int | None]:
+    """First firing of every detector on one recorded run: the peers' rules over the per-step
+    loss and gradient norm (``peer:<name>``), trainscope's detectors when recorded, and every
+    rule of rankguard's pack over what the probe sent (``pack:<name>``), with the earliest of
+    the pack (``rankguard_pack``) and of its precursors (``rankguard_precursors``)."""
     from benchmarks import detectors
+    from rankguard.server.alerts.pack import specialise
 
-    out: dict[str, int | None] = {
-        "olmo_loss_spike": detectors.olmo_loss_spike(record["losses"]),
-        "megatron_spiky_loss": detectors.megatron_spiky_loss(record["losses"]),
-        "megatron_large_grads": detectors.megatron_large_grads(record["grad_norms"]),
-        "grad_norm_10x_median": detectors.grad_norm_threshold(record["grad_norms"]),
-    }
-    out.update(detectors.rule_first_firings(rules, record["points"]))
-    for key, names in (
-        ("rankguard_spectral_any", SPECTRAL_RULES),
-        ("rankguard_any", RANKGUARD_RULES),
-    ):
-        fired = [out[name] for name in names if out.get(name) is not None]
-        out[key] = min(fired) if fired else None  # type: ignore[type-var]
-    for key, names in (("baseline_peers", PEER_BASELINES), ("baseline_any", BASELINES)):
-        fired = [out[name] for name in names if out[name] is not None]
-        out[key] = min(fired) if fired else None  # type: ignore[type-var]
+    out: dict[str, int | None] = {}
+    for name, step in detectors.peer_first_firings(peers, record).items():
+        out[f"peer:{name}"] = step
+    for name in TRAINSCOPE:
+        out[name] = None if trainscope is None else trainscope.get(name)
+    rules = specialise(pack, record["weight_targets"])
+    pack_fired = detectors.rule_first_firings(rules, record["points"])
+    for rule in pack:
+        out[f"pack:{rule.name}"] = pack_fired.get(rule.name)
+    out["rankguard_pack"] = _earliest(pack_fired, list(pack_fired))
+    out["rankguard_precursors"] = _earliest(pack_fired, PRECURSOR_RULES)
     return out
 
 
@@ -350,22 +352,76 @@ def load_records(seeds: Sequence[int], folder: Path = RUNS) -> dict[tuple[str, i
         for seed in seeds:
             path = run_path(name, seed, folder)
             if path.exists():
-                out[(name, seed)] = load_run(path)
-            else:
-                print(f"missing run {path.name}", file=sys.stderr)
+                record = out[(name, seed)] = load_run(path)
+                # recordings from before the families carry neither label
+                record.setdefault("family", catalog.get(name).family)
+                record.setdefault("arch", catalog.get(name).arch)
     return out
 
 
-def analyse(seeds: Sequence[int], folder: Path = RUNS) -> dict[str, Any]:
-    """Per-run detector firings, failure steps and lead times, plus the summary tables."""
-    from rankguard.server.alerts.pack import default_rules, specialise
+def fires_on(rule: Any, record: Mapping[str, Any]) -> bool:
+    """Whether ``rule`` fires at all on a recorded run (rankguard's view: the probe's points)."""
+    from benchmarks import detectors
+    from rankguard.server.alerts.pack import specialise
 
+    (specialised,) = specialise([rule], record["weight_targets"])
+    return (
+        detectors.rule_first_firing(specialised, record["points"].get(rule.quantity, ()))
+        is not None
+    )
+
+
+def packs(dev: Mapping[tuple[str, int], Any]) -> dict[str, Any]:
+    """The frozen pack (``pack.default_rules()``), the same procedure re-run on every family's
+    development runs (to check the pack is what the procedure gives) and, per family, the pack
+    calibrated without that family (leave-one-family-out)."""
+    from benchmarks.calibration import calibrate, quiet_peers
+    from benchmarks.scenarios import catalog
+    from rankguard.server.alerts.pack import core_rules, default_rules
+    from rankguard.server.alerts.peers import peer_rules
+
+    def pack_from(families: set[str]) -> tuple[list[Any], dict[str, Any]]:
+        healthy = [r for r in dev.values() if r["role"] == "healthy" and r["family"] in families]
+        rules, notes = calibrate(core_rules(), healthy, fires_on)
+        joined = quiet_peers(peer_rules(), healthy, fires_on)
+        notes["peers_joined"] = [r.name for r in joined]
+        return [*rules, *joined], notes
+
+    everything = set(catalog.families())
+    redo, redo_notes = pack_from(everything)
+    out: dict[str, Any] = {
+        "frozen": default_rules(),
+        "procedure_on_all": redo,
+        "procedure_notes": redo_notes,
+        "lofo": {},
+        "lofo_notes": {},
+    }
+    for family in sorted(everything):
+        out["lofo"][family], out["lofo_notes"][family] = pack_from(everything - {family})
+    return out
+
+
+def analyse(
+    seeds: Sequence[int], dev_seeds: Sequence[int] = CALIBRATION_SEEDS, folder: Path = RUNS
+) -> dict[str, Any]:
+    """Per held-out run: failure step and the first firing of every detector, with the frozen
+    pack and with the pack calibrated without the run's family; the summaries per
+    architecture."""
+    from benchmarks import trainscope_runs
+    from rankguard.server.alerts.peers import peer_rules
+
+    calibrated = packs(load_records(dev_seeds, folder))
     records = load_records(seeds, folder)
+    scope = trainscope_runs.load(list(seeds))
+    peers = peer_rules()
     runs: list[dict[str, Any]] = []
     for (name, seed), record in sorted(records.items()):
         control = records.get((record["control"], seed)) if record["control"] else None
-        rules = specialise(default_rules(), record["weight_targets"])
-        fired = detect(record, rules)
+        ts = scope.get((name, seed))
+        fired = detect(record, calibrated["frozen"], peers, ts)
+        lofo = detect(record, calibrated["lofo"][record["family"]], [], None)
+        fired["rankguard_pack_lofo"] = lofo["rankguard_pack"]
+        fired["rankguard_precursors_lofo"] = lofo["rankguard_precursors"]
         failure = failure_of(record, control)
         lead = {
             det: (None if step is None or failure["step"] is None else failure["step"] - step)
@@ -375,229 +431,39 @@ def analyse(seeds: Sequence[int], folder: Path = RUNS) -> dict[str, Any]:
             {
                 "scenario": name,
                 "seed": seed,
+                "family": record["family"],
+                "arch": record["arch"],
                 "role": record["role"],
                 "steps_run": record["steps_run"],
-                "wall_time_s": record["wall_time_s"],
                 "failure": failure,
+                "trainscope_recorded": ts is not None,
                 "first_firing": fired,
                 "lead_time": lead,
             }
         )
-    return {"seeds": list(seeds), "runs": runs, "summary": summarise(runs)}
+    from benchmarks.lead_report import summarise
 
-
-def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per detector: median lead on failing runs, detections before failure, false alerts."""
-    detectors_ = list(runs[0]["first_firing"]) if runs else []
-    failing = [r for r in runs if r["role"] == "failing" and r["failure"]["step"] is not None]
-    healthy = [r for r in runs if r["role"] == "healthy"]
-    out: dict[str, Any] = {}
-    for det in detectors_:
-        leads = [r["lead_time"][det] for r in failing if r["lead_time"][det] is not None]
-        early = [v for v in leads if v > 0]
-        out[det] = {
-            "failing_runs": len(failing),
-            "fired_before_failure": len(early),
-            "fired_at_all": len(leads),
-            "median_lead": _median(leads),
-            "leads": {f"{r['scenario']}/{r['seed']}": r["lead_time"][det] for r in failing},
-            "healthy_runs": len(healthy),
-            "false_alerts": sum(1 for r in healthy if r["first_firing"][det] is not None),
-        }
-    out["headline"] = headline(failing)
-    out["headline_with_update_ratio"] = headline(failing, ours_key="rankguard_any")
-    return out
-
-
-def headline(
-    failing: Sequence[Mapping[str, Any]], ours_key: str = "rankguard_spectral_any"
-) -> dict[str, Any]:
-    """The issue's target per failing run: rankguard's precursor alert (``ours_key``: the
-    spectral rules, or every rankguard rule) leads the failure by at least 2x the best
-    baseline's lead (a baseline that never fires, or fires at or after the failure, has lead
-    <= 0, so any positive rankguard lead counts). Judged against the peers' detectors
-    (``vs_peers``) and against every baseline, ours included (``vs_all``)."""
-    out: dict[str, Any] = {"of": len(failing)}
-    for name, key in (("vs_peers", "baseline_peers"), ("vs_all", "baseline_any")):
-        wins = []
-        for r in failing:
-            ours = r["lead_time"][ours_key]
-            theirs = r["lead_time"][key]
-            win = ours is not None and ours > 0 and (theirs is None or ours >= 2 * max(theirs, 0))
-            wins.append(
-                {
-                    "run": f"{r['scenario']}/{r['seed']}",
-                    "ours": ours,
-                    "theirs": theirs,
-                    "at_least_2x": win,
-                }
-            )
-        out[name] = {"runs": wins, "at_least_2x": sum(w["at_least_2x"] for w in wins)}
-    return out
-
-
-def _median(values: Sequence[float]) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    mid = len(s) // 2
-    return float(s[mid]) if len(s) % 2 else (s[mid - 1] + s[mid]) / 2.0
-
-
-def markdown_tables(result: Mapping[str, Any]) -> str:
-    """The per-run lead-time table and the per-detector summary, as Markdown."""
-    cols = (
-        *BASELINES,
-        *SPECTRAL_RULES,
-        "grad_norm_spike",
-        "rankguard_spectral_any",
-        "update_ratio_high",
-        "rankguard_any",
-    )
-    short = {
-        "olmo_loss_spike": "OLMo 6σ",
-        "megatron_spiky_loss": "Megatron loss",
-        "megatron_large_grads": "Megatron grads",
-        "grad_norm_10x_median": "gnorm 10x med",
-        "sa_sign_diversity_collapse": "SA D",
-        "stable_rank_collapse": "stable rank",
-        "jacobian_alignment_gain_above_one": "a·M high",
-        "attention_logit_high": "logit high",
-        "attention_logit_divergence": "logit diverg.",
-        "representation_collapse": "repr. collapse",
-        "grad_norm_spike": "PSS gnorm",
-        "loss_non_finite": "loss NaN",
-        "non_finite_loss_or_grad": "NaN count",
-        "baseline_peers": "peers' detectors (any)",
-        "baseline_any": "all baselines (any)",
-        "rankguard_spectral_any": "rankguard (any precursor)",
-        "update_ratio_high": "update ratio",
-        "rankguard_any": "rankguard (any, update ratio incl.)",
+    return {
+        "seeds": list(seeds),
+        "dev_seeds": list(dev_seeds),
+        "packs": {
+            "frozen": [r.to_dict() for r in calibrated["frozen"]],
+            "procedure_notes": calibrated["procedure_notes"],
+            "procedure_matches_frozen": _same_pack(
+                calibrated["frozen"], calibrated["procedure_on_all"]
+            ),
+            "lofo_notes": calibrated["lofo_notes"],
+        },
+        "runs": runs,
+        "summary": summarise(runs),
     }
-    lines = [
-        "| scenario / seed | failure (step) | " + " | ".join(short[c] for c in cols) + " |",
-        "|---|---|" + "---|" * len(cols),
-    ]
-    for r in result["runs"]:
-        f = r["failure"]
-        fail = "none" if f["kind"] is None else f"{f['kind']} ({f['step']})"
-        cells = []
-        for c in cols:
-            step = r["first_firing"][c]
-            if step is None:
-                cells.append("–")
-            elif f["step"] is None:
-                cells.append(f"@{step}")
-            else:
-                cells.append(f"{f['step'] - step:+d} (@{step})")
-        lines.append(f"| {r['scenario']} / {r['seed']} | {fail} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| detector | fired before failure | median lead (steps) | false alerts (healthy) |",
-        "|---|---|---|---|",
-    ]
-    for det, s in result["summary"].items():
-        if det.startswith("headline"):
-            continue
-        med = "–" if s["median_lead"] is None else f"{s['median_lead']:+.0f}"
-        lines.append(
-            f"| {short.get(det, det)} | {s['fired_before_failure']}/{s['failing_runs']} | {med} | "
-            f"{s['false_alerts']}/{s['healthy_runs']} |"
-        )
-    h = result["summary"]["headline"]
-    u = result["summary"]["headline_with_update_ratio"]
-    lines += [
-        "",
-        "rankguard precursor alert >= 2x the best baseline's lead: "
-        f"{h['vs_peers']['at_least_2x']}/{h['of']} failing runs against the peers' detectors "
-        f"(OLMo-core, Megatron-LM); {h['vs_all']['at_least_2x']}/{h['of']} against every "
-        "baseline, our running-median gradient threshold included. With the update-ratio rule "
-        f"counted too: {u['vs_peers']['at_least_2x']}/{u['of']} and "
-        f"{u['vs_all']['at_least_2x']}/{u['of']}.",
-    ]
-    return "\n".join(lines)
 
 
-def plot_runs(result: Mapping[str, Any], folder: Path = RUNS, out: Path = RESULTS) -> list[Path]:
-    """One PNG per scenario: loss (each seed), the attention-logit, stable-rank and
-    representation-stable-rank precursors, the update ratio, the first rankguard precursor
-    alert (dashed), the first update-ratio alert (dash-dot) and the failure step (dotted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rankguard.server.alerts.pack import (
-        REPRESENTATION_COLLAPSE,
-        UPDATE_RATIO_HIGH,
-        default_rules,
-    )
-
-    bounds = {r.name: r.threshold for r in default_rules()}
-    collapse_bound = bounds[REPRESENTATION_COLLAPSE]
-    paths = []
-    by_scenario: dict[str, list[Mapping[str, Any]]] = {}
-    for r in result["runs"]:
-        by_scenario.setdefault(r["scenario"], []).append(r)
-    for name, rows in by_scenario.items():
-        fig, axes = plt.subplots(5, 1, figsize=(8, 12), sharex=True)
-        for i, r in enumerate(rows):
-            rec = load_run(run_path(name, r["seed"], folder))
-            color = f"C{i}"
-            axes[0].plot(rec["losses"], color=color, lw=0.8, label=f"seed {r['seed']}")
-            logit = [(s, v) for _, s, v in rec["points"].get("attention_logit_max", [])]
-            if logit:
-                steps = sorted({s for s, _ in logit})
-                peak = {s: max(v for t, v in logit if t == s) for s in steps}
-                axes[1].semilogy(steps, [peak[s] for s in steps], color=color, lw=0.8)
-            sr = _gmean_by_step(rec["points"].get("stable_rank", []))
-            if sr:
-                axes[2].plot(*zip(*sr, strict=True), color=color, lw=0.8)
-            rsr = _gmean_by_step(rec["points"].get("representation_stable_rank", []))
-            if rsr:
-                # SR(Z) - 1 on a log axis: the collapse is the approach to 1
-                steps, values = zip(*rsr, strict=True)
-                axes[3].semilogy(steps, [v - 1.0 for v in values], color=color, lw=0.8)
-            ratio = _gmean_by_step(rec["points"].get("update_ratio", []))
-            if ratio:
-                axes[4].semilogy(*zip(*ratio, strict=True), color=color, lw=0.8)
-            fire = r["first_firing"]["rankguard_spectral_any"]
-            hot = r["first_firing"].get(UPDATE_RATIO_HIGH)
-            fail = r["failure"]["step"]
-            for ax in axes:
-                if fire is not None:
-                    ax.axvline(fire, color=color, ls="--", lw=0.8)
-                if hot is not None:
-                    ax.axvline(hot, color=color, ls="-.", lw=0.8)
-                if fail is not None:
-                    ax.axvline(fail, color=color, ls=":", lw=1.2)
-        axes[0].set_ylabel("loss")
-        axes[0].set_title(
-            f"{name}: dashed = first precursor alert, dash-dot = update ratio, dotted = failure",
-            fontsize=9,
-        )
-        axes[0].legend(fontsize=7)
-        axes[1].set_ylabel("max attention logit")
-        axes[2].set_ylabel("stable rank (gmean)")
-        axes[3].set_ylabel("repr. stable rank − 1 (gmean)")
-        axes[3].axhline(collapse_bound - 1.0, color="k", ls="-.", lw=0.6)
-        axes[4].set_ylabel("update ratio (gmean)")
-        axes[4].axhline(bounds[UPDATE_RATIO_HIGH], color="k", ls="-.", lw=0.6)
-        axes[4].set_xlabel("step")
-        fig.tight_layout()
-        path = out / f"lead_time_{name}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def _gmean_by_step(rows: Sequence[Sequence[Any]]) -> list[tuple[int, float]]:
-    acc: dict[int, list[float]] = {}
-    for _, step, value in rows:
-        if math.isfinite(value) and value > 0:
-            acc.setdefault(int(step), []).append(math.log(value))
-    return [(s, math.exp(sum(v) / len(v))) for s, v in sorted(acc.items())]
+def _same_pack(a: Sequence[Any], b: Sequence[Any]) -> list[str]:
+    """Names of the rules where two packs differ (empty: the same)."""
+    da = {r.name: r.to_dict() for r in a}
+    db = {r.name: r.to_dict() for r in b}
+    return sorted(n for n in set(da) | set(db) if da.get(n) != db.get(n))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -610,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rec.add_argument("--force", action="store_true")
     ana = sub.add_parser("analyse", help="run the detectors over recorded runs")
     ana.add_argument("--seeds", default=",".join(map(str, HELDOUT_SEEDS)))
-    ana.add_argument("--tag", default="heldout_1518", help="results file: lead_time_<tag>.json")
+    ana.add_argument("--dev-seeds", default=",".join(map(str, CALIBRATION_SEEDS)))
+    ana.add_argument("--tag", default="heldout_2122", help="results file: lead_time_<tag>.json")
     ana.add_argument("--plots", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -621,14 +488,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         names = list(catalog.SCENARIOS) if args.scenarios is None else args.scenarios.split(",")
         record_all(names, seeds, workers=args.workers, force=args.force, folder=RUNS)
         return
-    result = analyse(seeds)
+    from benchmarks.lead_report import markdown_tables, plot_runs
+
+    result = analyse(seeds, [int(s) for s in args.dev_seeds.split(",")])
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"lead_time_{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(markdown_tables(result))
     print(f"\nwrote {path.relative_to(_ROOT)}")
     if args.plots:
-        for p in plot_runs(result):
+
+        def losses(name: str, seed: int) -> list[float]:
+            return list(load_run(run_path(name, seed))["losses"])
+
+        for p in plot_runs(result, losses, RESULTS):
             print(f"wrote {p.relative_to(_ROOT)}")
 
 

@@ -9,7 +9,17 @@ and at every=1.
 On CUDA it also checks that non-sampled steps make no host sync
 (``torch.cuda.set_sync_debug_mode("error")``).
 
-    python benchmarks/probe_overhead.py [--quick] [--device cpu|cuda] [--threads 2]
+``--peers`` (issue 20): side by side at rankguard's default cadence, in one process on copies of
+the same model and the same batches, interleaved block by block (the order rotates every pair):
+no monitor, rankguard (``every=50``), trainscope at its default (``TrainScopeConfig()``: every
+step, activation statistics every 5; ``scope.step(loss.item())`` between backward and the
+optimizer step, as its README says) and ``wandb.watch(model, log="all", log_freq=50)`` in offline
+mode (its hooks log parameter and gradient histograms every 50 steps, committed by a
+``run.log`` of the loss at the same cadence). trainscope and wandb live in
+``benchmarks/.venv-peers`` (``benchmarks/setup_peers.sh``); an arm whose package is missing
+is skipped and says so.
+
+    python benchmarks/probe_overhead.py [--quick] [--device cpu|cuda] [--threads 2] [--peers]
 """
 
 from __future__ import annotations
@@ -113,6 +123,116 @@ def measure(
     return ratios, 1.0 + per_step / statistics.median(base_steps)
 
 
+class Arm:
+    """One monitored copy of the model: ``after_backward`` runs between backward and the
+    optimizer step, ``after_step`` after it (each may be a no-op)."""
+
+    def __init__(self, name: str, model, opt) -> None:  # type: ignore[no-untyped-def]
+        self.name, self.model, self.opt = name, model, opt
+        self.step_index = 0
+        self.close = lambda: None
+
+    def after_backward(self, loss) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def after_step(self, loss) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def block(self, batches) -> float:  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        for x, y in batches:
+            loss = next_token_loss(self.model, x, y)
+            loss.backward()
+            self.after_backward(loss)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.after_step(loss)
+            self.step_index += 1
+        return time.perf_counter() - t0
+
+
+def make_arms(base, every: int, log_dir: str) -> list[Arm]:  # type: ignore[no-untyped-def]
+    """No monitor, rankguard, and trainscope and wandb where installed: each on its own copy."""
+
+    def copy_arm(name: str) -> Arm:
+        model = copy.deepcopy(base)
+        return Arm(name, model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+
+    arms = [copy_arm("none")]
+    rg = copy_arm("rankguard")
+    probe = Probe(
+        rg.model, rg.opt, run="side-by-side", every=every, sink=NullSink(), log_dir=log_dir
+    )
+    rg.after_step = probe.step  # type: ignore[method-assign]
+    rg.close = probe.close  # type: ignore[method-assign]
+    arms.append(rg)
+    try:
+        from trainscope import TrainScope
+        from trainscope.core.config import TrainScopeConfig
+
+        ts = copy_arm("trainscope")
+        config = TrainScopeConfig(run_dir=log_dir, run_name="side-by-side")
+        scope = TrainScope(ts.model, ts.opt, config=config).attach()
+        ts.after_backward = lambda loss: scope.step(loss.item(), batch_index=ts.step_index)  # type: ignore[method-assign]
+        ts.close = scope.detach  # type: ignore[method-assign]
+        arms.append(ts)
+    except ImportError:
+        print("  trainscope not installed: its arm is skipped (benchmarks/setup_peers.sh)")
+    try:
+        import wandb
+
+        wb = copy_arm("wandb.watch")
+        run = wandb.init(mode="offline", dir=log_dir, project="side-by-side")
+        run.watch(wb.model, log="all", log_freq=every)
+
+        def log_loss(loss) -> None:  # type: ignore[no-untyped-def]
+            if wb.step_index % every == 0:
+                run.log({"loss": float(loss.detach())}, step=wb.step_index)
+
+        wb.after_step = log_loss  # type: ignore[method-assign]
+        wb.close = run.finish  # type: ignore[method-assign]
+        arms.append(wb)
+    except ImportError:
+        print("  wandb not installed: its arm is skipped (benchmarks/setup_peers.sh)")
+    return arms
+
+
+def measure_peers(
+    cfg: ModelConfig, args: argparse.Namespace, log_dir: str
+) -> dict[str, list[float]]:
+    """Per monitor, its block time over the unmonitored copy's in the same rotation."""
+    every = 50
+    torch.manual_seed(0)
+    base = GPT(cfg).to(args.device)
+    arms = make_arms(base, every, log_dir)
+    g = torch.Generator().manual_seed(1)
+    block = max(every, args.block)
+    batches = [random_batch(cfg, args.batch, g, args.device) for _ in range(block)]
+    for arm in arms:  # warm-up: allocator, kernels, each monitor's cold start
+        arm.block(batches[: args.warmup])
+    ratios: dict[str, list[float]] = {a.name: [] for a in arms[1:]}
+    blocks: dict[str, list[float]] = {a.name: [] for a in arms}
+    for i in range(args.pairs):
+        k = i % len(arms)
+        order = arms[k:] + arms[:k]  # rotate who goes first: drift in load cancels
+        times = {arm.name: arm.block(batches) for arm in order}
+        for name, t in times.items():
+            blocks[name].append(t)
+        for name in ratios:
+            ratios[name].append(times[name] / times["none"])
+        print(
+            f"  round {i}: none {1e3 * times['none'] / block:.2f} ms/step; "
+            + ", ".join(f"{n} {times[n] / times['none']:.3f}x" for n in ratios),
+            flush=True,
+        )
+    for arm in arms:
+        arm.close()
+    # the least disturbed block of each arm (min over rounds) against the unmonitored one's:
+    # robust where other jobs load the machine unevenly
+    ratios.update({f"{n} (min/min)": [min(blocks[n]) / min(blocks["none"])] for n in ratios})
+    return ratios
+
+
 def model_loss(model, x, y):  # type: ignore[no-untyped-def]
     with torch.no_grad():
         return next_token_loss(model, x, y)
@@ -127,6 +247,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=50, help="steps per block (>= every)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--peers", action="store_true", help="rankguard beside trainscope and wandb")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.pairs is None:
@@ -143,6 +264,13 @@ def main() -> None:
         f"{cfg.n_layer}x{cfg.n_embd}, T={cfg.block_size}, batch {args.batch}; "
         f"{args.pairs} A/B pairs of {args.block}-step blocks (Jacobian every 10x)"
     )
+    if args.peers:
+        with tempfile.TemporaryDirectory() as log_dir:
+            ratios = measure_peers(cfg, args, log_dir)
+        print(f"\n{'monitor (every 50)':>20} {'median':>8} {'min':>8} {'max':>8}")
+        for name, r in ratios.items():
+            print(f"{name:>20} {statistics.median(r):>8.4f} {min(r):>8.4f} {max(r):>8.4f}")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as log_dir:
         for every in (50, 1):

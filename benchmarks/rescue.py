@@ -104,11 +104,11 @@ def rules_for(names: Sequence[str], *, msign_only: bool = False) -> list[Any]:
     steps while the attention-logit divergence fires, on every 2-D weight every 10 steps while
     the representations are collapsed, and the LR halved at every sample while the update
     ratio is too high (``alerts.pack``); ``msign_only`` leaves the LR alone."""
-    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH, default_rules, specialise
+    from rankguard.server.alerts.pack import default_rules, specialise
 
     rules = specialise(default_rules(remediate=True), names)
-    if msign_only:
-        rules = [r.replace(enabled=False) if r.name == UPDATE_RATIO_HIGH else r for r in rules]
+    if msign_only:  # every rule whose action lowers the learning rate is off
+        rules = [r.replace(enabled=False) if r.lr_backoff.enabled else r for r in rules]
     return rules
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from benchmarks.scenarios.llama import LlamaSpec
 from rankguard.probe.demo.failure import FailureKind
 from rankguard.probe.demo.scenario import (
     _SHARED,
@@ -23,17 +24,19 @@ from rankguard.probe.demo.scenario import (
     POST_LN_MODEL,
     SAFE_OPTIM,
     SAFE_SCHEDULE,
+    SEQ_LEN,
     OptimConfig,
     Scenario,
     Schedule,
 )
 
-__all__ = ["OptimConfig", "Scenario", "Schedule", "failing", "get", "healthy"]
+__all__ = ["OptimConfig", "Scenario", "Schedule", "failing", "families", "get", "healthy"]
 
 _ALL = [
     # Healthy controls -----------------------------------------------------------------------
     Scenario(
         name="healthy_preln",
+        family="gpt-adamw-lr",
         role="healthy",
         mechanism="control: pre-LN GPT at a safe LR",
         model=BASE_MODEL,
@@ -43,6 +46,7 @@ _ALL = [
     ),
     Scenario(
         name="healthy_postln",
+        family="gpt-postln",
         role="healthy",
         mechanism="control: post-LN GPT at a safe LR with warmup",
         model=POST_LN_MODEL,
@@ -52,6 +56,7 @@ _ALL = [
     ),
     Scenario(
         name="healthy_fp16_attn",
+        family="gpt-fp16",
         role="healthy",
         mechanism="control: fp16 attention logits at a safe LR",
         model=FP16_ATTN_MODEL,
@@ -63,6 +68,7 @@ _ALL = [
     # Failing scenarios ----------------------------------------------------------------------
     Scenario(
         name="lr_spike",
+        family="gpt-adamw-lr",
         role="failing",
         mechanism="100x LR spike at step 150 (resumed with 1e-1 instead of 1e-3), AdamW, "
         "no clipping",
@@ -78,6 +84,7 @@ _ALL = [
     ),
     Scenario(
         name="attn_logit_growth",
+        family="gpt-adamw-lr",
         role="failing",
         mechanism="pre-LN without qk-layernorm under an LR ramp to 0.3: attention logits "
         "pass 1e4 and the loss stalls far above the control",
@@ -93,6 +100,7 @@ _ALL = [
     ),
     Scenario(
         name="postln_no_warmup",
+        family="gpt-postln",
         role="failing",
         mechanism="post-LN at LR 1e-2 with no warmup",
         model=POST_LN_MODEL,
@@ -108,6 +116,7 @@ _ALL = [
     ),
     Scenario(
         name="fp16_attn_overflow",
+        family="gpt-fp16",
         role="failing",
         mechanism="fp16 attention logits without qk-layernorm; after 120 healthy steps the "
         "LR climbs to 0.3 (steps 120-300): logits grow past 1e3, then q·k overflows fp16 and "
@@ -125,7 +134,125 @@ _ALL = [
     DEMO,
 ]
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in _ALL}
+# --- more families: another optimizer on the GPT, and a second architecture ------------------
+# The Llama of llama.py at the GPT's size (4 layers, d=64, 4 query and 2 key/value heads, seq 64,
+# batch 16, 400 steps). Settings were found by trial runs on development seed 0
+# (calibration_notes.json, "families_2026_12_03").
+
+LLAMA = LlamaSpec(block_size=SEQ_LEN, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
+SGD_OPTIM = OptimConfig(kind="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, grad_clip=None)
+# SGD's bounded hot window: 120 healthy steps, then the LR climbs to 20x over 150 steps.
+SGD_HOT_WINDOW = Schedule(
+    warmup_steps=50, spike_start=120, spike_factor=20.0, spike_ramp=150, spike_len=180
+)
+LION_OPTIM = OptimConfig(kind="lion", lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1, grad_clip=None)
+
+_MORE = [
+    Scenario(
+        name="healthy_gpt_sgd",
+        family="gpt-sgd",
+        role="healthy",
+        mechanism="control: pre-LN GPT trained by SGD with momentum 0.9 at a safe LR",
+        model=BASE_MODEL,
+        optim=SGD_OPTIM,
+        schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    Scenario(
+        name="gpt_sgd_hot_window",
+        family="gpt-sgd",
+        role="failing",
+        mechanism="SGD with momentum, 120 healthy steps, then the LR climbs to 20x: the steps "
+        "outgrow the curvature",
+        model=BASE_MODEL,
+        optim=SGD_OPTIM,
+        schedule=SGD_HOT_WINDOW,
+        expected=FailureKind.EXPLOSION,
+        control="healthy_gpt_sgd",
+        **_SHARED,
+    ),
+    Scenario(
+        name="healthy_llama",
+        family="llama-adamw",
+        role="healthy",
+        mechanism="control: Llama (RoPE, RMSNorm, SwiGLU, GQA) at a safe AdamW LR",
+        model=LLAMA,
+        optim=SAFE_OPTIM,
+        schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    Scenario(
+        name="llama_lr_ramp",
+        family="llama-adamw",
+        role="failing",
+        mechanism="Llama under an AdamW LR ramp to 300x (1e-3 to 0.3), no qk-norm",
+        model=LLAMA,
+        optim=SAFE_OPTIM,
+        schedule=HOT_RAMP,
+        expected=FailureKind.SILENT_DEGRADATION,
+        control="healthy_llama",
+        **_SHARED,
+    ),
+    Scenario(
+        name="llama_hot_window",
+        family="llama-adamw",
+        role="failing",
+        mechanism="Llama, 120 healthy AdamW steps, then the LR climbs to 0.3 (steps 120-300)",
+        model=LLAMA,
+        optim=SAFE_OPTIM,
+        schedule=LATE_HOT_WINDOW,
+        expected=FailureKind.SILENT_DEGRADATION,
+        control="healthy_llama",
+        **_SHARED,
+    ),
+    Scenario(
+        name="healthy_llama_sgd",
+        family="llama-sgd",
+        role="healthy",
+        mechanism="control: Llama trained by SGD with momentum 0.9 at a safe LR",
+        model=LLAMA,
+        optim=SGD_OPTIM,
+        schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    Scenario(
+        name="llama_sgd_hot_window",
+        family="llama-sgd",
+        role="failing",
+        mechanism="Llama, SGD with momentum, 120 healthy steps, then the LR climbs to 40x",
+        model=LLAMA,
+        optim=SGD_OPTIM,
+        # at 20x (the GPT's window) the Llama ends within 3% of its control; 40x explodes
+        schedule=replace(SGD_HOT_WINDOW, spike_factor=40.0),
+        expected=FailureKind.EXPLOSION,
+        control="healthy_llama_sgd",
+        **_SHARED,
+    ),
+    Scenario(
+        name="healthy_llama_lion",
+        family="llama-lion",
+        role="healthy",
+        mechanism="control: Llama trained by Lion at a safe LR (1e-4)",
+        model=LLAMA,
+        optim=LION_OPTIM,
+        schedule=SAFE_SCHEDULE,
+        **_SHARED,
+    ),
+    Scenario(
+        name="llama_lion_hot_window",
+        family="llama-lion",
+        role="failing",
+        mechanism="Llama, Lion: 120 healthy steps, then the LR climbs 300x (steps 120-300)",
+        model=LLAMA,
+        optim=LION_OPTIM,
+        schedule=LATE_HOT_WINDOW,
+        expected=FailureKind.EXPLOSION,
+        control="healthy_llama_lion",
+        **_SHARED,
+    ),
+]
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [*_ALL, *_MORE]}
 
 
 def get(name: str) -> Scenario:
@@ -141,3 +268,11 @@ def failing() -> list[Scenario]:
 
 def healthy() -> list[Scenario]:
     return [s for s in SCENARIOS.values() if s.role == "healthy"]
+
+
+def families() -> dict[str, list[Scenario]]:
+    """``{family: its scenarios}``, failing and healthy, in catalog order."""
+    out: dict[str, list[Scenario]] = {}
+    for s in SCENARIOS.values():
+        out.setdefault(s.family, []).append(s)
+    return out

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ _DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: ClassVar[str] = "gpt"  # what a scenario's model spec reports (``Scenario.arch``)
     vocab_size: int = 256
     block_size: int = 128
     n_layer: int = 4
@@ -73,6 +74,10 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "mlp_ratio"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def build(self) -> GPT:
+        """A randomly initialised GPT (seed it with ``torch.manual_seed`` first)."""
+        return GPT(self)
 
 
 class CausalSelfAttention(nn.Module):

@@ -8,21 +8,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+from torch import nn
 
 from .failure import FailureKind
 from .model import ModelConfig
 
-__all__ = ["CONTROL", "DEMO", "OptimConfig", "Scenario", "Schedule"]
+__all__ = ["CONTROL", "DEMO", "ModelSpec", "OptimConfig", "Scenario", "Schedule"]
 
 Role = Literal["failing", "healthy"]
 Decay = Literal["constant", "cosine", "linear"]
+OptimKind = Literal["adamw", "sgd", "lion"]
+
+
+class ModelSpec(Protocol):
+    """What a scenario's model is: a frozen description that builds the model. The GPT's
+    :class:`ModelConfig` is one; the benchmarks' Llama (``benchmarks/scenarios/llama.py``)
+    another."""
+
+    @property
+    def arch(self) -> str: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    def build(self) -> nn.Module: ...
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with nanoGPT-style groups: decay on ≥2-D weights only; µP-style LR multipliers."""
+    """nanoGPT-style groups (decay on ≥2-D weights only; µP-style LR multipliers) for AdamW,
+    SGD with momentum (``momentum``, Nesterov off) or Lion (``betas``: Lion's β1, β2)."""
 
+    kind: OptimKind = "adamw"
+    momentum: float = 0.9  # SGD only
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -36,6 +56,10 @@ class OptimConfig:
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)²) (Wortsman's mitigation)
 
     def __post_init__(self) -> None:
+        if self.kind not in ("adamw", "sgd", "lion"):
+            raise ValueError(f"kind must be adamw, sgd or lion, got {self.kind!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.eps <= 0:
@@ -105,10 +129,14 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Scenario:
+    """One training setting. ``family``: the group a leave-one-family-out analysis holds out
+    together (a model, an optimizer and a kind of fault, with its healthy controls);
+    ``arch``: the architecture the targets are judged on ("gpt", "llama")."""
+
     name: str
     role: Role
     mechanism: str
-    model: ModelConfig
+    model: ModelSpec
     optim: OptimConfig
     schedule: Schedule
     steps: int
@@ -119,6 +147,11 @@ class Scenario:
     control: str | None = None  # healthy twin's name (failing scenarios only)
     notes: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    family: str = "custom"
+
+    @property
+    def arch(self) -> str:
+        return self.model.arch
 
     def __post_init__(self) -> None:
         if self.role not in ("failing", "healthy"):
@@ -178,6 +211,7 @@ _SHARED: dict[str, Any] = {
 
 CONTROL = Scenario(
     name="healthy_fp16_attn_nowd",
+    family="gpt-fp16",
     role="healthy",
     mechanism="control: fp16 attention logits, no weight decay, 100-step warmup, safe LR",
     model=FP16_ATTN_MODEL,
@@ -188,6 +222,7 @@ CONTROL = Scenario(
 
 DEMO = Scenario(
     name="qk_lr_overflow",
+    family="gpt-fp16",
     role="failing",
     mechanism="W_Q/W_K train at 100x the LR of the rest (a µP multiplier misapplied to "
     "the query/key projections), no weight decay, fp16 attention logits: the logits grow "

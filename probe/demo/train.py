@@ -2,8 +2,9 @@
 
 ``train(scenario, seed)`` trains on CPU (or ``device``), records per-step loss, pre-clip
 gradient norm, LR and max attention logit, and calls each callback's ``on_before_step`` (after
-backward, before clipping and ``optimizer.step()``) and ``on_step`` (after ``optimizer.step()``;
-a probe's ``probe.step(loss)`` goes there).
+backward, before clipping and ``optimizer.step()``), ``on_after_backward`` (the same point, with
+the loss) and ``on_step`` (after ``optimizer.step()``; a probe's ``probe.step(loss)`` goes
+there).
 """
 
 from __future__ import annotations
@@ -16,18 +17,29 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .data import ByteCorpus
 from .failure import Failure, classify, find_explosion, smoothed_final_loss
 from .model import GPT
+from .optim import Lion
 from .scenario import Scenario
 
-__all__ = ["RunResult", "StepCallback", "build_optimizer", "evaluate", "summarize", "train"]
+__all__ = [
+    "RunResult",
+    "StepCallback",
+    "build_model",
+    "build_optimizer",
+    "evaluate",
+    "logits_of",
+    "summarize",
+    "train",
+]
 
 
 class StepCallback(Protocol):
     def on_step(
-        self, step: int, model: GPT, optimizer: torch.optim.Optimizer, loss: torch.Tensor
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor
     ) -> None: ...
 
 
@@ -59,15 +71,31 @@ class RunResult:
         }
 
 
-def build_optimizer(model: GPT, scenario: Scenario) -> torch.optim.AdamW:
-    """AdamW groups: (decay?, lr_mult). Decay on ≥2-D weights; µP multipliers per group."""
+def build_model(scenario: Scenario) -> nn.Module:
+    """The scenario's model, built by its spec (the GPT of ``model.py``, or another)."""
+    return scenario.model.build()
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits (B, T, V) of a forward: the GPT returns them, an HF model an output object."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+# Parameter-name prefixes of the hidden blocks and of the embeddings/head, per architecture.
+_HIDDEN = ("transformer.h.", "model.layers.")
+_EMBED = ("transformer.wte", "transformer.wpe", "lm_head", "model.embed_tokens")
+
+
+def build_optimizer(model: nn.Module, scenario: Scenario) -> torch.optim.Optimizer:
+    """Groups by (decay?, lr_mult): decay on ≥2-D weights; µP multipliers per group. AdamW, SGD
+    with momentum or Lion, as ``scenario.optim.kind`` says."""
     oc = scenario.optim
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         decay = p.ndim >= 2
-        if name.startswith("transformer.h.") and p.ndim >= 2:
+        if name.startswith(_HIDDEN) and p.ndim >= 2:
             mult = oc.hidden_lr_mult
-        elif name.startswith(("transformer.wte", "transformer.wpe", "lm_head")):
+        elif name.startswith(_EMBED):
             mult = oc.embed_lr_mult
         else:
             mult = 1.0
@@ -81,6 +109,10 @@ def build_optimizer(model: GPT, scenario: Scenario) -> torch.optim.AdamW:
         }
         for (decay, mult), ps in groups.items()
     ]
+    if oc.kind == "sgd":
+        return torch.optim.SGD(param_groups, lr=oc.lr, momentum=oc.momentum)
+    if oc.kind == "lion":
+        return Lion(param_groups, lr=oc.lr, betas=oc.betas)
     return torch.optim.AdamW(param_groups, lr=oc.lr, betas=oc.betas, eps=oc.eps)
 
 
@@ -113,14 +145,14 @@ class QKRowLR:
 
 @torch.no_grad()
 def evaluate(
-    model: GPT, corpus: ByteCorpus, scenario: Scenario, seed: int, batches: int = 4
+    model: nn.Module, corpus: ByteCorpus, scenario: Scenario, seed: int, batches: int = 4
 ) -> float:
     gen = torch.Generator().manual_seed(10_000 + seed)
     device = next(model.parameters()).device
     total = 0.0
     for _ in range(batches):
         x, y = corpus.batch("val", scenario.batch_size, scenario.seq_len, gen)
-        logits = model(x.to(device))
+        logits = logits_of(model(x.to(device)))
         total += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()))
     return total / batches
 
@@ -145,7 +177,7 @@ def train(
         raise ValueError(f"max_steps must be positive or None, got {max_steps}")
     corpus = corpus if corpus is not None else ByteCorpus.load()
     torch.manual_seed(seed)
-    model = GPT(scenario.model).to(device)
+    model = build_model(scenario).to(device)
     optimizer = build_optimizer(model, scenario)
     gen = torch.Generator().manual_seed(seed)
     total = scenario.steps
@@ -154,7 +186,11 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     clip = oc.grad_clip if oc.grad_clip is not None else math.inf
     result = RunResult(scenario=scenario.name, seed=seed, steps_run=0)
-    qk_lr = QKRowLR(model, oc.qk_lr_mult) if oc.qk_lr_mult != 1.0 else None
+    if oc.qk_lr_mult != 1.0 and not isinstance(model, GPT):
+        raise ValueError(f"qk_lr_mult needs the GPT's fused c_attn; {scenario.name} is not one")
+    qk_lr = (
+        QKRowLR(model, oc.qk_lr_mult) if isinstance(model, GPT) and oc.qk_lr_mult != 1.0 else None
+    )
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
@@ -162,7 +198,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = oc.lr * mult * group["lr_mult"]
         x, y = corpus.batch("train", scenario.batch_size, scenario.seq_len, gen)
-        logits = model(x.to(device))  # (B, T, V)
+        logits = logits_of(model(x.to(device)))  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
         objective = loss
         if oc.z_loss > 0:
@@ -173,6 +209,10 @@ def train(
             before = getattr(cb, "on_before_step", None)
             if before is not None:
                 before(step, model, optimizer)
+            # a monitor that reads the gradients with the loss (trainscope's scope.step)
+            after_backward = getattr(cb, "on_after_backward", None)
+            if after_backward is not None:
+                after_backward(step, model, optimizer, loss.detach())
         # clip_grad_norm_ returns the pre-clip norm; with max_norm=inf it only measures.
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if qk_lr is not None:
@@ -184,7 +224,8 @@ def train(
         result.losses.append(loss_value)
         result.grad_norms.append(gnorm)
         result.lrs.append(oc.lr * mult)
-        logit_max = model.attention_logit_max()
+        # the GPT records its attention logits; for other models the probe's are the record
+        logit_max = model.attention_logit_max() if isinstance(model, GPT) else []
         result.attn_logit_max.append(max(logit_max) if logit_max else math.nan)
         result.steps_run = step + 1
         for cb in callbacks:

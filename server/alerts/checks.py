@@ -16,7 +16,8 @@ import math
 from math import isfinite
 from typing import Any, NamedTuple
 
-from rankguard.server.alerts.rules import Condition, Rule
+from rankguard.server.alerts import history
+from rankguard.server.alerts.rules import HISTORY_CONDITIONS, Condition, Rule
 from rankguard.server.alerts.state import new_series
 
 
@@ -62,6 +63,9 @@ def check(rule: Rule, series: dict[str, Any], step: int, value: float) -> Check:
     thr: float = rule.threshold  # type: ignore[assignment]  # a float: validated by Rule
     clear = thr if rule.clear_threshold is None else rule.clear_threshold
     warm = series["n"] >= rule.warmup and step >= rule.min_step
+    if cond in HISTORY_CONDITIONS:
+        trips, clean, bound, why = history.verdict(rule, series, value, warm)
+        return Check(trips, clean, bound, why)
     if cond is Condition.ABOVE:
         return Check(warm and value > thr, value <= clear, thr, (_ABOVE, value, thr))
     if cond is Condition.BELOW:
@@ -127,8 +131,10 @@ def absorb(rule: Rule, series: dict[str, Any], value: float) -> None:
     """Feed one value to the statistics: only finite values, only those the condition needs."""
     if not isfinite(value):
         return
-    series["n"] += 1
     cond = rule.condition
+    if cond in HISTORY_CONDITIONS:
+        history.absorb(rule, series, value)  # reads the count before this sample
+    series["n"] += 1
     if cond is Condition.DROP_FROM_BASELINE:
         b_n = series.get("b_n", 0)
         if b_n < rule.baseline_samples:

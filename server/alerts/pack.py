@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+from rankguard.server.alerts.peers import peer_rules
 from rankguard.server.alerts.rules import (
     Aggregation,
     Condition,
@@ -47,6 +48,7 @@ ATTENTION_LOGIT_HIGH = "attention_logit_high"
 ATTENTION_LOGIT_DIVERGENCE = "attention_logit_divergence"
 REPRESENTATION_COLLAPSE = "representation_collapse"
 UPDATE_RATIO_HIGH = "update_ratio_high"
+UPDATE_RATIO_RISE = "update_ratio_rise"
 
 # Rules whose firing may order a command: MSign (the critical spectral ones and the logit
 # divergence) or, for the update ratio, a learning-rate backoff.
@@ -56,6 +58,19 @@ REMEDIABLE = (
     ATTENTION_LOGIT_DIVERGENCE,
     REPRESENTATION_COLLAPSE,
     UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_RISE,
+)
+
+# The peers' detectors (peers.py) in the default pack: those that fired on no healthy
+# development run of any family (benchmarks/calibration.py, quiet_peers).
+PACK_PEERS: tuple[str, ...] = (
+    "olmo_loss_spike",
+    "olmo_grad_norm_spike",
+    "megatron_spiky_loss",
+    "megatron_large_grads",
+    "lightning_spike_detection",
+    "llmfoundry_kill_loss_spike",
+    "loss_stall",
 )
 
 # Cooldown of the rules whose MSign restores on re-firing: short, so the MSign can repeat.
@@ -102,20 +117,32 @@ def _halving_lr(enabled: bool) -> LRBackoffAction:
 
 
 def default_rules(*, remediate: bool = False) -> list[Rule]:
-    """The default pack; ``remediate=True`` turns on the action of the critical rules (MSign,
-    or the learning-rate backoff of the update-ratio rule)."""
+    """The default pack: rankguard's own rules (:func:`core_rules`) and the peers' detectors
+    that stayed quiet on every healthy development run (``PACK_PEERS``); ``remediate=True``
+    turns on the action of the critical rules (MSign, or the learning-rate backoff of the
+    update-ratio rules)."""
+    peers = [r for r in peer_rules() if r.name in PACK_PEERS]
+    return [*core_rules(remediate=remediate), *peers]
+
+
+def core_rules(*, remediate: bool = False) -> list[Rule]:
+    """rankguard's own rules, before the peers' detectors join (``benchmarks/calibration.py``
+    sets their calibrated values by a procedure, so a family can be scored by a pack
+    calibrated without it)."""
     msign = _refiring_msign(remediate)
     return [
         Rule(
             name=SA_COLLAPSE,
             quantity="sa_sign_diversity",
             condition=Condition.BELOW,
-            # calibrated: 0 (papers: 0.1). On the benchmark models some layer has D < 0.1 at
-            # most probes of healthy runs; every threshold 0.005-0.1 with 3-20 consecutive
-            # probes fired on 6/6 healthy calibration runs, so no threshold separates them. At 0
-            # the rule trips only on a non-finite D until it gets a better aggregation.
-            threshold=0.0,
-            aggregation=Aggregation.ANY,
+            # calibrated (papers: 0.1 in some layer). Some layer has D = 0 at most probes of
+            # healthy runs of both architectures, so "any layer" cannot separate; neither can
+            # the fraction of layers under 0.1, the mean relative to its early level, the mean
+            # over the attention projections or its 25-step drop (BENCHMARKS.md, "Precursor
+            # transfer"). The mean over every layer can, only where nearly every layer
+            # collapses: on healthy runs it stays above ~0.0077 over 3 consecutive probes.
+            threshold=0.006325,
+            aggregation=Aggregation.MEAN,
             consecutive=3,
             clear_after=3,
             severity=AlertSeverity.CRITICAL,
@@ -123,10 +150,10 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             cooldown=_REMEDY_COOLDOWN,
             msign=msign,
             description=(
-                "Spectral-alignment sign diversity D below the threshold in some layer for 3 "
-                "consecutive probes after step 50 (papers.md §6.3 suggests 0.1; the SA paper's "
-                "exact rule is not published, and 0.1 fired on every healthy benchmark run, so "
-                "the calibrated pack trips only on a non-finite D)."
+                "Spectral-alignment sign diversity D, averaged over every layer, below the "
+                "calibrated bound for 3 consecutive probes after step 50: nearly every layer's "
+                "inputs sit on one side of its top singular direction (papers.md §6.3 suggests "
+                "0.1 in some layer, which fires on every healthy benchmark run)."
             ),
             runbook=(
                 "The inputs of the named layers have nearly all moved to one side of the weight's "
@@ -143,14 +170,14 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             condition=Condition.DROP_FROM_BASELINE,
             # calibrated: 0.12 (papers: 0.5). Healthy runs fall to 0.14-0.33 of their early
             # baseline as they learn (post-LN lowest); the failing logit-growth runs to ~0.10.
-            threshold=0.12,
+            threshold=0.1158,
             # Early-layer selection needs the run's block names; see early_block_globs() and
             # specialise(). Until then the geometric mean runs over every weight target.
             targets=("*",),
             aggregation=Aggregation.GMEAN,
             baseline_samples=5,
             consecutive=2,
-            clear_threshold=0.15,
+            clear_threshold=0.1448,
             clear_after=2,
             severity=AlertSeverity.CRITICAL,
             min_step=50,  # the first steps' fall of the stable rank is learning, not collapse
@@ -176,12 +203,12 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             # calibrated: 1.02 (PSS gives no bound). The geometric mean over the layers' inputs
             # of SR(Z) - 1 is 0.0095-0.0125 on the collapsing post-LN runs from step 10 on and
             # never below 0.030 on a healthy run (post-LN lowest); 1.02 sits between the two.
-            threshold=1.02,
+            threshold=1.013,
             aggregation=Aggregation.GMEAN,
             consecutive=2,
             # Resolve only once the representations are clearly spread again (4 samples above
             # 1.05): a lift just over the bound right after an MSign is not yet a recovery.
-            clear_threshold=1.05,
+            clear_threshold=1.033,
             clear_after=4,
             severity=AlertSeverity.CRITICAL,
             min_step=10,
@@ -211,7 +238,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             # at 0.016-0.018 on healthy pre-LN runs and 0.033-0.034 on healthy post-LN ones
             # (warmup), and reaches 0.06-0.15 on the LR ramp, 0.2-0.26 in the hot-LR window,
             # ~1.3 at the 100x LR spike and 0.8 at step 0 of post-LN without warmup.
-            threshold=0.05,
+            threshold=0.09813,
             aggregation=Aggregation.GMEAN,
             consecutive=1,
             clear_after=1,
@@ -232,21 +259,55 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             ),
         ),
         Rule(
+            name=UPDATE_RATIO_RISE,
+            quantity="update_ratio",
+            condition=Condition.RISE_FROM_BASELINE,
+            # calibrated: 4.0 (no paper bound). The same ratio relative to the run's own level
+            # (samples 10-14, after a 50-step warmup at every=5): an absolute bound is the
+            # optimizer's scale (Lion and SGD steps sit 3-10x below AdamW's), a jump of the
+            # run's own steps is not.
+            threshold=3.869,
+            aggregation=Aggregation.GMEAN,
+            warmup=10,
+            baseline_samples=5,
+            consecutive=1,
+            clear_after=1,
+            severity=AlertSeverity.CRITICAL,
+            lr_backoff=_halving_lr(remediate),
+            description=(
+                "Geometric-mean update-to-weight ratio of one optimizer step above 4x the run's "
+                "own level (the mean of its samples 10-14, after the first 10: a warmup is not "
+                "the level); calibrated on the benchmark's families."
+            ),
+            runbook=(
+                "The weights move several times faster per step than they did early in this "
+                "run: the learning rate (or a multiplier on it) rose, or the gradients did. "
+                "Lower it; with the action on, rankguard halves it at every sample while this "
+                'fires: POST /api/v1/runs/{run_id}/commands {"kind": "scale_lr", "args": '
+                '{"factor": 0.5}} with an operate-scope token.'
+            ),
+        ),
+        Rule(
             name=JACOBIAN_GAIN,
             quantity="jacobian_alignment_gain",
-            condition=Condition.ABOVE,
-            # calibrated: 50 (papers: 1, sufficient not necessary). a*M exceeds 1 on every
-            # healthy run here (up to ~35 after step 50); failing runs reach 1e2-1e4.
-            threshold=50.0,
-            aggregation=Aggregation.ANY,
+            # calibrated, relative (papers: a*M > 1, sufficient not necessary). a*M exceeds 1 on
+            # every healthy run, and its healthy level is the model's and optimizer's: up to
+            # ~35 on AdamW runs, ~630 on a healthy SGD run, so no absolute bound transfers.
+            # Against the run's own first two Jacobian samples (steps 25, 50 at the benchmark's
+            # cadence), healthy runs of both architectures stay within ~11x.
+            condition=Condition.RISE_FROM_BASELINE,
+            threshold=12.81,
+            aggregation=Aggregation.MAX,
+            baseline_samples=2,
             consecutive=1,
             severity=AlertSeverity.WARNING,
             min_step=50,
             cooldown=200,
             description=(
-                "Adjacent-block Jacobian alignment times spectral norm a*M > 50 after step 50 "
-                "(calibrated; MSign Thm 4.2's exponential-growth zone starts at a*M > 1, "
-                "papers.md §1.4, which healthy runs pass all the time)."
+                "The largest adjacent-block Jacobian alignment times spectral norm a*M rose "
+                "above the calibrated multiple of the run's own level (its first two Jacobian "
+                "samples), after step 50 (MSign Thm 4.2's exponential-growth zone starts at "
+                "a*M > 1, papers.md §1.4, which healthy runs pass all the time)."
             ),
             runbook=(
                 "When a*M > 1 across blocks the product of block Jacobians can grow exponentially "
@@ -261,7 +322,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             # calibrated: 4.0 (PSS: 2.5). At 2.5 the gradient noise of healthy runs tripped it
             # on 5 of 24 development runs (late, steps 300-395); 4.0 on none, and it caught the
             # same failing run.
-            threshold=4.0,
+            threshold=3.269,
             targets=("global",),
             ema_alpha=0.1,
             # PSS fires when t > 50 (steps). The engine counts warm-up in samples: with
@@ -315,7 +376,7 @@ def default_rules(*, remediate: bool = False) -> list[Rule]:
             condition=Condition.ABOVE,
             # calibrated: 50 (papers: 1e3). Healthy runs here peak at ~15; 1e3 came after the
             # loss had already degraded in the logit-growth runs.
-            threshold=50.0,
+            threshold=26.28,
             aggregation=Aggregation.ANY,
             severity=AlertSeverity.WARNING,
             cooldown=200,
@@ -406,11 +467,14 @@ __all__ = [
     "JACOBIAN_GAIN",
     "LOSS_NON_FINITE",
     "NON_FINITE_VALUES",
+    "PACK_PEERS",
     "REMEDIABLE",
     "REPRESENTATION_COLLAPSE",
     "SA_COLLAPSE",
     "STABLE_RANK_COLLAPSE",
     "UPDATE_RATIO_HIGH",
+    "UPDATE_RATIO_RISE",
+    "core_rules",
     "default_rule_dicts",
     "default_rules",
     "early_block_globs",

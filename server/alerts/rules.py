@@ -28,6 +28,14 @@ class Condition(str, Enum):
     RATIO_TO_EMA = "ratio_to_ema"
     ZSCORE = "zscore"
     NON_FINITE = "non_finite"
+    # Conditions over the series' own recent past: the peers' detectors (history.py).
+    ZSCORE_ABOVE = "zscore_above"
+    MAX_RATIO = "max_ratio"
+    RATIO_TO_MEAN = "ratio_to_mean"
+    RISE_OVER_MEAN = "rise_over_mean"
+    CUSUM = "cusum"
+    RATIO_TO_BEST = "ratio_to_best"
+    RISE_FROM_BASELINE = "rise_from_baseline"
 
 
 class Aggregation(str, Enum):
@@ -42,10 +50,30 @@ class Aggregation(str, Enum):
 
 # Boolean aggregations count tripped targets; value aggregations combine the values first.
 BOOLEAN_AGGREGATIONS = frozenset({Aggregation.ANY, Aggregation.ALL, Aggregation.AT_LEAST_K})
+# Conditions judged against the series' own past (history.py): each trips on a value above a
+# bound it derives from earlier samples, and its threshold is a ratio, a z or a CUSUM bound.
+HISTORY_CONDITIONS = frozenset(
+    {
+        Condition.ZSCORE_ABOVE,
+        Condition.MAX_RATIO,
+        Condition.RATIO_TO_MEAN,
+        Condition.RISE_OVER_MEAN,
+        Condition.CUSUM,
+        Condition.RATIO_TO_BEST,
+        Condition.RISE_FROM_BASELINE,
+    }
+)
 # Conditions whose threshold is a ratio or a |z|: it must be positive.
-_RELATIVE = frozenset({Condition.DROP_FROM_BASELINE, Condition.RATIO_TO_EMA, Condition.ZSCORE})
+_RELATIVE = frozenset(
+    {Condition.DROP_FROM_BASELINE, Condition.RATIO_TO_EMA, Condition.ZSCORE, *HISTORY_CONDITIONS}
+)
 # Conditions whose safe side is below the bound (the clear bound must not sit above it).
-_SAFE_BELOW = frozenset({Condition.ABOVE, Condition.RATIO_TO_EMA, Condition.ZSCORE})
+_SAFE_BELOW = frozenset(
+    {Condition.ABOVE, Condition.RATIO_TO_EMA, Condition.ZSCORE, *HISTORY_CONDITIONS}
+)
+# The longest window a rule may keep: the state holds up to this many values per series and is
+# rewritten on every ingest, so it stays bounded.
+MAX_WINDOW = 4096
 
 
 def _coerce_enum(enum: type[Enum], field_name: str, value: Any) -> Any:
@@ -200,7 +228,19 @@ class Rule:
     ``threshold`` means, by condition: ``above``/``below`` the bound; ``drop_from_baseline`` the
     ratio to the series' own baseline (mean of its first ``baseline_samples`` finite samples);
     ``ratio_to_ema`` the ratio of a value to the EMA of the previous values; ``zscore`` the
-    |z| bound over the trailing ``window`` samples; ``non_finite`` takes none. ``warmup`` is a
+    |z| bound over the trailing ``window`` samples; ``non_finite`` takes none. The conditions
+    over the series' own past (the peers' detectors; definitions in ``history.py``):
+    ``zscore_above`` z above the mean of the previous ``window`` (OLMo-core), ``max_ratio`` the
+    ratio to the largest of the first ``window`` samples (Megatron-LM), ``ratio_to_mean`` the
+    ratio to the mean of the previous ``window`` (llm-foundry), ``rise_over_mean`` the rise over
+    the running mean of ``window`` in units of that mean (Lightning's ``rtol``), ``cusum`` the
+    decision bound h of Page's CUSUM with slack ``slack`` over a median/MAD baseline of
+    ``window`` samples, ``ratio_to_best`` the ratio of the trailing ``window`` mean to its
+    lowest value so far (1.0 with ``consecutive`` = a stall; above 1 = gradual divergence),
+    ``rise_from_baseline`` the ratio to the run's own early level: the mean of the
+    ``baseline_samples`` samples that follow the first ``warmup`` (a learning-rate warmup
+    is not the baseline).
+    ``warmup`` is a
     count of *samples* of a series (the probe samples every N steps, so 50 samples may be 500
     steps); ``min_step`` is in training steps; ``cooldown`` is in steps after a resolution.
     ``clear_threshold`` (hysteresis) is in the units of ``threshold`` (a ratio for
@@ -223,6 +263,7 @@ class Rule:
     ema_alpha: float = 0.1
     warmup: int = 0
     window: int = 20
+    slack: float = 0.5
     min_step: int = 0
     notify: bool = True
     msign: MSignAction = field(default_factory=MSignAction)
@@ -310,6 +351,12 @@ class Rule:
             ("min_step", 0),
         ):
             check_int(name, getattr(self, name), minimum)
+        if self.window > MAX_WINDOW:
+            raise RuleError(f"window={self.window!r} is not valid; use an integer <= {MAX_WINDOW}")
+        slack = _check_number("slack", self.slack)
+        if slack < 0:
+            raise RuleError(f"slack={slack!r} is not valid; use a number >= 0")
+        self._set("slack", slack)
         alpha = _check_number("ema_alpha", self.ema_alpha)
         if not 0.0 < alpha <= 1.0:
             raise RuleError(f"ema_alpha={alpha!r} is not valid; use a number in (0, 1]")
@@ -397,6 +444,8 @@ _RULE_FIELDS = tuple(Rule.__dataclass_fields__)
 
 __all__ = [
     "BOOLEAN_AGGREGATIONS",
+    "HISTORY_CONDITIONS",
+    "MAX_WINDOW",
     "Action",
     "Aggregation",
     "Condition",

@@ -16,7 +16,8 @@ State format (version 2)::
 ``msign_steps`` records every command the rule ordered (MSign or a learning-rate backoff; a
 rule orders one kind), for the rate limit. Per-series state holds ``n`` (finite samples seen),
 the latch (``run``, ``clean``, ``tripped``, ``since``) and only the statistics the condition
-needs (``b_sum``/``b_n`` baseline, ``ema``, z-score ``window``), so a row stays
+needs (``b_sum``/``b_n`` baseline, ``ema``, z-score ``window``; the history conditions'
+``window``, ``m_n``/``m_max``, ``last``, ``cusum``, ``best``: history.py), so a row stays
 O(targets x window) and small: ingest rewrites it on every batch. Non-finite values in
 ``pending`` are the contract's strings (``server/wire.py``), so the state has no NaN literal.
 
@@ -30,7 +31,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rankguard.server.alerts.rules import Condition, Rule, RuleError
+from rankguard.server.alerts.history import new_statistics
+from rankguard.server.alerts.rules import HISTORY_CONDITIONS, Condition, Rule, RuleError
 from rankguard.server.wire import decode_float, encode_float
 
 STATE_VERSION = 2
@@ -81,6 +83,8 @@ def new_series(condition: Condition) -> dict[str, Any]:
         series["ema"] = None
     elif condition is Condition.ZSCORE:
         series["window"] = []
+    elif condition in HISTORY_CONDITIONS:
+        series.update(new_statistics(condition))
     return series
 
 

@@ -25,71 +25,32 @@ def noisy(n: int, level: float = 2.5, sd: float = 0.05, seed: int = 0) -> list[f
     return [level + rng.gauss(0.0, sd) for _ in range(n)]
 
 
-# --- baselines -----------------------------------------------------------------------------
+# --- the peers' detectors: the server's rules over per-step series ----------------------------
+# (their definitions against the published sources: tests/server/test_alert_history.py)
 
 
-def test_olmo_fires_on_six_sigma_spike_not_on_noise() -> None:
+def test_peers_see_every_step_of_the_loss_and_gradient_norm() -> None:
+    from rankguard.server.alerts.peers import MEGATRON_LARGE_GRADS, OLMO_LOSS_SPIKE, peer_rules
+
+    rules = [r for r in peer_rules() if r.name in (OLMO_LOSS_SPIKE, MEGATRON_LARGE_GRADS)]
     losses = noisy(300)
-    assert detectors.olmo_loss_spike(losses) is None
-    spiked = [*losses[:200], 3.5, *losses[201:]]  # 1.0 above mean 2.5, sd 0.05: 20 sd
-    assert detectors.olmo_loss_spike(spiked) == 200
+    grads = noisy(300, level=1.0, sd=0.1, seed=1)
+    quiet = detectors.peer_first_firings(rules, {"losses": losses, "grad_norms": grads})
+    assert quiet == {OLMO_LOSS_SPIKE: None, MEGATRON_LARGE_GRADS: None}
+    spiked = {
+        "losses": [*losses[:200], 3.5, *losses[201:]],  # 20 sd above the mean: OLMo at 200
+        "grad_norms": [*grads[:250], 20.0, *grads[251:]],  # >= 10x the early max
+    }
+    assert detectors.peer_first_firings(rules, spiked) == {
+        OLMO_LOSS_SPIKE: 200,
+        MEGATRON_LARGE_GRADS: 250,
+    }
 
 
-def test_olmo_uses_only_the_previous_window() -> None:
-    # A 5-sigma bump is below the 6-sigma bound; a 7-sigma one is above it.
-    losses = [2.0 + (0.1 if i % 2 else -0.1) for i in range(200)]  # mean 2.0, std 0.1
-    assert detectors.olmo_loss_spike([*losses, 2.5]) is None
-    assert detectors.olmo_loss_spike([*losses, 2.7]) == 200
-
-
-def test_olmo_needs_history_and_fires_on_nan() -> None:
-    assert detectors.olmo_loss_spike([5.0, 100.0, 5.0]) is None  # too little history
-    assert detectors.olmo_loss_spike([5.0, 4.0, math.nan]) == 2
-
-
-def test_olmo_judges_only_with_a_full_window() -> None:
-    # as OLMo-core's StabilityMonitorCallback: a 20-sigma spike after 127 losses is not judged,
-    # the same spike after 128 is
-    losses = noisy(200)
-    assert detectors.olmo_loss_spike([*losses[:127], 3.5]) is None
-    assert detectors.olmo_loss_spike([*losses[:128], 3.5]) == 128
-
-
-def test_megatron_max_of_the_first_100_is_frozen() -> None:
-    # Megatron's is_unexpectedly_large: the first 100 values only set the maximum
-    warm = [3.0] * 99 + [4.0]
-    assert detectors.megatron_spiky_loss([*warm, 39.0]) is None
-    assert detectors.megatron_spiky_loss([*warm, 40.0]) == 100  # >= 10x the max, 4.0
-    # a spike inside the first 100 is not judged and raises the bar for the rest of the run
-    assert detectors.megatron_spiky_loss([3.0, 500.0, *[3.0] * 98, 400.0]) is None
-    # the bar does not follow the run down: a later, lower level keeps the early maximum
-    assert detectors.megatron_spiky_loss([*warm, *[0.5] * 200, 30.0]) is None
-    assert detectors.megatron_large_grads([1.0] * 100 + [10.0]) == 100
-    assert detectors.megatron_spiky_loss([1.0, math.inf]) == 1
-
-
-def test_grad_norm_threshold_against_running_median() -> None:
-    norms = noisy(120, level=1.0, sd=0.1)
-    assert detectors.grad_norm_threshold(norms) is None
-    assert detectors.grad_norm_threshold([*norms, 9.0]) is None
-    assert detectors.grad_norm_threshold([*norms, 12.0]) == 120
-    assert detectors.grad_norm_threshold([1.0] * 5 + [100.0]) is None  # needs 20 samples
-    assert detectors.grad_norm_threshold([1.0] * 5 + [math.nan]) == 5
-
-
-@pytest.mark.parametrize(
-    ("fn", "kwargs"),
-    [
-        (detectors.olmo_loss_spike, {"window": 1}),
-        (detectors.megatron_spiky_loss, {"factor": 0.5}),
-        (detectors.megatron_unexpectedly_large, {"num_samples": 0}),
-        (detectors.grad_norm_threshold, {"window": 0}),
-    ],
-)
-def test_bad_parameters_are_named(fn: object, kwargs: dict[str, float]) -> None:
-    name = next(iter(kwargs))
-    with pytest.raises(ValueError, match=name):
-        fn([1.0, 2.0], **kwargs)  # type: ignore[operator]
+def test_peer_rules_need_a_per_step_series() -> None:
+    rule = Rule(name="x", quantity="stable_rank", condition=Condition.ABOVE, threshold=1.0)
+    with pytest.raises(ValueError, match="stable_rank"):
+        detectors.peer_first_firings([rule], {"losses": [1.0], "grad_norms": [1.0]})
 
 
 # --- rules through the alert engine --------------------------------------------------------
@@ -186,13 +147,12 @@ def test_alert_loop_orders_msign_once_per_firing_within_rate_limit() -> None:
 
 def test_rescue_rules_back_off_the_lr_unless_msign_only() -> None:
     from benchmarks.rescue import rules_for
-    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH
+    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH, UPDATE_RATIO_RISE
 
     names = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(4)]
     full = {r.name: r for r in rules_for(names)}
     assert full[UPDATE_RATIO_HIGH].action.command()["kind"] == "scale_lr"  # type: ignore[union-attr]
     msign_only = {r.name: r for r in rules_for(names, msign_only=True)}
-    assert not msign_only[UPDATE_RATIO_HIGH].enabled
-    assert all(
-        r.enabled == full[n].enabled for n, r in msign_only.items() if n != UPDATE_RATIO_HIGH
-    )
+    assert not msign_only[UPDATE_RATIO_HIGH].enabled and not msign_only[UPDATE_RATIO_RISE].enabled
+    lr_rules = (UPDATE_RATIO_HIGH, UPDATE_RATIO_RISE)
+    assert all(r.enabled == full[n].enabled for n, r in msign_only.items() if n not in lr_rules)

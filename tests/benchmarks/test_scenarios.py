@@ -26,7 +26,7 @@ from rankguard.probe.demo.failure import (  # noqa: E402
     smoothed_final_loss,
 )
 from rankguard.probe.demo.model import GPT, ModelConfig  # noqa: E402
-from rankguard.probe.demo.train import QKRowLR, build_optimizer, train  # noqa: E402
+from rankguard.probe.demo.train import QKRowLR, build_model, build_optimizer, train  # noqa: E402
 
 SMALL_BYTES = 200_000
 
@@ -246,7 +246,7 @@ def test_catalog_has_required_scenarios() -> None:
 @pytest.mark.parametrize("name", sorted(catalog.SCENARIOS))
 def test_each_scenario_constructs_and_steps(name: str, corpus: ByteCorpus) -> None:
     scenario = catalog.get(name)
-    model = GPT(scenario.model)
+    model = build_model(scenario)
     optimizer = build_optimizer(model, scenario)
     n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert n_params == sum(p.numel() for p in model.parameters())

@@ -32,7 +32,9 @@ def run_rule(rule: Rule, samples: list[tuple[str, int, Any]]) -> list[Transition
 
 def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
     rules = pack.default_rules()
-    assert len({r.name for r in rules}) == len(rules) == 10
+    # rankguard's 11 rules and the 7 peers' detectors that stayed quiet on healthy runs
+    assert len({r.name for r in rules}) == len(rules) == 11 + len(pack.PACK_PEERS) == 18
+    assert [r.name for r in rules[11:]] == list(pack.PACK_PEERS)
     contract = {
         "loss",
         "stable_rank",
@@ -53,25 +55,25 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
     [
         (
             pack.SA_COLLAPSE,
-            {"quantity": "sa_sign_diversity", "condition": Condition.BELOW, "threshold": 0.0,
-             "aggregation": Aggregation.ANY, "consecutive": 3, "severity": AlertSeverity.CRITICAL,
-             "min_step": 50},
+            {"quantity": "sa_sign_diversity", "condition": Condition.BELOW,
+             "threshold": 0.006325, "aggregation": Aggregation.MEAN, "consecutive": 3,
+             "severity": AlertSeverity.CRITICAL, "min_step": 50},
         ),
         (
             pack.STABLE_RANK_COLLAPSE,
             {"quantity": "stable_rank", "condition": Condition.DROP_FROM_BASELINE,
-             "threshold": 0.12, "aggregation": Aggregation.GMEAN, "targets": ("*",),
+             "threshold": 0.1158, "aggregation": Aggregation.GMEAN, "targets": ("*",),
              "severity": AlertSeverity.CRITICAL, "min_step": 50},
         ),
         (
             pack.JACOBIAN_GAIN,
-            {"quantity": "jacobian_alignment_gain", "condition": Condition.ABOVE,
-             "threshold": 50.0, "aggregation": Aggregation.ANY, "consecutive": 1,
-             "min_step": 50},
+            {"quantity": "jacobian_alignment_gain", "condition": Condition.RISE_FROM_BASELINE,
+             "threshold": 12.81, "aggregation": Aggregation.MAX, "baseline_samples": 2,
+             "consecutive": 1, "min_step": 50},
         ),
         (
             pack.GRAD_NORM_SPIKE,
-            {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 4.0,
+            {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 3.269,
              "ema_alpha": 0.1, "targets": ("global",), "warmup": 50, "min_step": 50,
              "cooldown": 30},
         ),
@@ -85,7 +87,7 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
             pack.ATTENTION_LOGIT_HIGH,
             {
                 "quantity": "attention_logit_max",
-                "threshold": 50.0,
+                "threshold": 26.28,
                 "severity": AlertSeverity.WARNING,
             },
         ),
@@ -100,15 +102,21 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         (
             pack.REPRESENTATION_COLLAPSE,
             {"quantity": "representation_stable_rank", "condition": Condition.BELOW,
-             "threshold": 1.02, "aggregation": Aggregation.GMEAN, "consecutive": 2,
-             "clear_threshold": 1.05, "clear_after": 4, "min_step": 10,
+             "threshold": 1.013, "aggregation": Aggregation.GMEAN, "consecutive": 2,
+             "clear_threshold": 1.033, "clear_after": 4, "min_step": 10,
              "severity": AlertSeverity.CRITICAL},
         ),
         (
             pack.UPDATE_RATIO_HIGH,
-            {"quantity": "update_ratio", "condition": Condition.ABOVE, "threshold": 0.05,
+            {"quantity": "update_ratio", "condition": Condition.ABOVE, "threshold": 0.09813,
              "aggregation": Aggregation.GMEAN, "consecutive": 1, "clear_after": 1,
              "min_step": 0, "severity": AlertSeverity.CRITICAL},
+        ),
+        (
+            pack.UPDATE_RATIO_RISE,
+            {"quantity": "update_ratio", "condition": Condition.RISE_FROM_BASELINE,
+             "threshold": 3.869, "aggregation": Aggregation.GMEAN, "warmup": 10,
+             "baseline_samples": 5, "severity": AlertSeverity.CRITICAL},
         ),
     ],
 )  # fmt: skip
@@ -125,13 +133,14 @@ def test_msign_present_but_off_by_default_and_on_with_remediate() -> None:
         assert off[name].action is None
         assert on[name].action is not None
         assert on[name].severity is AlertSeverity.CRITICAL
-        if name != pack.UPDATE_RATIO_HIGH:
+        if name not in (pack.UPDATE_RATIO_HIGH, pack.UPDATE_RATIO_RISE):
             assert on[name].msign.enabled is True and on[name].msign.engine == "svd"
-    # the update ratio halves the learning rate at every sample while it fires
-    hot = on[pack.UPDATE_RATIO_HIGH]
-    assert hot.msign.enabled is False
-    assert hot.lr_backoff.factor == 0.5 and hot.lr_backoff.repeat_every == 1
-    assert hot.action.command() == {"kind": "scale_lr", "args": {"factor": 0.5}}
+    # the update-ratio rules halve the learning rate at every sample while they fire
+    for name in (pack.UPDATE_RATIO_HIGH, pack.UPDATE_RATIO_RISE):
+        hot = on[name]
+        assert hot.msign.enabled is False
+        assert hot.lr_backoff.factor == 0.5 and hot.lr_backoff.repeat_every == 1
+        assert hot.action.command() == {"kind": "scale_lr", "args": {"factor": 0.5}}
     for name in (pack.SA_COLLAPSE, pack.STABLE_RANK_COLLAPSE):
         assert on[name].msign.targets == "all_2d" and on[name].msign.repeat_every is None
     # the logit divergence repeats MSign on the attention weights while it fires
@@ -154,20 +163,20 @@ def test_dicts_round_trip_through_json() -> None:
 def test_pack_rules_fire_on_their_signals() -> None:
     rules = by_name(pack.default_rules(remediate=True))
 
-    # Calibrated to trip only on a non-finite D (BENCHMARKS.md: no threshold separated healthy
-    # from failing runs); a low but finite D stays quiet.
-    sa = [(t, s, 0.5 if s < 60 else 0.001) for s in range(0, 120, 10) for t in ("h.0.w", "h.1.w")]
-    assert run_rule(rules[pack.SA_COLLAPSE], sa) == []
-    sa = [
-        (t, s, 0.5 if s < 60 else math.nan) for s in range(0, 120, 10) for t in ("h.0.w", "h.1.w")
+    # The mean D over every layer: one collapsed layer among healthy ones is routine and stays
+    # quiet; nearly every layer collapsed (mean under ~0.006) for 3 probes fires.
+    one = [
+        (t, s, 0.0 if t == "h.0.w" else 0.3) for s in range(0, 120, 10) for t in ("h.0.w", "h.1.w")
     ]
+    assert run_rule(rules[pack.SA_COLLAPSE], one) == []
+    sa = [(t, s, 0.5 if s < 60 else 0.001) for s in range(0, 120, 10) for t in ("h.0.w", "h.1.w")]
     (fired,) = run_rule(rules[pack.SA_COLLAPSE], sa)
     assert fired.step == 80 and fired.first_step == 60 and fired.command is not None
 
     sr = [(t, s, 8.0 if s < 60 else 0.8) for s in range(0, 100, 10) for t in ("h.0.w", "h.1.w")]
     (fired,) = run_rule(rules[pack.STABLE_RANK_COLLAPSE], sr)
     assert fired.step == 70 and fired.first_step == 60
-    assert fired.bound == pytest.approx(0.12 * 8.0)
+    assert fired.bound == pytest.approx(0.1158 * 8.0)
 
     # grad norm: steady 1.0 then a 5x spike at step 80 (after 50 samples and step 50)
     gn = [("global", s, 5.0 if s == 80 else 1.0) for s in range(0, 100)]
@@ -206,11 +215,11 @@ def test_pack_rules_fire_on_their_signals() -> None:
     dip = [(t, s, 1.03) for s in range(5, 60, 5) for t in ("h.0.attn", "h.1.mlp")]
     assert run_rule(rules[pack.REPRESENTATION_COLLAPSE], dip) == []
 
-    # update ratio: one hot weight among calm ones is not the gmean crossing 0.05; all hot is,
+    # update ratio: one hot weight among calm ones is not the gmean crossing ~0.1; all hot is,
     # and the LR is halved at every hot sample; the first calm one resolves it, and a later
     # hot one fires again
-    ratios = [0.01, 0.01, 0.2, 0.1, 0.06, 0.02, 0.02, 0.08, 0.02, 0.02]  # steps 0, 5, ...
-    one_hot = [("h.0.w", 5 * i, 0.2) for i in range(10)] + [
+    ratios = [0.01, 0.01, 0.4, 0.2, 0.12, 0.04, 0.04, 0.16, 0.04, 0.04]  # steps 0, 5, ...
+    one_hot = [("h.0.w", 5 * i, 0.4) for i in range(10)] + [
         (f"h.{k}.w", 5 * i, 0.01) for i in range(10) for k in (1, 2, 3)
     ]
     assert run_rule(rules[pack.UPDATE_RATIO_HIGH], one_hot) == []
@@ -226,9 +235,27 @@ def test_pack_rules_fire_on_their_signals() -> None:
     ]
     assert transitions[0].command == {"kind": "scale_lr", "args": {"factor": 0.5}}
 
-    # a*M > 1 is routine on healthy runs; the calibrated rule waits for > 50 after step 50
-    gain = [("h.0->h.1", s, v) for s, v in [(10, 80.0), (50, 20.0), (60, 49.0), (70, 60.0)]]
-    assert [t.step for t in run_rule(rules[pack.JACOBIAN_GAIN], gain)] == [70]
+    # the same ratio against the run's own level: samples 10-14 set it (0.01, after a warmup
+    # at 0.001); a step at 5x that level fires, one at 3x does not, whatever the optimizer's
+    # absolute scale
+    level = [0.001] * 10 + [0.01] * 10 + [0.03, 0.01, 0.05, 0.01]
+    rise = [(t, 5 * i, v) for i, v in enumerate(level) for t in ("h.0.w", "h.1.w")]
+    transitions = run_rule(rules[pack.UPDATE_RATIO_RISE], rise)
+    assert [(t.kind.value, t.step) for t in transitions] == [("firing", 110), ("resolved", 115)]
+    assert transitions[0].bound == pytest.approx(3.869 * 0.01)
+    scaled = [(t, s, 10 * v) for t, s, v in rise]  # the same run at 10x the scale
+    assert [t.step for t in run_rule(rules[pack.UPDATE_RATIO_RISE], scaled)][:1] == [110]
+
+    # a*M > 1 is routine on healthy runs, at a level set by the model and optimizer; the rule
+    # judges the largest pair against the run's own first two samples (10 here), after step 50
+    gain = [
+        (p, s, v)
+        for s, v in [(25, 8.0), (50, 12.0), (75, 100.0), (100, 140.0)]
+        for p in ("h.0->h.1", "h.1->h.2")
+    ]
+    assert [t.step for t in run_rule(rules[pack.JACOBIAN_GAIN], gain)] == [100]
+    scaled = [(p, s, 50 * v) for p, s, v in gain]  # the same run at a 50x higher level
+    assert [t.step for t in run_rule(rules[pack.JACOBIAN_GAIN], scaled)] == [100]
 
 
 @pytest.mark.parametrize(
