@@ -119,12 +119,17 @@ def encode_batch(
     points: Sequence[Point],
     histograms: Sequence[Mapping[str, Any]] = (),
     run: Mapping[str, Any] | None = None,
+    events: Sequence[Mapping[str, Any]] = (),
 ) -> Batch:
+    """One batch; ``events``: ``{"kind", "step", "payload"}`` each (the probe's own events:
+    rollbacks, skipped updates...; docs/contract.md), posted after the points."""
     batch: Batch = {"v": FORMAT_VERSION}
     if run is not None:
         batch["run"] = dict(run)
     batch["points"] = encode_points(points)
     batch["histograms"] = list(histograms)
+    if events:
+        batch["events"] = [_finite_or_string(dict(e)) for e in events]
     return batch
 
 
@@ -155,8 +160,13 @@ def merge_batches(batches: list[Batch]) -> Batch:
         return batches[0]
     columns: dict[str, list[Any]] = {}
     histograms: list[Any] = []
+    events: list[Any] = []
     for batch in batches:
         for name, column in (batch.get("points") or {}).items():
             columns.setdefault(name, []).extend(column)
         histograms.extend(batch.get("histograms") or [])
-    return {"points": columns, "histograms": histograms}
+        events.extend(batch.get("events") or [])
+    merged: Batch = {"points": columns, "histograms": histograms}
+    if events:
+        merged["events"] = events
+    return merged
