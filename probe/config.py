@@ -182,6 +182,14 @@ class RecoveryConfig:
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def lr_options(self) -> dict[str, Any]:
+        """The learning-rate backoff's settings (``LearningRateScale``'s keywords)."""
+        return {
+            "floor": self.lr_floor,
+            "hold_steps": self.lr_hold_steps,
+            "recover_steps": self.lr_recover_steps,
+        }
+
 
 _DERIVED = ("jacobian_every", "command_every")  # None: derived from ``every``
 

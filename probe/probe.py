@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from .assembly import (
     schedule_for,
 )
 from .config import ProbeConfig
-from .control import CommandRunner, RollbackCommand, SetProbeCommand
+from .control import CommandRunner, SetProbeCommand
 from .distributed import (
     PER_BATCH_WIRE_NAMES,
     broadcast_from_rank0,
@@ -45,16 +44,15 @@ from .gather import Loss, gather
 from .hooks import CallCapture, HookSet, ProbeHooks, find_attention_sites
 from .http_transport import HttpTransport
 from .interventions import LearningRateScale
-from .interventions.qk_clip import per_head_logit_max, qk_heads
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
 from .quantities.jacobian_alignment import JacobianAlignment
 from .quantities.sharded import is_dtensor
-from .recovery.rollback import Recovery
+from .recovery.link import RecoveryLink
 from .recovery.snapshots import StateSource
 from .sink import FileSink, Sink
 from .targets import WeightTarget
 from .transport import CloseReport, SinkTransport, Transport, TransportStats
-from .wire import Point, encode_batch
+from .wire import encode_batch
 
 __all__ = ["Probe"]
 
@@ -112,8 +110,7 @@ class Probe:
     ) -> None:
         # checked before any hook is installed: a bad argument leaves the model untouched
         _check_arguments(model, optimizer, run, config)
-        schedulers = _stateful("lr_scheduler", lr_scheduler)
-        _stateful("scaler", scaler)
+        source = StateSource.of(model, optimizer, lr_scheduler, scaler)
         if transport is None and server is not None and sink is not None:
             raise ConfigError("sink: give either server= or sink=, not both")
         self.config = cfg = (config or ProbeConfig()).with_options(options)
@@ -154,7 +151,6 @@ class Probe:
         self._step = 0
         self._losses: list[Loss] = []
         self._latest: dict[tuple[str, str], float] = {}
-        self._latest_at: dict[tuple[str, str], int] = {}
         self._failed: set[str] = set()
         self._armed = False  # hooks or quantity copies are held for the next step
         self._closed = False
@@ -174,38 +170,24 @@ class Probe:
         self._lr_scale = (
             None
             if optimizer is None
-            else LearningRateScale(optimizer)
-            if rc is None
-            else LearningRateScale(
-                optimizer,
-                floor=rc.lr_floor,
-                hold_steps=rc.lr_hold_steps,
-                recover_steps=rc.lr_recover_steps,
-            )
+            else LearningRateScale(optimizer, **(rc.lr_options() if rc is not None else {}))
         )
-        self._qk_heads = [h for h in map(qk_heads, self.sites) if h is not None]
-        self._head_logits: dict[str, Tensor] = {}  # site -> (n_head,) at the latest sample
-        self._local_commands: list[dict[str, Any]] = []  # the first response's orders
-        self._recovery = (
-            None
-            if rc is None
-            else Recovery.build(
-                rc,
-                StateSource(model, optimizer, schedulers, scaler),
-                weights=list({id(t.parameter): t.parameter for t in self.targets}.values()),
-                lr_scale=self._lr_scale,
-                emit=self._event,
-                ship_points=self._ship_points,
-                rank=self.rank,
-                world_size=self.world_size,
-            )
+        self._link = RecoveryLink(
+            rc,
+            source,
+            weights=list({id(t.parameter): t.parameter for t in self.targets}.values()),
+            sites=self.sites,
+            lr_scale=self._lr_scale,
+            send=self.transport.send,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         self._commands = CommandRunner(
             targets=self.targets,
             reconfigure=self._reconfigure,
             lr_scale=self._lr_scale,
-            rollback=None if self._recovery is None else self._rollback,
-            qk_heads=self._qk_heads,
+            rollback=None if self._link.recovery is None else self._link.rollback,
+            qk_heads=self._link.heads,
         )
         self._close_report: CloseReport | None = None
         self._arm(self._step)
@@ -230,25 +212,23 @@ class Probe:
     def should_stop(self) -> bool:
         """True once recovery gave up on an incident with ``stop_on_exhausted`` set: a loop
         (or an integration) that reads it ends the run."""
-        return self._recovery is not None and self._recovery.should_stop
+        return self._link.should_stop
 
     @property
     def skip_windows(self) -> list[tuple[int, int]]:
         """The batches (probe steps, inclusive) whose updates rollbacks discarded:
         :class:`~rankguard.probe.recovery.SkipWindowSampler` leaves them out on a replay."""
-        return [] if self._recovery is None else list(self._recovery.skip_windows)
+        return self._link.skip_windows
 
     @property
     def train_step(self) -> int:
         """The training step of the next ``probe.step()`` (the schedule's step): the probe's
         own step minus the steps rollbacks undid."""
-        if self._recovery is None:
-            return self._step
-        return self._recovery.train_step(self._step)
+        return self._link.train_step(self._step)
 
     def recovery_summary(self) -> dict[str, Any]:
         """What recovery did so far: rollbacks, skipped updates, backoffs, snapshots."""
-        return {} if self._recovery is None else self._recovery.summary()
+        return self._link.summary()
 
     def stats(self) -> TransportStats:
         """Delivery counters: sent, spilled, replayed, dropped, commands received, acks."""
@@ -298,12 +278,9 @@ class Probe:
             self._disarm()
         # Commands act after this step's sample, so the sample shows the weights the
         # optimizer produced and the next one shows the intervention's effect.
-        if self._recovery is not None:
-            over = self._logits_over(s, self._recovery.config.qk_clip_tau)
-            self._local_commands.extend(self._recovery.judge(s, loss, over))
+        self._link.judge(s, loss)
         self._apply_commands(s)
-        if self._recovery is not None:
-            self._recovery.after_step(s, boundary=self._is_boundary(s))
+        self._link.after_step(s, boundary=self._is_boundary(s))
         self._step = s + 1
         self._arm(self._step)
 
@@ -320,8 +297,7 @@ class Probe:
             return self._close_report
         self._closed = True
         self._disarm()
-        if self._recovery is not None:
-            self._recovery.close(self._step - 1)
+        self._link.close(self._step - 1)
         if self._lr_scale is not None:
             self._lr_scale.remove()  # the optimizer steps with the user's LR again
         self._batch_hooks.remove_all()
@@ -406,10 +382,7 @@ class Probe:
         at this step boundary, identically on every rank."""
         if not self._is_boundary(s):
             return
-        local, self._local_commands = self._local_commands, []
-        commands = [*local, *self.transport.take_commands()]
-        if self.rank == 0:
-            commands = [self._with_logits(c) for c in commands]
+        commands = self._link.take_orders(self.transport.take_commands())
         if self.world_size > 1:
             commands = broadcast_from_rank0(commands)
         for raw in commands:
@@ -419,54 +392,10 @@ class Probe:
                 logger.warning("rankguard: command %s failed: %s", command_id, ack["error"])
             if self.rank != 0:
                 continue
-            if not command_id.startswith("local:"):
+            if command_id.startswith("local:"):  # the first response's own order
+                self._link.applied(raw, ack, s)
+            else:
                 self.transport.ack(command_id, ack)
-            elif ack["state"] == "applied" and raw.get("kind") in _LOCAL_EVENTS:
-                self._event(_LOCAL_EVENTS[str(raw["kind"])], s, ack["result"])
-
-    def _with_logits(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """A ``qk_clip`` order gets rank 0's latest per-head logits (every rank applies the
-        same factors)."""
-        args = raw.get("args")
-        if raw.get("kind") != "qk_clip" or (isinstance(args, dict) and "logit_max" in args):
-            return raw
-        logits = {site: v.tolist() for site, v in self._head_logits.items()}
-        return {**raw, "args": {**(args if isinstance(args, dict) else {}), "logit_max": logits}}
-
-    def _logits_over(self, s: int, tau: float | None) -> dict[str, list[float]]:
-        """Per-head max logits of the sites whose max at this sample exceeded ``tau`` (read
-        only then: the sample's own host values say whether any did)."""
-        if tau is None or not self._head_logits:
-            return {}
-        over = [
-            site
-            for site in self._head_logits
-            if self._latest_at.get(("attention_logit_max", site)) == s
-            and self._latest.get(("attention_logit_max", site), 0.0) > tau
-        ]
-        heads = {site: self._head_logits[site].tolist() for site in over}
-        return {site: v for site, v in heads.items() if max(v, default=0.0) > tau}
-
-    def _rollback(self, command: RollbackCommand, s: int) -> dict[str, Any]:
-        assert self._recovery is not None
-        return self._recovery.rollback(
-            s,
-            before_step=command.before_step,
-            lr_factor=command.lr_factor,
-            incident=command.incident,
-            reason=command.reason,
-            loss=command.loss,
-        )
-
-    def _event(self, kind: str, step: int, payload: dict[str, Any]) -> None:
-        """One of the probe's own events (rank 0 ships it with the points)."""
-        if self.rank == 0:
-            event = {"kind": kind, "step": step, "payload": payload}
-            self.transport.send(encode_batch([], events=[event]))
-
-    def _ship_points(self, points: list[Point]) -> None:
-        if self.rank == 0 and points:
-            self.transport.send(encode_batch(points))
 
     def _reconfigure(self, command: SetProbeCommand) -> dict[str, Any]:
         """Applies a ``set_probe`` command: cadence and which quantities run. A quantity it
@@ -541,22 +470,10 @@ class Probe:
                 outputs.extend(q.compute(ctx))
             except Exception as exc:
                 self._fail(q, s, exc)
-        if self._qk_heads and self._hooks.captures.qk:
-            self._observe_heads()
+        if self._hooks.captures.qk:
+            self._link.observe(self._hooks.captures.qk)
         self._hooks.captures.clear()
         self._emit(outputs, s)
-
-    def _observe_heads(self) -> None:
-        """Per-head max attention logits of this sample (on the device, for QK-Clip)."""
-        for h in self._qk_heads:
-            qk = self._hooks.captures.qk.get(h.site)
-            if qk is not None:
-                try:
-                    self._head_logits[h.site] = per_head_logit_max(*qk, h.n_head, h.n_kv_head)
-                except Exception as exc:  # a shape the interface does not know: say so once
-                    if "qk_heads" not in self._failed:
-                        self._failed.add("qk_heads")
-                        logger.warning("rankguard: per-head attention logits failed: %s", exc)
 
     def _fail(self, q: Quantity, s: int, exc: Exception) -> None:
         if self.config.strict:
@@ -590,36 +507,12 @@ class Probe:
         for p in points:
             if p.step == s or p.quantity == "loss":
                 self._latest[(p.quantity, p.target)] = p.value
-                self._latest_at[(p.quantity, p.target)] = p.step
-        if self._recovery is not None:
-            self._recovery.sample_health(
-                all(
-                    math.isfinite(p.value) and not (p.quantity == "non_finite" and p.value > 0)
-                    for p in points
-                )
-            )
+        self._link.sampled(s, points)
         if self.rank != 0:  # other ranks ship only what differs per rank: their activations
             points = [p for p in points if p.quantity in PER_BATCH_WIRE_NAMES]
             histograms = [h for h in histograms if h["quantity"] in PER_BATCH_WIRE_NAMES]
         if points or histograms:
             self.transport.send(encode_batch(points, histograms))
-
-
-# the event a first-response order leaves when it was applied (a rollback has its own)
-_LOCAL_EVENTS = {"scale_lr": "lr_backoff", "qk_clip": "qk_clip"}
-
-
-def _stateful(name: str, value: Any) -> list[Any]:
-    """``value`` (one object, a sequence of them, or None) as a list of objects with
-    ``state_dict``/``load_state_dict``."""
-    items = [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
-    for item in items:
-        if not (hasattr(item, "state_dict") and hasattr(item, "load_state_dict")):
-            raise ConfigTypeError(
-                f"{name}: expected an object with state_dict() and load_state_dict(), got "
-                f"{type(item).__name__}"
-            )
-    return items
 
 
 def _check_arguments(model: object, optimizer: object, run: object, config: object) -> None:

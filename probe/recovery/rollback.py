@@ -90,6 +90,7 @@ class Recovery:
     _clean_since: int | None = None  # a reading flagged nothing since this step
     _read_through: int = -1  # the latest step whose reading arrived
     _ignore_hot_before: int = 0
+    _deferred: int | None = None  # a bad step whose update skip-step dropped
     _pending_event: _Rollback | None = None
     _flight_due: list[tuple[int, int]] = field(default_factory=list)  # (ship at, from)
     _stream: Any = None
@@ -178,11 +179,20 @@ class Recovery:
 
     def _respond(self, step: int, r: StepReading) -> list[dict[str, Any]]:
         rollback_on = Flag.LOSS_NON_FINITE | Flag.LOSS_SPIKE | Flag.UPDATE_SPIKE
-        unskipped_nan = bool(r.flags & Flag.GRAD_NON_FINITE) and not r.flags & Flag.SKIPPED
+        skipped = bool(r.flags & Flag.SKIPPED)
+        unskipped_nan = bool(r.flags & Flag.GRAD_NON_FINITE) and not skipped
+        deferred = self._deferred == r.step - 1
+        if skipped and r.flags & rollback_on and not r.flags & Flag.UPDATE_SPIKE and not deferred:
+            # skip-step dropped this step's update: the weights are the ones before it, and a
+            # bad batch alone does not need a rollback. Roll back if the next step is bad too.
+            self._deferred = r.step
+            return []
         if self.config.rollback and (r.flags & rollback_on or unskipped_nan):
             # the loss and the gradients of step t judge the state after step t - 1; the
             # update ratio judges the update of step t itself
             first_bad = r.step if r.flags & Flag.UPDATE_SPIKE else r.step - 1
+            if deferred:
+                first_bad = min(first_bad, r.step - 2)
             factor = self.config.lr_factor
             if r.flags & Flag.UPDATE_SPIKE and self.config.update_ratio_hot is not None:
                 factor = min(factor, _sized(self.config.update_ratio_hot, r.update_ratio))

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, ConfigTypeError
 from ..quantities.sharded import is_dtensor
 
 __all__ = ["SnapshotRing", "StateSource", "TrainingSnapshot"]
@@ -57,6 +57,26 @@ class StateSource:
     optimizer: torch.optim.Optimizer | None = None
     schedulers: Sequence[Any] = ()
     scaler: Any = None
+
+    @classmethod
+    def of(cls, model: nn.Module, optimizer: Any, lr_scheduler: Any, scaler: Any) -> StateSource:
+        """From the probe's arguments: ``lr_scheduler`` one scheduler, a list, or None; each
+        (and ``scaler``) needs ``state_dict``/``load_state_dict``."""
+        schedulers = (
+            []
+            if lr_scheduler is None
+            else list(lr_scheduler)
+            if isinstance(lr_scheduler, list | tuple)
+            else [lr_scheduler]
+        )
+        for name, items in (("lr_scheduler", schedulers), ("scaler", [scaler] if scaler else [])):
+            for item in items:
+                if not (hasattr(item, "state_dict") and hasattr(item, "load_state_dict")):
+                    raise ConfigTypeError(
+                        f"{name}: expected an object with state_dict() and load_state_dict(), "
+                        f"got {type(item).__name__}"
+                    )
+        return cls(model, optimizer, schedulers, scaler)
 
     def optimizer_params(self) -> list[Tensor]:
         if self.optimizer is None:

@@ -40,6 +40,8 @@ from rankguard.server.alerts.rules import (
     Condition,
     LRBackoffAction,
     MSignAction,
+    QKClipAction,
+    RollbackAction,
     Rule,
     RuleError,
 )
@@ -54,6 +56,8 @@ __all__ = [
     "Condition",
     "LRBackoffAction",
     "MSignAction",
+    "QKClipAction",
+    "RollbackAction",
     "Rule",
     "RuleError",
     "TargetHit",

@@ -144,11 +144,11 @@ def test_auto_recover_is_one_switch_and_recovery_is_validated() -> None:
     explicit = RecoveryConfig(keep=1)
     assert ProbeConfig(auto_recover=True, recovery=explicit).recovery is explicit
     assert config.to_json()["recovery"]["update_ratio_hot"] == 0.05
-    with pytest.raises(ConfigError, match="recovery.keep"):
+    with pytest.raises(ConfigError, match=r"recovery\.keep"):
         RecoveryConfig(keep=0)
-    with pytest.raises(ConfigError, match="recovery.lr_factor"):
+    with pytest.raises(ConfigError, match=r"recovery\.lr_factor"):
         RecoveryConfig(lr_factor=1.5)
     with pytest.raises(ConfigTypeError, match="recovery: expected a RecoveryConfig"):
         ProbeConfig(recovery={"keep": 1})  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="recovery.flight_before"):
+    with pytest.raises(ConfigError, match=r"recovery\.flight_before"):
         RecoveryConfig(flight_steps=8, flight_before=16)

@@ -165,6 +165,20 @@ def test_skip_step_drops_a_non_finite_update_exactly(tmp_path) -> None:
     run.probe.close()
 
 
+def test_with_skip_step_one_bad_batch_is_skipped_and_a_second_rolls_back(tmp_path) -> None:
+    run = Run(RecoveryConfig(**FAST, skip_step=True), tmp_path)
+    for _ in range(23):
+        run.step()
+    run.step(corrupt=nan)  # step 23: its update is dropped, the weights stay good
+    run.step()
+    assert run.probe.skip_windows == [] and len(run.events("skip_step")) == 1
+    run.step(corrupt=nan)  # step 25: dropped too, but alone
+    run.step(corrupt=nan)  # step 26: a second bad step in a row: roll back
+    assert run.probe.skip_windows == [(21, 26)]
+    assert_same_state(run.state(), run.saved[20])
+    run.probe.close()
+
+
 def test_a_rule_order_for_an_incident_already_handled_is_a_no_op(tmp_path) -> None:
     run = Run(RecoveryConfig(**FAST), tmp_path)
     for _ in range(23):
