@@ -111,8 +111,9 @@ class RecoveryConfig:
     spike (a trigger for rollback)."""
     window: int = 64
     """Steps in the running medians (loss, gradient norm, update ratio)."""
-    warmup: int = 16
-    """Steps of history a running median needs before its check is live."""
+    warmup: int = 50
+    """Steps of history before the checks other than the non-finite ones are live (the
+    failure definition's own warmup: healthy runs spike in their first steps)."""
     update_ratio_hot: float | None = None
     """Geometric-mean update-to-weight ratio of one step above which the learning rate is
     backed off at that step, with a ceiling that holds while the schedule rises (None: off)."""

@@ -17,7 +17,9 @@ Two optimizer hooks and the probe's step feed one row of device scalars per step
 - ``probe.step(loss)`` adds the loss: non-finite, or above ``loss_spike`` x the running
   median of the last losses.
 
-Without skip-step nothing is read on a healthy step: the row is published at the step
+Every check but the non-finite ones waits for ``warmup`` steps of history (the first steps
+of a run are learning: healthy runs spike there too). Without skip-step nothing is read on
+a healthy step: the row is published at the step
 boundary (:meth:`StepGuard.end_step`). On a CPU the values are read there (there is no
 device to wait for). On CUDA the row is copied with ``non_blocking`` into pinned memory and
 read at the next step boundary, once its event has completed: the decisions land **one
@@ -33,6 +35,7 @@ from enum import IntFlag
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -118,8 +121,8 @@ class StepGuard:
         self._loss = _History(config.window, device)
         self._gnorm = _History(config.window, device)
         self._ratio = _History(config.window, device)
-        self._before: list[Tensor] = []
-        self._sampled: list[Tensor] = []
+        self._sample = _WeightSample()
+        self._before: Tensor | None = None
         self._pending: list[tuple[int, Tensor, Any]] = []  # CUDA readouts in flight
         self._handles: list[RemovableHandle] = []
         if optimizer is not None:
@@ -145,7 +148,7 @@ class StepGuard:
 
     @torch.no_grad()
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]  # no_grad: no detach
         if not grads:
             return
         norms = _grad_norms(grads)  # (n,) fp32
@@ -170,25 +173,20 @@ class StepGuard:
             self.skipped += 1
             dropped = True
         if self.config.update_ratio_hot is not None and not dropped:
-            self._sampled = [w for w in self.weights if w.grad is not None]
-            self._before = [_subsample(w).clone() for w in self._sampled]
+            self._before = self._sample.take([w for w in self.weights if w.grad is not None])
 
     @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        before, sampled = self._before, self._sampled
-        self._before, self._sampled = [], []
-        if not before or self.config.update_ratio_hot is None:
+        before, self._before = self._before, None
+        if before is None or self.config.update_ratio_hot is None:
             return
-        after = [_subsample(w) for w in sampled]
-        diffs = torch._foreach_sub(after, before)
-        moved = torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float32))
-        size = torch.stack(torch._foreach_norm(before, 2, dtype=torch.float32))
-        ratios = moved / size.clamp(min=torch.finfo(torch.float32).tiny)
+        ratios = self._sample.ratios(before)
         gmean = torch.exp(torch.log(ratios.clamp(min=1e-30)).mean())
         median = self._ratio.median()
-        hot = gmean > self.config.update_ratio_hot
-        spike = torch.zeros((), dtype=torch.bool, device=gmean.device)
+        hot = torch.zeros((), dtype=torch.bool, device=gmean.device)
+        spike = hot
         if self._ratio.count >= self.config.warmup:
+            hot = gmean > self.config.update_ratio_hot
             spike = hot & (gmean > self.config.update_ratio_spike * median)
         self._row[_RATIO] = gmean
         self._row[_RATIO_MED] = median
@@ -263,11 +261,38 @@ def _reading(step: int, row: list[float]) -> StepReading:
     )
 
 
+class _WeightSample:
+    """A strided subsample of every weight (``_SAMPLE`` elements each, of its local shard;
+    zero-padded when a weight is smaller: zeros add nothing to the sums) as one (n, _SAMPLE)
+    fp32 tensor: the update ratio of all the weights in a handful of ops, whatever their
+    number."""
+
+    def __init__(self) -> None:
+        self._views: list[Tensor] = []
+
+    def take(self, weights: Sequence[Tensor]) -> Tensor:
+        """The sample before the update (a copy); remembers which weights it covers."""
+        self._views = [_subsample(w) for w in weights]
+        return self._stack()
+
+    def ratios(self, before: Tensor) -> Tensor:
+        """(n,) ||dW|| / ||W|| of each weight on its sample, ``before`` from :meth:`take`."""
+        moved = (self._stack() - before).square_().sum(dim=1)
+        size = before.square().sum(dim=1)
+        return (moved / size.clamp(min=torch.finfo(torch.float32).tiny)).sqrt_()
+
+    def _stack(self) -> Tensor:
+        parts = [
+            v if v.numel() == _SAMPLE else F.pad(v, (0, _SAMPLE - v.numel())) for v in self._views
+        ]
+        return torch.cat(parts).float().view(len(parts), _SAMPLE)
+
+
 def _subsample(w: Tensor) -> Tensor:
     """A strided view of at most ``_SAMPLE`` elements of ``w`` (its local shard)."""
     flat = (w.detach().to_local() if is_dtensor(w) else w.detach()).reshape(-1)  # type: ignore[attr-defined]
     stride = max(1, flat.numel() // _SAMPLE)
-    return flat[::stride]
+    return flat[::stride][:_SAMPLE]
 
 
 def _grad_norms(grads: list[Tensor]) -> Tensor:
@@ -280,4 +305,4 @@ def _grad_norms(grads: list[Tensor]) -> Tensor:
         squares = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)) ** 2
         dist.all_reduce(squares)
         return squares.sqrt()
-    return torch.stack(torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float32))
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
