@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch  # noqa: E402
-from rankguard.probe.config import RecoveryConfig  # noqa: E402
-from rankguard.probe.recovery.flight import FlightRecorder  # noqa: E402
-from rankguard.probe.recovery.guard import StepGuard  # noqa: E402
-from rankguard.probe.recovery.snapshots import SnapshotRing, StateSource  # noqa: E402
+from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
+from rankguard.probe.config import RecoveryConfig
+from rankguard.probe.recovery.flight import FlightRecorder
+from rankguard.probe.recovery.guard import StepGuard
+from rankguard.probe.recovery.snapshots import SnapshotRing, StateSource
 
 SIZES = {
     "quick": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 32},
