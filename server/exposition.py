@@ -41,13 +41,13 @@ from rankguard.server.storage.alerts import fired_counts, firing_counts
 from rankguard.server.storage.commands import command_counts
 from rankguard.server.storage.points import latest_samples
 from rankguard.server.storage.webhooks import delivery_counts
-from rankguard.server.vocab import CommandState
+from rankguard.server.vocab import AlertSeverity, CommandState
 
 logger = logging.getLogger("rankguard.server.exposition")
 
 TOP_K = 5
 AGGREGATES = ("min", "mean", "max")
-SEVERITIES = ("info", "warning", "critical")
+SEVERITIES = tuple(s.value for s in AlertSeverity)  # in order of AlertSeverity.order
 # Quantities where a LOW value is the bad one (top-k picks the lowest).
 LOW_IS_WORSE = frozenset({"stable_rank", "sa_sign_diversity", "representation_stable_rank"})
 # Commands counted as having reached a state: every command was queued; delivered covers
