@@ -222,7 +222,7 @@ class AutoRecover:
                 run=self.run,
                 server=self.url,
                 every=PROBE_EVERY,
-                jacobian_every=5 * PROBE_EVERY,
+                jacobian_every=20 * PROBE_EVERY,  # the Jacobian feeds no remedy: kept rare
                 auto_recover=True,
                 recovery=recovery,
                 log_dir=self.log_dir,

@@ -376,8 +376,8 @@ class Recovery:
         """The probe's sampled values at this step: a non-finite one makes it unhealthy."""
         if not finite:
             self._clean_since = None
-            if self.ring.pending is not None:
-                self.ring.discard_after(self.ring.pending.step)
+            if self.world_size == 1 and self.ring.pending is not None:
+                self.ring.discard_after(self.ring.pending.step)  # under DDP: at a boundary
 
     # -- the flight recorder ------------------------------------------------------------------
 
