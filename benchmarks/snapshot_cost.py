@@ -2,11 +2,12 @@
 known-good kept) cost <= 2% of the step time, and this much host memory.
 
 Two identical GPTs (benchmarks/scenarios/model.py, the cost benchmarks' nanoGPT layout) and
-AdamW train on the same batches in interleaved A/B blocks of ``every`` steps: A plain, B
-with a :class:`~rankguard.probe.recovery.SnapshotRing` taking a snapshot at the block's
-first step and confirming it, as the probe's recovery does. Printed: the median over pairs
-of t_B / t_A and its spread, the time of one snapshot and of one restore, the amortised
-ratio 1 + t_snapshot / (K x t_step) for several K (what picks the default), and the host
+AdamW train on the same batches, interleaved step by step (A, B, then B, A, ...) over blocks
+of ``every`` steps: A plain, B with a :class:`~rankguard.probe.recovery.SnapshotRing` taking
+a snapshot at the block's first step and confirming it, as the probe's recovery does.
+Printed: the median over blocks of t_B / t_A and its spread, the time of one snapshot and
+of one restore, the amortised ratio 1 + t_snapshot / (K x t_step) for several K (what picks
+the default), and the host
 memory the ring holds against the model + optimizer state. ``--guard`` adds a third arm:
 the probe's per-step checks of the auto-recover profile (the in-process first response).
 
@@ -72,26 +73,40 @@ class Arm:
             self.guard = StepGuard(self.opt, params, weights, config, flight, device)
         self.step = 0
 
-    def block(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One training step (and what runs beside it); its wall time."""
         _sync(self.device)
         t0 = time.perf_counter()
-        for x, y in batches:
-            pending = self.ring.in_flight() if self.ring is not None else None
-            loss = next_token_loss(self.model, x, y)
-            loss.backward()
-            if pending is not None:
-                pending.fence()  # the update waits for the side-stream copy (no host sync)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            if self.guard is not None:
-                self.guard.end_step(self.step, loss)
-            if self.ring is not None and self.step % self.every == 0:
-                if self.ring.pending is not None:
-                    self.ring.confirm()
-                self.ring.take(self.source, self.step, self.step, stream=self.stream)
-            self.step += 1
+        pending = self.ring.in_flight() if self.ring is not None else None
+        loss = next_token_loss(self.model, x, y)
+        loss.backward()
+        if pending is not None:
+            pending.fence()  # the update waits for the side-stream copy (no host sync)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.guard is not None:
+            self.guard.end_step(self.step, loss)
+        if self.ring is not None and self.step % self.every == 0:
+            if self.ring.pending is not None:
+                self.ring.confirm()
+            self.ring.take(self.source, self.step, self.step, stream=self.stream)
+        self.step += 1
         _sync(self.device)
         return time.perf_counter() - t0
+
+
+def interleaved_block(
+    arms: dict[str, Arm], batches: list[tuple[torch.Tensor, torch.Tensor]], flip: bool
+) -> dict[str, float]:
+    """Every arm trains the block step by step in turn (the order reversed every step), so
+    a burst of load from elsewhere hits all arms within a step of each other."""
+    kinds = list(arms)
+    totals = dict.fromkeys(kinds, 0.0)
+    for i, (x, y) in enumerate(batches):
+        order = kinds if (i % 2 == 0) != flip else kinds[::-1]
+        for kind in order:
+            totals[kind] += arms[kind].train_step(x, y)
+    return totals
 
 
 def timings(arm: Arm, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> dict[str, float]:
@@ -152,13 +167,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.every} steps per arm; kinds {kinds}",
         flush=True,
     )
-    for arm in arms.values():  # warm-up, and the optimizer state exists before timing
-        arm.block(batches[:5])
+    interleaved_block(arms, batches[:5], False)  # warm-up; the optimizer state exists
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(pairs):
-        order = kinds if i % 2 == 0 else kinds[::-1]  # drift in machine load cancels
-        for kind in order:
-            times[kind].append(arms[kind].block(batches))
+        for kind, total in interleaved_block(arms, batches, i % 2 == 1).items():
+            times[kind].append(total)
         line = ", ".join(f"{k} {1e3 * times[k][-1] / args.every:.2f}" for k in kinds)
         print(f"  block {i}: ms/step {line}", flush=True)
     step_s = statistics.median(times["plain"]) / args.every
