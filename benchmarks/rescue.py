@@ -416,11 +416,26 @@ def report(seeds: Sequence[int], tag: str = "main") -> dict[str, Any]:
                     "undone_explosion_step": None if wall is None else wall.step,
                     "acted": remedies(rescued),
                     "server_commands": len(rescued["commands"]),
+                    "command_latency_steps": command_latency(rescued),
                     "rollbacks": rescued["rollbacks"],
                     "profile": rescued.get("profile"),
                 }
             )
     return {"seeds": list(seeds), "tag": tag, "runs": runs, "summary": summarise(runs)}
+
+
+def command_latency(record: Mapping[str, Any]) -> list[int]:
+    """Steps from an alert's firing to the step its command was applied, per firing alert
+    that ordered one (the server's events: the product's real latency, over HTTP)."""
+    fired: dict[str, int] = {}
+    applied: dict[str, int] = {}
+    for e in record["events"]:
+        command = e["payload"].get("command_id")
+        if e["kind"] == "alert" and e["payload"].get("kind") == "firing" and command:
+            fired[command] = e["step"]
+        elif e["kind"] == "command_applied" and command and e["step"] is not None:
+            applied[command] = e["step"]
+    return [applied[c] - step for c, step in fired.items() if c in applied]
 
 
 def load_run_full(path: Path) -> dict[str, Any]:
@@ -436,6 +451,7 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     healthy = [r for r in runs if r["role"] == "healthy"]
     touched = [r for r in healthy if r["server_commands"] or any(r["acted"].values())]
     acted = {m: sum(1 for r in failing if r["acted"][m]) for m in REMEDIES}
+    latency = sorted(x for r in runs for x in r["command_latency_steps"])
     return {
         "failed_unprotected": len(failing),
         "avoided_failure": len(avoided),
@@ -444,6 +460,13 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "healthy_runs": len(healthy),
         "healthy_runs_touched": len(touched),
         "runs_where_remedy_acted": acted,
+        "actions": {m: sum(r["acted"][m] for r in failing) for m in REMEDIES},
+        "command_latency_steps": {
+            "n": len(latency),
+            "min": latency[0] if latency else None,
+            "median": statistics.median(latency) if latency else None,
+            "max": latency[-1] if latency else None,
+        },
         "undone_explosions": sum(1 for r in failing if r["undone_explosion_step"] is not None),
     }
 
@@ -477,7 +500,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{s['avoided_within_1_10']}; healthy runs with any command or in-process action: "
         f"{s['healthy_runs_touched']}/{s['healthy_runs']}; explosions on steps a rollback "
         f"undid: {s['undone_explosions']}; failing runs where each remedy acted: "
-        f"{s['runs_where_remedy_acted']}.",
+        f"{s['runs_where_remedy_acted']}; actions in all: {s['actions']}; alert -> command "
+        f"applied, in steps: {s['command_latency_steps']}.",
     ]
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ def test_short_demo_run_rolls_back_the_spike(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.chdir(tmp_path)  # the demo's ./rankguard.db and ./rankguard_logs
     port = free_port()
     try:
-        demo = run_demo(port=port, max_steps=170, quiet=True)
+        demo = run_demo(port=port, max_steps=155, quiet=True)
         assert demo.server_pid is not None
         (rollback,) = [e for e in demo.events if e["kind"] == "rollback"]
         payload = rollback["payload"]
