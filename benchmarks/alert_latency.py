@@ -154,7 +154,9 @@ def main() -> int:
             return args.database_url or f"sqlite:///{Path(tmp) / tag}.db"
 
         os.environ["RANKGUARD_ALERTS_ENABLED"] = "true"
-        with rankguard_server(url("latency")) as base:
+        # The receiver is local: a server refuses loopback webhooks unless allowed.
+        local = {"RANKGUARD_WEBHOOK_ALLOW": "127.0.0.1/32"}
+        with rankguard_server(url("latency"), env=local) as base:
             latencies = measure_latency(base, runs)
 
         rates: dict[str, list[float]] = {"on": [], "off": []}

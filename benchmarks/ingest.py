@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "rg_bench-admin-token"
+TOKEN = "rg_bench-admin-token-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 TARGETS = 96
 QUANTITIES = 8  # 768 points per sampled step, as in perf.md §5.2
@@ -63,11 +63,15 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -
 
 
 @contextmanager
-def rankguard_server(database_url: str) -> Iterator[str]:
+def rankguard_server(
+    database_url: str, *, rankguard: str | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A `rankguard serve` (this environment's, or the console script ``rankguard``) with
+    ``env`` added to its environment; yields its base URL."""
     port = _free_port()
-    env = {**os.environ, "RANKGUARD_ADMIN_TOKEN": TOKEN}
+    env = {**os.environ, "RANKGUARD_ADMIN_TOKEN": TOKEN, **(env or {})}
     cmd = [
-        str(Path(sys.executable).with_name("rankguard")),
+        rankguard or str(Path(sys.executable).with_name("rankguard")),
         "serve",
         "--database-url",
         database_url,
@@ -164,7 +168,7 @@ def measure_read(base: str, n_points: int, reads: int) -> float:
             c.post(
                 f"/api/v1/runs/{run}/points",
                 content=gzip.compress(json.dumps(body).encode(), 1),
-                headers={"Content-Encoding": "gzip"},
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
             ).raise_for_status()
         times = []
         for _ in range(reads):

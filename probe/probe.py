@@ -31,7 +31,7 @@ from .assembly import (
     schedule_for,
 )
 from .config import ProbeConfig
-from .control import CommandRunner, SetProbeCommand
+from .control import CommandRunner, SetProbeCommand, command_id
 from .distributed import (
     PER_BATCH_WIRE_NAMES,
     broadcast_from_rank0,
@@ -59,6 +59,7 @@ __all__ = ["Probe"]
 logger = logging.getLogger("rankguard.probe")
 
 _STATE_VERSION = 1
+_LOGGED_COMMAND_FAILURES = 10
 
 
 class Probe:
@@ -190,6 +191,7 @@ class Probe:
             qk_heads=self._link.heads,
         )
         self._close_report: CloseReport | None = None
+        self._command_failures = 0
         self._arm(self._step)
 
     # -- public API -------------------------------------------------------------------------
@@ -386,16 +388,30 @@ class Probe:
         if self.world_size > 1:
             commands = broadcast_from_rank0(commands)
         for raw in commands:
-            ack = self._commands.apply(raw, s)
-            command_id = str(raw.get("id"))
-            if ack["state"] == "failed":
-                logger.warning("rankguard: command %s failed: %s", command_id, ack["error"])
-            if self.rank != 0:
-                continue
-            if command_id.startswith("local:"):  # the first response's own order
-                self._link.applied(raw, ack, s)
-            else:
-                self.transport.ack(command_id, ack)
+            try:  # whatever the server sent, nothing of it raises into the training loop
+                self._apply_command(raw, s)
+            except Exception as exc:
+                self._log_command_failure(f"a command could not be handled: {exc!r}")
+
+    def _apply_command(self, raw: Any, s: int) -> None:
+        ack = self._commands.apply(raw, s)
+        key = command_id(raw)
+        if ack["state"] == "failed":
+            self._log_command_failure(f"command {key or '(no id)'} failed: {ack['error']}")
+        if self.rank != 0 or not key:  # one without a usable id cannot be acknowledged
+            return
+        if key.startswith("local:"):  # the first response's own order: an event, no ack
+            self._link.applied(raw, ack, s)
+        else:
+            self.transport.ack(key, ack)
+
+    def _log_command_failure(self, message: str) -> None:
+        # An operator's failed command is worth a line; a flood of them is not worth more.
+        self._command_failures += 1
+        if self._command_failures <= _LOGGED_COMMAND_FAILURES:
+            logger.warning("rankguard: %s", message)
+        if self._command_failures == _LOGGED_COMMAND_FAILURES:
+            logger.warning("rankguard: further failed commands are acknowledged, not logged")
 
     def _reconfigure(self, command: SetProbeCommand) -> dict[str, Any]:
         """Applies a ``set_probe`` command: cadence and which quantities run. A quantity it

@@ -9,7 +9,10 @@ sink (offline runs); ``MemoryTransport`` keeps everything in memory (tests). The
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
+import logging
+import threading
+from collections import Counter, deque
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from .sink import Sink
@@ -17,17 +20,22 @@ from .wire import Batch, point_count
 
 __all__ = [
     "CloseReport",
+    "Losses",
     "MemoryTransport",
     "NullTransport",
     "SinkTransport",
     "Transport",
     "TransportStats",
+    "describe_os_error",
 ]
+
+logger = logging.getLogger("rankguard.probe.transport")
 
 
 @dataclasses.dataclass
 class TransportStats:
-    """Counters a user can read through ``probe.stats()``."""
+    """Counters a user can read through ``probe.stats()``. ``dropped_batches`` counts every
+    batch (or command ack) lost for good; the close report says why."""
 
     sent_batches: int = 0
     sent_points: int = 0
@@ -42,19 +50,72 @@ class TransportStats:
 
 @dataclasses.dataclass(frozen=True)
 class CloseReport:
-    """What ``close()`` could not deliver, and where it is kept."""
+    """What ``close()`` could not deliver, where it is kept, and what was lost and why.
+
+    ``undelivered_batches`` and ``undelivered_acks`` are kept in ``spill_path`` for
+    ``rankguard upload``; ``dropped`` maps each reason to the batches (or acks) lost for it.
+    ``detail`` says why the undelivered ones were not delivered, when the transport knows.
+    """
 
     delivered_all: bool
     undelivered_batches: int
     spill_path: str | None
+    undelivered_acks: int = 0
+    dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    detail: str = ""
+
+    @property
+    def dropped_batches(self) -> int:
+        return sum(self.dropped.values())
 
     def __str__(self) -> str:
         if self.delivered_all:
             return "rankguard: every sample was delivered"
-        return (
-            f"rankguard: {self.undelivered_batches} batch(es) not delivered; kept in "
-            f"{self.spill_path} — send them later with `rankguard upload {self.spill_path}`"
-        )
+        parts: list[str] = []
+        if self.undelivered_batches or self.undelivered_acks or not self.dropped:
+            what = f"{self.undelivered_batches} batch(es)"
+            if self.undelivered_acks:
+                what += f" and {self.undelivered_acks} command ack(s)"
+            why = f" ({self.detail})" if self.detail else ""
+            parts.append(
+                f"{what} not delivered{why}; kept in {self.spill_path} — send them later "
+                f"with `rankguard upload {self.spill_path}`"
+            )
+        if self.dropped:
+            reasons = "; ".join(f"{why} (x{n})" for why, n in sorted(self.dropped.items()))
+            parts.append(f"{self.dropped_batches} lost: {reasons}")
+        return "rankguard: " + "; ".join(parts)
+
+
+class Losses:
+    """Batches lost for good, counted by reason; each reason is logged once when first seen
+    (thread-safe: the training thread and the transport's thread both report)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            first = reason not in self._counts
+            self._counts[reason] += n
+        if first:
+            logger.warning("rankguard: lost a batch: %s (further ones counted)", reason)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())
+
+    def by_reason(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """An I/O error as a reason: its strerror ("No space left on device") when it has one."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Transport(Protocol):
@@ -96,14 +157,21 @@ class NullTransport:
 
 
 class SinkTransport:
-    """Offline mode: batches go to a local sink (the JSON Lines file), no commands arrive."""
+    """Offline mode: batches go to a local sink (the JSON Lines file), no commands arrive.
+    A batch the sink refuses (a full disk) is counted as lost and named in the report."""
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self._stats = TransportStats()
+        self._losses = Losses()
 
     def send(self, batch: Batch) -> None:
-        self.sink.write(batch)
+        try:
+            self.sink.write(batch)
+        except Exception as exc:  # never into training: count it, say why at close
+            self._losses.add(f"could not be written to the sink ({describe_os_error(exc)})")
+            self._stats.dropped_batches += 1
+            return
         self._stats.spilled_batches += 1
 
     def take_commands(self) -> list[dict[str, Any]]:
@@ -118,10 +186,12 @@ class SinkTransport:
     def close(self, timeout: float = 10.0) -> CloseReport:
         self.sink.close()
         path = getattr(self.sink, "path", None)
+        dropped = self._losses.by_reason()
         return CloseReport(
-            delivered_all=path is None,
+            delivered_all=path is None and not dropped,
             undelivered_batches=self._stats.spilled_batches if path is not None else 0,
             spill_path=str(path) if path is not None else None,
+            dropped=dropped,
         )
 
 

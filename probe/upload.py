@@ -5,6 +5,11 @@ file whose first line registers the run. Uploading opens an :class:`HttpTranspor
 very file: it registers the run and replays every line not yet marked delivered, exactly as
 a live probe does when its server comes back. Ingest is idempotent, so uploading a file
 twice stores each point once. Needs httpx only (no torch): it runs in the server image.
+
+A line that does not parse is skipped and the rest are sent; a last line cut short (what a
+writer killed mid-write leaves) ends the file. Both are named, by line number, in the
+returned report, which is never "every sample was delivered" when one was not. A server
+that refuses the token ends the upload at once instead of retrying until ``timeout``.
 """
 
 from __future__ import annotations

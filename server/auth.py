@@ -31,25 +31,40 @@ def token_prefix(token: str) -> str:
 
 
 def expand_scopes(scopes: frozenset[Scope]) -> frozenset[Scope]:
-    """admin implies every scope; operate implies read."""
+    """admin implies every scope but job; operate implies read; job implies ingest (on its
+    own run only: ``Principal.run_bound``)."""
     if Scope.ADMIN in scopes:
-        return frozenset(Scope)
+        return frozenset(Scope) - {Scope.JOB}
     if Scope.OPERATE in scopes:
         return scopes | {Scope.READ}
+    if Scope.JOB in scopes:
+        return frozenset({Scope.JOB, Scope.INGEST})
     return scopes
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a token's effective scopes and the project it is bound to."""
+    """Who is calling: a token's effective scopes, the project it is bound to and, for a job
+    token, its run (None until the token registered one)."""
 
     token_id: int | None
     project_id: int | None  # None: every project (bootstrap admin token, --no-auth)
     scopes: frozenset[Scope]
     label: str  # recorded as commands.created_by
+    run_id: str | None = None
+
+    @property
+    def run_bound(self) -> bool:
+        """A job token: it may act on its own run and on no other."""
+        return Scope.JOB in self.scopes
 
     def allows(self, scope: Scope) -> bool:
         return scope in self.scopes
 
     def can_access(self, project_id: int) -> bool:
         return self.project_id is None or self.project_id == project_id
+
+    def can_access_run(self, run_id: str, project_id: int) -> bool:
+        if self.run_bound and run_id != self.run_id:
+            return False
+        return self.can_access(project_id)

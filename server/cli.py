@@ -147,7 +147,8 @@ def _add_upload(subparsers: Subparsers) -> None:
         help="send an offline or spilled run file to a server",
         description="Replay JSON Lines files written by the probe (offline runs, or spill "
         "files of runs whose server was down). Ingest is idempotent: uploading twice stores "
-        "each point once.",
+        "each point once. A line that does not parse (or a last line cut short by a kill) is "
+        "skipped and named; the exit status is 1 when anything was not delivered.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="the probe's .jsonl file(s)")
     p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
@@ -156,6 +157,69 @@ def _add_upload(subparsers: Subparsers) -> None:
         "--timeout", type=float, default=600.0, help="seconds to wait per file (default 600)"
     )
     p.set_defaults(func=_run_upload)
+
+
+def _run_token(args: argparse.Namespace) -> int:
+    import os
+
+    import httpx
+
+    admin = args.admin_token or os.environ.get("RANKGUARD_ADMIN_TOKEN")
+    if not admin:
+        print("rankguard token: needs --admin-token or RANKGUARD_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    scopes = args.scope or ["job"]
+    body: dict[str, Any] = {
+        "name": args.name or ("job" if scopes == ["job"] else "-".join(scopes)),
+        "project": args.project,
+        "scopes": scopes,
+    }
+    if args.run:
+        body["run_id"] = args.run
+    try:
+        response = httpx.post(
+            f"{args.server.rstrip('/')}/api/v1/tokens",
+            json=body,
+            headers={"Authorization": f"Bearer {admin}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        print(f"rankguard token: {args.server}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 201:
+        print(f"rankguard token: HTTP {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    token = response.json()
+    bound = f", run {token['run_id']}" if token.get("run_id") else ""
+    print(
+        f"rankguard token: {token['name']} ({', '.join(token['scopes'])}; project "
+        f"{token['project']}{bound}); shown once:",
+        file=sys.stderr,
+    )
+    print(token["token"])  # stdout: the secret alone, for RANKGUARD_TOKEN=$(rankguard token ...)
+    return 0
+
+
+def _add_token(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "token",
+        help="mint a token (by default a job token for one training run)",
+        description="Asks a running server for a new token and prints its secret (once) on "
+        "stdout. A job token (the default scope) acts on one run alone: the one given with "
+        "--run, or else the first run it registers. Give each training job its own.",
+    )
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--project", default="default", help="the token's project (default)")
+    p.add_argument(
+        "--scope",
+        action="append",
+        choices=["job", "ingest", "read", "operate", "admin", "metrics"],
+        help="a scope (repeatable; default: job)",
+    )
+    p.add_argument("--run", help="job scope: bind the token to this existing run id")
+    p.add_argument("--name", help="a name to tell the token apart in listings")
+    p.add_argument("--admin-token", help="an admin token (default: RANKGUARD_ADMIN_TOKEN)")
+    p.set_defaults(func=_run_token)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -192,6 +256,7 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_serve,
     _add_report,
     _add_upload,
+    _add_token,
     _add_demo,
 ]
 

@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
+from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
+# An admin token shorter than this is refused at start: it would be guessable.
+MIN_ADMIN_TOKEN_LEN = 32
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _csv(value: object) -> object:
+    """Lists from the environment as comma-separated text ("a,b"), or JSON lists."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 def is_loopback_host(host: str) -> bool:
@@ -62,13 +78,51 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_attempts: int = Field(default=5, ge=1)
     webhook_max_total_s: float = Field(default=60.0, gt=0)
-    # Concurrent deliveries: one slow receiver must not hold back the others.
-    webhook_workers: int = Field(default=4, ge=1)
+    # Threads sending webhooks; a receiver has at most one delivery in flight, so a slow one
+    # holds one thread and never delays the others (server/notify/worker.py).
+    webhook_workers: int = Field(default=8, ge=1, le=256)
     # Pending deliveries are also picked up on this period (e.g. written by another worker).
     delivery_poll_s: float = Field(default=2.0, gt=0)
-    # /metrics is open by default (Prometheus scrapes it without a token, as docker compose
-    # does); set this to require 'Authorization: Bearer <metrics_token>' on it.
+    # Webhook receivers on private, loopback, link-local, CGNAT, multicast or metadata
+    # addresses are refused unless one of these networks holds them ("10.0.0.0/8,127.0.0.1/32").
+    webhook_allow: Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], NoDecode] = Field(
+        default_factory=list
+    )
+    # POST /webhooks/{id}/test runs on its own few threads, never the request pool; more tests
+    # than this waiting at once are refused with 429.
+    webhook_test_workers: int = Field(default=2, ge=1, le=32)
+    webhook_test_queue: int = Field(default=8, ge=0, le=1000)
+
+    # --- hardening (server/guard.py, server/secrets.py) ---
+    # The Host header must name one of these (port ignored): a DNS-rebinding page reaches the
+    # server under its own name and is refused. Empty: the bind address and localhost names
+    # (and the machine's own names on a 0.0.0.0 / :: bind). "*" allows any host.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # /metrics needs 'Authorization: Bearer <token>': this static token (the one Prometheus
+    # holds in docker compose) or an API token with the 'metrics' scope. metrics_open serves
+    # it to anyone, as before.
     metrics_token: SecretStr | None = None
+    metrics_open: bool = False
+    # Webhook secrets are encrypted at rest (Fernet) with this key; without it the key lives
+    # in secret_key_file, created on first start (default: beside the SQLite database, or
+    # ./rankguard.key for other databases). Every server process of a database needs the same.
+    secret_key: SecretStr | None = None
+    secret_key_file: str | None = None
+
+    @field_validator("webhook_allow", "allowed_hosts", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        return _csv(value)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_TOKEN_LEN:
+            raise ValueError(
+                f"admin_token has {len(value.get_secret_value())} characters; use at least "
+                f"{MIN_ADMIN_TOKEN_LEN} (e.g. openssl rand -hex 32)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _no_auth_needs_loopback(self) -> Settings:
@@ -83,6 +137,19 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def trusted_hosts(self) -> frozenset[str] | None:
+        """Host names the Host header may carry (lower case, no port); None: any."""
+        if "*" in self.allowed_hosts:
+            return None
+        if self.allowed_hosts:
+            return frozenset(h.lower().strip("[]") for h in self.allowed_hosts)
+        names = {self.host.lower().strip("[]"), *LOCAL_HOST_NAMES}
+        if self.host in ("0.0.0.0", "::", ""):
+            import socket
+
+            names.update({socket.gethostname().lower(), socket.getfqdn().lower()})
+        return frozenset(names)
 
 
 @lru_cache

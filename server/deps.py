@@ -89,7 +89,7 @@ def get_principal(
 ) -> Principal:
     settings: Settings = request.app.state.settings
     if settings.no_auth:
-        return Principal(None, None, frozenset(Scope), label="no-auth")
+        return Principal(None, None, frozenset(Scope) - {Scope.JOB}, label="no-auth")
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     db: Database = request.app.state.db
@@ -102,6 +102,7 @@ def get_principal(
             project_id=token.project_id,
             scopes=expand_scopes(frozenset(Scope(s) for s in token.scopes)),
             label=f"token:{token.prefix}",
+            run_id=token.run_id,
         )
 
 
@@ -152,10 +153,10 @@ WEBHOOK_NOT_FOUND = "Webhook not found"
 
 
 def run_or_404(session: Session, principal: Principal, run_id: str) -> Run:
-    """The run if it exists in a project the principal can see; else 404 (never 403, so a
-    token cannot probe other projects' run ids)."""
+    """The run if it exists in a project the principal can see, and is the job token's own
+    run for a job token; else 404 (never 403, so a token cannot probe other run ids)."""
     run = get_run(session=session, run_id=run_id, project_id=principal.project_id)
-    if run is None:
+    if run is None or not principal.can_access_run(run.id, run.project_id):
         raise HTTPException(status_code=status.HTTP_404_NOT_FOUND, detail=RUN_NOT_FOUND)
     return run
 

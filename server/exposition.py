@@ -13,9 +13,11 @@ apps in one process -- tests -- do not collide).
 Label sets are bounded (docs/contract.md): active runs, quantities, aggregates, top-k targets;
 never a step, a command id or free text.
 
-``/metrics`` needs no token by default, because Prometheus (the docker compose one included)
-scrapes without one; set ``RANKGUARD_METRICS_TOKEN`` to require
-``Authorization: Bearer <token>`` (Prometheus: ``authorization: {credentials: ...}``).
+``/metrics`` needs ``Authorization: Bearer <token>`` (Prometheus: ``authorization:
+{credentials_file: ...}``): the static ``RANKGUARD_METRICS_TOKEN`` (what docker compose gives
+Prometheus) or an API token with the ``metrics`` scope (admin implies it). A token bound to a
+project sees only its project's runs and none of the server-wide counters.
+``RANKGUARD_METRICS_OPEN=1`` (or ``--no-auth``) serves it to anyone.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rankguard.server.auth import expand_scopes
 from rankguard.server.config import Settings
 from rankguard.server.db import Database
+from rankguard.server.models import Scope as TokenScope
 from rankguard.server.storage.alerts import fired_counts, firing_counts
 from rankguard.server.storage.commands import command_counts
 from rankguard.server.storage.points import latest_samples
+from rankguard.server.storage.runs import find_token, project_names
 from rankguard.server.storage.webhooks import delivery_counts
 from rankguard.server.vocab import AlertSeverity, CommandState
 
@@ -91,8 +96,9 @@ def top_targets(quantity: str, by_target: dict[str, float], k: int = TOP_K) -> l
 class RunCollector(Collector):
     """Gauges of the active runs and the database-backed counters, read at scrape time."""
 
-    def __init__(self, get_db: Callable[[], Database | None]) -> None:
+    def __init__(self, get_db: Callable[[], Database | None], project: str | None = None) -> None:
         self._get_db = get_db
+        self._project = project  # only this project's runs, and no server-wide counter
 
     def collect(self) -> Iterable[Metric]:
         db = self._get_db()
@@ -101,8 +107,12 @@ class RunCollector(Collector):
         try:
             with db.read() as session:
                 latest = latest_samples(session)
+                if self._project is not None:
+                    latest = [row for row in latest if row[1] == self._project]
                 running = sorted({row[0] for row in latest})
                 firing = firing_counts(session=session, run_ids=running)
+                if self._project is not None:
+                    return _run_families(latest, firing)
                 fired = fired_counts(session=session)
                 commands = command_counts(session=session)
                 notes = delivery_counts(session=session)
@@ -213,6 +223,7 @@ class Metrics:
     """The app's registry and its in-process instruments."""
 
     def __init__(self, get_db: Callable[[], Database | None]) -> None:
+        self._get_db = get_db
         self.registry = CollectorRegistry(auto_describe=False)
         self.points_ingested = Counter(
             "rankguard_points_ingested",
@@ -234,8 +245,13 @@ class Metrics:
         )
         self.registry.register(RunCollector(get_db))
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, project: str | None = None) -> bytes:
+        """Everything, or (``project``) the gauges of that project's runs alone."""
+        if project is None:
+            return generate_latest(self.registry)
+        scoped = CollectorRegistry(auto_describe=False)
+        scoped.register(RunCollector(self._get_db, project))
+        return generate_latest(scoped)
 
 
 class MetricsMiddleware:
@@ -289,22 +305,54 @@ class MetricsMiddleware:
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", include_in_schema=True, response_class=Response)
+@router.get(
+    "/metrics",
+    include_in_schema=True,
+    response_class=Response,
+    responses={401: {"description": "no or unknown token"}, 403: {"description": "no scope"}},
+)
 def metrics_endpoint(request: Request) -> Response:
-    """Prometheus exposition (text format 0.0.4). Open unless RANKGUARD_METRICS_TOKEN is set."""
+    """Prometheus exposition (text format 0.0.4); needs a token with the ``metrics`` scope
+    or RANKGUARD_METRICS_TOKEN, unless RANKGUARD_METRICS_OPEN is set."""
     settings: Settings = request.app.state.settings
-    if settings.metrics_token is not None:
-        expected = f"Bearer {settings.metrics_token.get_secret_value()}"
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return Response(
-                "metrics need 'Authorization: Bearer <RANKGUARD_METRICS_TOKEN>'\n",
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-                media_type="text/plain",
-            )
     metrics: Metrics = request.app.state.metrics
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    allowed, project = _metrics_access(request, settings)
+    if not allowed:
+        return Response(
+            "metrics need 'Authorization: Bearer <token>' with the 'metrics' scope "
+            "(or RANKGUARD_METRICS_TOKEN)\n",
+            status_code=401 if project is None else 403,
+            headers={"WWW-Authenticate": "Bearer"},
+            media_type="text/plain",
+        )
+    return Response(metrics.exposition(project), media_type=CONTENT_TYPE_LATEST)
+
+
+def _metrics_access(request: Request, settings: Settings) -> tuple[bool, str | None]:
+    """(allowed, project the caller is limited to). Refused: project None is 401 (no or
+    unknown token), a name is 403 (a valid token without the scope)."""
+    if settings.metrics_open or settings.no_auth:
+        return True, None
+    given = request.headers.get("authorization", "")
+    scheme, _, secret = given.partition(" ")
+    if scheme.lower() != "bearer" or not secret:
+        return False, None
+    if settings.metrics_token is not None:
+        expected = settings.metrics_token.get_secret_value().encode()
+        if hmac.compare_digest(secret.encode(), expected):
+            return True, None
+    db: Database = request.app.state.db
+    with db.read() as session:
+        token = find_token(session=session, secret=secret)
+        if token is None:
+            return False, None
+        scopes = expand_scopes(frozenset(TokenScope(s) for s in token.scopes))
+        project = None
+        if token.project_id is not None:
+            project = project_names(session=session, ids={token.project_id}).get(token.project_id)
+    if TokenScope.METRICS not in scopes:
+        return False, project or "-"
+    return True, project
 
 
 def route_templates(app: Any) -> list[str]:

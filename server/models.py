@@ -37,6 +37,11 @@ class Scope(str, Enum):
     READ = "read"
     OPERATE = "operate"
     ADMIN = "admin"
+    # A training job's token: bound to one run (``Token.run_id``), whose points it ingests,
+    # whose commands it claims and acknowledges and which it finishes; nothing else.
+    JOB = "job"
+    # Reads /metrics (Prometheus).
+    METRICS = "metrics"
 
 
 class Project(Base):
@@ -48,7 +53,9 @@ class Project(Base):
 
 
 class Token(Base):
-    """A bearer token: only its sha256 is stored; ``prefix`` identifies it in listings."""
+    """A bearer token: only its sha256 is stored; ``prefix`` identifies it in listings. A job
+    token (scope ``job``) is bound to ``run_id``; minted without one, it is bound to the
+    first run it registers."""
 
     __tablename__ = "tokens"
 
@@ -61,6 +68,9 @@ class Token(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(JSON)
+    run_id: Mapped[str | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), index=True
+    )
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
@@ -244,8 +254,9 @@ class Alert(Base):
 
 
 class Webhook(Base):
-    """An outbound webhook of a project. ``secret`` signs the bodies (HMAC), so it is kept
-    as given (a hash could not sign); the API never returns it."""
+    """An outbound webhook of a project. ``secret`` signs the bodies (HMAC), so it cannot be
+    hashed: it is stored encrypted with the server's key (``server/secrets.py``) and the API
+    never returns it."""
 
     __tablename__ = "webhooks"
 
@@ -256,7 +267,7 @@ class Webhook(Base):
     name: Mapped[str] = mapped_column(String(128))
     url: Mapped[str] = mapped_column(String(2048))
     format: Mapped[str] = mapped_column(String(16))
-    secret: Mapped[str | None] = mapped_column(String(255))
+    secret: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     # Notify only for alerts of at least this severity (info < warning < critical).
     min_severity: Mapped[str] = mapped_column(String(16), default="info")

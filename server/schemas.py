@@ -1,23 +1,30 @@
 """The wire contract (pydantic v2). ``docs/contract.md`` describes it for people.
 
-Non-finite floats travel as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: every
-``WireFloat`` accepts those (and numbers) and ``WireJSONResponse`` writes them back that way.
-Strings refuse NUL characters because PostgreSQL text cannot hold them.
+Parsing is strict where the contract is: a float field takes a JSON number or exactly one of
+the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (not "nan", "inf" or "1.5"); an integer
+field takes a JSON integer (not "7", 7.0 or 1e3). ``WireJSONResponse`` writes non-finite
+floats back as those strings. Strings refuse NUL characters because PostgreSQL text cannot
+hold them; free-form objects (run config, event payload, command args) are checked by
+``wire.free_form`` (64-bit integers, no NUL or lone surrogate, bounded nesting).
+
+The commands an operator may order, one model per kind, are in ``server/commands.py``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 
 from rankguard.server.models import Scope
@@ -28,28 +35,45 @@ from rankguard.server.vocab import (
     RunStatus,
     WebhookFormat,
 )
-from rankguard.server.wire import wire_floats
+from rankguard.server.wire import decode_float, decode_floats, free_form
 
 NON_FINITE_STRINGS = ("NaN", "Infinity", "-Infinity")
 # JSON integers a client can hold exactly (2**53), and far below SQLite's int64 range.
 MAX_STEP = 2**53
 
-WireFloat = Annotated[
-    float,
-    WithJsonSchema({"anyOf": [{"type": "number"}, {"enum": list(NON_FINITE_STRINGS)}]}),
-]
+_WIRE_FLOAT_SCHEMA = {"anyOf": [{"type": "number"}, {"enum": list(NON_FINITE_STRINGS)}]}
+# A number (strict: no numeric strings) or one of the contract's strings, still undecoded:
+# pydantic-core matches it without a Python call per item (the ingest hot path).
+RawWireFloat = Annotated[float, Strict()] | Literal["NaN", "Infinity", "-Infinity"]
+if TYPE_CHECKING:  # what the validators below return
+    WireFloat = float
+    WireFloats = list[float]
+else:
+    WireFloat = Annotated[
+        RawWireFloat, AfterValidator(decode_float), WithJsonSchema(_WIRE_FLOAT_SCHEMA)
+    ]
+    # A column of wire floats, decoded in one pass after validation.
+    WireFloats = Annotated[
+        list[RawWireFloat],
+        AfterValidator(decode_floats),
+        WithJsonSchema({"type": "array", "items": _WIRE_FLOAT_SCHEMA}),
+    ]
+# Seconds since the epoch, as a number: a time cannot be NaN.
+WallTime = Annotated[float, Strict(), Field(ge=0, le=1e11, allow_inf_nan=False)]
+StrictInt = Annotated[int, Strict()]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]+$")]
 QuantityName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00]+$")]
 Text = Annotated[str, StringConstraints(max_length=10_000, pattern=r"^[^\x00]*$")]
 ProjectName = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
 ]
-Step = Annotated[int, Field(ge=0, le=MAX_STEP)]
+Step = Annotated[int, Strict(), Field(ge=0, le=MAX_STEP)]
 # A free-form JSON object from a client (run config, event payload, command args and result).
 # A bare NaN/Infinity token, which Python's json writes and reads, is stored as the contract's
 # string: a JSON column cannot hold the token (PostgreSQL refuses it, orjson writes null).
-WireObject = Annotated[dict[str, Any], AfterValidator(wire_floats)]
-Rank = Annotated[int, Field(ge=0, le=1_000_000)]
+WireObject = Annotated[dict[str, Any], AfterValidator(free_form)]
+Rank = Annotated[int, Strict(), Field(ge=0, le=1_000_000)]
+RunId = Annotated[str, StringConstraints(min_length=1, max_length=36, pattern=r"^[^\x00]+$")]
 
 
 class WireModel(BaseModel):
@@ -82,7 +106,20 @@ class ProjectsPublic(WireModel):
 class TokenCreate(WireModel):
     name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
     project: ProjectName = Field(description="name of the project the token is bound to")
-    scopes: list[Scope] = Field(min_length=1, max_length=4)
+    scopes: list[Scope] = Field(min_length=1, max_length=len(Scope))
+    run_id: RunId | None = Field(
+        default=None,
+        description="scope 'job' only: the run the token is bound to; without it the token "
+        "is bound to the first run it registers",
+    )
+
+    @model_validator(mode="after")
+    def _job_scope_alone(self) -> TokenCreate:
+        if Scope.JOB in self.scopes and len(set(self.scopes)) > 1:
+            raise ValueError("scopes: 'job' cannot be combined with other scopes")
+        if self.run_id is not None and Scope.JOB not in self.scopes:
+            raise ValueError("run_id: only a token with the 'job' scope is bound to a run")
+        return self
 
 
 class TokenPublic(WireModel):
@@ -91,6 +128,7 @@ class TokenPublic(WireModel):
     prefix: str
     project: str | None = Field(description="null: the bootstrap admin token (all projects)")
     scopes: list[Scope]
+    run_id: str | None = Field(default=None, description="a job token's run")
     created_at: dt.datetime
     revoked_at: dt.datetime | None
 
@@ -109,7 +147,7 @@ class TokensPublic(WireModel):
 
 class ParameterInfo(WireModel):
     name: Name
-    shape: list[Annotated[int, Field(ge=0, le=2**40)]] = Field(max_length=16)
+    shape: list[Annotated[int, Strict(), Field(ge=0, le=2**40)]] = Field(max_length=16)
 
 
 class RunCreate(WireModel):
@@ -121,7 +159,7 @@ class RunCreate(WireModel):
         default=None, description="project name; defaults to the token's project"
     )
     config: WireObject = Field(default_factory=dict)
-    world_size: int = Field(default=1, ge=1, le=1_000_000)
+    world_size: StrictInt = Field(default=1, ge=1, le=1_000_000)
     parameters: list[ParameterInfo] = Field(default_factory=list)
 
 
@@ -136,6 +174,14 @@ class RunPublic(WireModel):
     created_at: dt.datetime
     finished_at: dt.datetime | None
     last_step: int | None
+
+
+class RunRegistered(RunPublic):
+    job_token: str | None = Field(
+        default=None,
+        description="a new run registered with a project token: the secret of a token bound "
+        "to this run alone (scope 'job'), shown once; the job uses it from here on",
+    )
 
 
 class RunsPublic(WireModel):
@@ -157,8 +203,8 @@ class PointsBatch(WireModel):
     target: list[Name]
     rank: list[Rank] | None = None
     step: list[Step]
-    wall_time: list[WireFloat] | None = None
-    value: list[WireFloat]
+    wall_time: list[WallTime] | None = None
+    value: WireFloats
 
 
 class IngestResult(WireModel):
@@ -184,8 +230,8 @@ class SeriesData(WireModel):
     target: str
     rank: int
     steps: list[int]
-    values: list[WireFloat]
-    wall_times: list[WireFloat]
+    values: WireFloats
+    wall_times: WireFloats
     total: int = Field(description="points in the requested step range before downsampling")
     downsampled: bool
 
@@ -199,9 +245,9 @@ class HistogramIn(WireModel):
     target: Name
     rank: Rank = 0
     step: Step
-    wall_time: WireFloat | None = None
-    edges: list[WireFloat] = Field(min_length=2, max_length=10_001)
-    counts: list[WireFloat] = Field(min_length=1, max_length=10_000)
+    wall_time: WallTime | None = None
+    edges: WireFloats = Field(min_length=2, max_length=10_001)
+    counts: WireFloats = Field(min_length=1, max_length=10_000)
 
 
 class HistogramsBatch(WireModel):
@@ -214,8 +260,8 @@ class HistogramPublic(WireModel):
     rank: int
     step: int
     wall_time: WireFloat
-    edges: list[WireFloat]
-    counts: list[WireFloat]
+    edges: WireFloats
+    counts: WireFloats
 
 
 class HistogramsPublic(WireModel):
@@ -250,14 +296,6 @@ class EventsPublic(WireModel):
 # --- commands ---------------------------------------------------------------------------
 
 
-class CommandCreate(WireModel):
-    kind: CommandKind
-    args: WireObject = Field(default_factory=dict)
-    ttl_s: float | None = Field(
-        default=None, gt=0, le=30 * 86400, description="expire if not acked; server default"
-    )
-
-
 class CommandPublic(WireModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -281,7 +319,7 @@ class CommandsPublic(WireModel):
 
 
 class CommandClaim(WireModel):
-    limit: int = Field(default=100, ge=1, le=1000)
+    limit: StrictInt = Field(default=100, ge=1, le=1000)
 
 
 class CommandAck(WireModel):
@@ -298,8 +336,8 @@ class AlertRuleCreate(WireModel):
     """A rule (the fields of ``alerts.Rule``: name, quantity, condition, threshold,
     targets, aggregation, ...; validated by the engine) for a project or one of its runs."""
 
-    rule: dict[str, Any]
-    run_id: str | None = Field(
+    rule: WireObject
+    run_id: RunId | None = Field(
         default=None, description="attach to this run; null: a project rule, copied to new runs"
     )
     project: ProjectName | None = Field(
@@ -310,7 +348,7 @@ class AlertRuleCreate(WireModel):
 class AlertRuleUpdate(WireModel):
     """Fields of the rule to change (PATCH); a change of its condition resets its state."""
 
-    rule: dict[str, Any]
+    rule: WireObject
 
 
 class AlertRulePublic(WireModel):
@@ -362,7 +400,9 @@ class AlertsPublic(WireModel):
 WebhookUrl = Annotated[
     str, StringConstraints(min_length=8, max_length=2048, pattern=r"^https?://[^\s\x00]+$")
 ]
-WebhookSecret = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+WebhookSecret = Annotated[
+    str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00]+$")
+]
 
 
 class WebhookCreate(WireModel):

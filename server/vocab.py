@@ -65,6 +65,14 @@ class MSignEngine(str, Enum):
     NEWTON_SCHULZ = "newton_schulz"
 
 
+class PSSVariant(str, Enum):
+    """The smoothing function PSS applies to the singular values."""
+
+    CLIP = "clip"
+    CONV = "conv"
+    SOFTMAX = "softmax"
+
+
 class TargetGroup(str, Enum):
     """Named sets of weights an MSign command may target (besides lists of globs)."""
 
@@ -139,6 +147,7 @@ __all__ = [
     "DeliveryOutcome",
     "EventKind",
     "MSignEngine",
+    "PSSVariant",
     "ProbeEventKind",
     "RunStatus",
     "TargetGroup",

@@ -103,6 +103,22 @@ def test_admin_token_comes_from_the_environment() -> None:
     assert token.startswith("${RANKGUARD_ADMIN_TOKEN:-"), token
 
 
+def test_prometheus_scrapes_with_the_servers_metrics_token(compose_config: dict[str, Any]) -> None:
+    """/metrics needs a token: Prometheus gets the server's, through the file its entrypoint
+    writes and prometheus.yml reads; the Host it scrapes by is one the server trusts."""
+    server = compose_config["services"]["server"]["environment"]
+    prometheus = compose_config["services"]["prometheus"]
+    assert server["RANKGUARD_METRICS_TOKEN"]
+    assert prometheus["environment"]["RANKGUARD_METRICS_TOKEN"] == server["RANKGUARD_METRICS_TOKEN"]
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    token_file = job["authorization"]["credentials_file"]
+    assert token_file in " ".join(prometheus["entrypoint"])
+    host = job["static_configs"][0]["targets"][0].split(":")[0]
+    assert host in server["RANKGUARD_ALLOWED_HOSTS"].split(",")
+    assert len(server["RANKGUARD_ADMIN_TOKEN"]) >= 32
+
+
 def test_bind_mounts_exist_in_the_repository(compose_config: dict[str, Any]) -> None:
     mounts = {name: bind_mounts(service) for name, service in compose_config["services"].items()}
     assert mounts["prometheus"] and mounts["grafana"]
@@ -138,6 +154,12 @@ def test_prometheus_config_passes_promtool() -> None:
         str(PROMETHEUS_DIR / Path(p).name) for p in config.get("rule_files", [])
     ]
     with tempfile.TemporaryDirectory() as tmp:
+        # ... and at a token file here (compose writes the real one in the container).
+        for job in config["scrape_configs"]:
+            if "credentials_file" in job.get("authorization", {}):
+                token_file = Path(tmp) / f"{job['job_name']}-token"
+                token_file.write_text("token")
+                job["authorization"]["credentials_file"] = str(token_file)
         path = Path(tmp) / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
         result = subprocess.run(

@@ -23,7 +23,7 @@ from .polar import DEFAULT_STEPS, polar_factor, steps_for_floor
 from .pss import PSSVariant, apply_pss, smooth_singular_values
 from .qk_clip import QKClipResult, QKHeads, apply_qk_clip, per_head_logit_max, qk_heads
 from .records import InterventionResult, MatrixResult
-from .rewrite import StatsMode, rewrite_targets, spectral_norm_estimate
+from .rewrite import RewriteError, StatsMode, rewrite_targets, spectral_norm_estimate
 from .snapshot import Snapshot
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "PSSVariant",
     "QKClipResult",
     "QKHeads",
+    "RewriteError",
     "Snapshot",
     "StatsMode",
     "apply_msign",

@@ -39,6 +39,7 @@ from ..targets import WeightTarget
 from .polar import DEFAULT_STEPS, polar_factor
 from .records import InterventionResult
 from .rewrite import StatsMode, Transformed, rewrite_targets
+from .snapshot import Snapshot
 
 __all__ = [
     "Engine",
@@ -115,8 +116,12 @@ def apply_msign(
     steps: int = DEFAULT_STEPS,
     rank_tol: float | None = None,
     stats: StatsMode | str | None = None,
+    snapshot: Snapshot | None = None,
 ) -> InterventionResult:
     """Apply MSign to every target in place and report before/after per matrix.
+
+    The targets are snapshotted first (``snapshot``, if the caller keeps one for undo) and
+    restored if any result is not finite: :class:`~.rewrite.RewriteError`.
 
     ``engine``: ``'svd'`` | ``'newton_schulz'`` | None (per device, see
     :func:`default_engine`; decided from the first target). ``steps``: Newton–Schulz
@@ -140,7 +145,7 @@ def apply_msign(
             return msign_svd(w, rank_tol=rank_tol)
         return msign_newton_schulz(w, steps=steps)
 
-    records, seconds = rewrite_targets(chosen, transform, stats=mode)
+    records, seconds = rewrite_targets(chosen, transform, stats=mode, snapshot=snapshot)
     options: dict[str, object] = {"engine": resolved.value, "stats": mode.value}
     if resolved is Engine.NEWTON_SCHULZ:
         options["steps"] = steps

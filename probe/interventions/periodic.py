@@ -7,6 +7,13 @@ training loop calls ``msign.step()`` or keeps calling ``optimizer.step()`` (and 
 1: MSign runs after steps P, 2P, ... The optimizer state (Adam moments) is left untouched,
 as in the paper.
 
+Each application snapshots the targets into a host buffer it reuses (one device->host copy
+of the targets every P steps) and keeps its result only if it is finite
+(:func:`~.rewrite.rewrite_targets`). One that fails — a result with NaN/Inf, weights that
+already hold NaN — restores the weights, is counted in ``failures`` (the error in
+``last_error``, logged once) and training goes on: this runs inside the user's
+``optimizer.step()``, which it must never break. ``strict=True`` raises instead.
+
 The wrapper delegates ``step``, ``zero_grad``, ``param_groups``, ``state`` and
 ``add_param_group``; its ``state_dict()`` holds the optimizer's plus the step counter, and
 ``load_state_dict`` restores both. Pass the *inner* optimizer to an LR scheduler (the
@@ -15,6 +22,7 @@ schedulers check ``isinstance(optimizer, torch.optim.Optimizer)``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,8 +34,11 @@ from .msign import Engine, _check_rank_tol, _check_steps, _resolve_engine, apply
 from .polar import DEFAULT_STEPS
 from .records import InterventionResult
 from .rewrite import StatsMode
+from .snapshot import Snapshot
 
 __all__ = ["MSign"]
+
+logger = logging.getLogger("rankguard.probe.interventions")
 
 
 class MSign:
@@ -43,6 +54,7 @@ class MSign:
         steps: int = DEFAULT_STEPS,
         rank_tol: float | None = None,
         stats: StatsMode | str = StatsMode.NONE,
+        strict: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ConfigError(
@@ -61,22 +73,47 @@ class MSign:
         self.steps = steps
         self.rank_tol = rank_tol
         self.stats = StatsMode.parse(stats)
+        self.strict = strict
         self.step_count = 0
         self.applications = 0
+        self.failures = 0
         self.last_result: InterventionResult | None = None
+        self.last_error: Exception | None = None
+        self._snapshot: Snapshot | None = None  # host buffers, reused every application
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.step_count += 1
-        if self.step_count % self.period == 0:
+        if self.step_count % self.period != 0:
+            return
+        try:
+            self._snapshot = (
+                self._snapshot.refresh()
+                if self._snapshot is not None
+                else Snapshot.take(self._targets)
+            )
             self.last_result = apply_msign(
                 self._targets,
                 engine=self.engine,
                 steps=self.steps,
                 rank_tol=self.rank_tol,
                 stats=self.stats,
+                snapshot=self._snapshot,
             )
-            self.applications += 1
+        except Exception as exc:
+            if self.strict:
+                raise
+            self.failures += 1
+            self.last_error = exc
+            if self.failures == 1:
+                logger.warning(
+                    "rankguard: periodic MSign at step %d failed and left the weights as they "
+                    "were: %s (further failures counted in MSign.failures)",
+                    self.step_count,
+                    exc,
+                )
+            return
+        self.applications += 1
 
     # --- delegation ------------------------------------------------------------------------
 
@@ -128,5 +165,6 @@ class MSign:
         return (
             f"MSign(period={self.period}, engine={self.engine.value!r}, "
             f"targets={len(self._targets)}, step_count={self.step_count}, "
+            f"failures={self.failures}, "
             f"optimizer={type(self.optimizer).__name__})"
         )

@@ -28,6 +28,7 @@ from ..exceptions import ConfigError
 from ..targets import WeightTarget
 from .records import InterventionResult
 from .rewrite import StatsMode, Transformed, rewrite_targets
+from .snapshot import Snapshot
 
 __all__ = ["PSSVariant", "apply_pss", "smooth_singular_values"]
 
@@ -109,8 +110,12 @@ def apply_pss(
     scale: float = 1.0,
     temperature: float = 0.25,
     stats: StatsMode | str = StatsMode.EXACT,
+    snapshot: Snapshot | None = None,
 ) -> InterventionResult:
     """Smooth the singular spectrum of every target in place; returns per-matrix records.
+
+    The targets are snapshotted first (``snapshot``, if the caller keeps one for undo) and
+    restored if any result is not finite: :class:`~.rewrite.RewriteError`.
 
     ``k`` (clip only) must be smaller than min(out, in) of every target; it is checked for
     all targets before any is rewritten.
@@ -130,7 +135,7 @@ def apply_pss(
         smoothed = smooth_singular_values(S, resolved, k=k, scale=scale, temperature=temperature)
         return Transformed((U * smoothed) @ Vh, int(S.shape[0]), S)
 
-    records, seconds = rewrite_targets(chosen, transform, stats=mode)
+    records, seconds = rewrite_targets(chosen, transform, stats=mode, snapshot=snapshot)
     options: dict[str, object] = {"variant": resolved.value, "scale": scale, "stats": mode.value}
     if resolved is PSSVariant.CLIP:
         options["k"] = k  # None: ⌊n/20⌋ per matrix

@@ -6,6 +6,14 @@ parameter (in the parameter's dtype, through ``WeightTarget.matrix()`` so fused 
 slices and transposed Conv1D weights land in the right place) and measures before/after
 statistics.
 
+Every rewrite is undoable and never leaves NaN/Inf behind: the targets are copied to a
+:class:`~.snapshot.Snapshot` before the first write, each written matrix is checked for
+finiteness, and if any is not finite (a scale that overflows, a weight whose norm overflows
+fp32, a value past the fp16 range) or the transform raises, every target is restored from
+the snapshot and :class:`RewriteError` says which matrix and why. This is the one place
+weights are rewritten: commands, the periodic MSign optimizer and any future rewrite go
+through it.
+
 Distributed: under DDP every rank holds the whole parameter and calls this with the same
 targets, so each rank computes the same result. Under FSDP2 a parameter is a DTensor
 shard; :func:`rewrite_targets` then gathers one matrix at a time (``full_tensor()``, a
@@ -25,12 +33,19 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, ProbeError
 from ..quantities.sharded import is_dtensor
 from ..targets import WeightTarget
 from .records import MatrixResult
+from .snapshot import Snapshot
 
-__all__ = ["StatsMode", "Transformed", "rewrite_targets", "spectral_norm_estimate"]
+__all__ = [
+    "RewriteError",
+    "StatsMode",
+    "Transformed",
+    "rewrite_targets",
+    "spectral_norm_estimate",
+]
 
 _POWER_ITERATIONS = 20
 
@@ -50,6 +65,10 @@ class StatsMode(str, Enum):
         except ValueError:
             valid = ", ".join(repr(s.value) for s in cls)
             raise ConfigError(f"stats: {value!r} is invalid; valid: {valid}") from None
+
+
+class RewriteError(ProbeError, RuntimeError):
+    """A rewrite failed or produced NaN/Inf; every target was restored from its snapshot."""
 
 
 @dataclass(frozen=True)
@@ -146,54 +165,52 @@ def _stable_rank(fro: float, sigma1: float) -> float:
 
 @torch.no_grad()
 def rewrite_targets(
-    targets: Sequence[WeightTarget], transform: Transform, *, stats: StatsMode
+    targets: Sequence[WeightTarget],
+    transform: Transform,
+    *,
+    stats: StatsMode,
+    snapshot: Snapshot | None = None,
 ) -> tuple[tuple[MatrixResult, ...], float]:
     """Apply ``transform`` to every target in place; returns (records, seconds).
 
-    All targets are checked before any is written (a NaN anywhere rewrites nothing).
-    Statistics are gathered as device tensors and copied to the host once at the end;
-    with ``StatsMode.NONE`` there are no records and no host sync beyond the transform's.
+    All targets are checked before any is written (a NaN anywhere rewrites nothing), then
+    copied to ``snapshot`` (one is taken when none is given; a caller that keeps it for undo
+    passes its own, taken of these targets just before). A result that is not finite, or a
+    transform that raises, restores every target from it and raises :class:`RewriteError`.
+    Statistics and finiteness flags are gathered as device tensors and copied to the host
+    once at the end; with ``StatsMode.NONE`` there are no records, and the flags are the
+    only host sync beyond the transform's.
     """
     chosen = _check_targets(targets)
     stats = StatsMode.parse(stats)
     start = time.perf_counter()
     _check_finite(chosen)
+    if snapshot is None:
+        snapshot = Snapshot.take(chosen)
     rows: list[Tensor] = []  # per matrix (4,): ‖W‖_F, σ₁ before; ‖W‖_F, σ₁ after
+    finite: list[Tensor] = []  # per matrix: 0-d bool, whether what was written is finite
     ranks: list[int] = []
-    shapes: list[tuple[int, int]] = []
-    devices: set[torch.device] = set()
     for target in chosen:
-        param = target.parameter
-        sharded = is_dtensor(param)
-        if sharded:
-            # FSDP2: gather this matrix's parameter on every rank (a collective), work on the
-            # full copy, keep our shard. Peak extra memory: one full parameter.
-            full = param.detach().full_tensor()  # type: ignore[attr-defined]
-            view = _view_of(target, full)
-            if not bool(torch.isfinite(view).all()):
-                raise ConfigError(f"targets: {target.name!r} contains NaN or Inf")
-        else:
-            view = target.matrix()
-        devices.add(view.device)
-        w32 = view.to(torch.float32)  # (out, in); a copy unless the parameter is fp32
-        out = transform(w32)
-        if stats is not StatsMode.NONE:
-            # before-statistics read w32 before the write below (it may alias the parameter)
-            before = (torch.linalg.matrix_norm(w32), _sigma1(w32, stats, out.singular_values))
-        view.copy_(out.matrix)  # cast to the parameter dtype, in place
-        if sharded:
-            _write_shard(param, full)
-        if stats is StatsMode.NONE:
-            continue
-        written = view.to(torch.float32)
-        after = (torch.linalg.matrix_norm(written), _sigma1(written, stats, None))
-        rows.append(torch.stack([*before, *after]).to(torch.float64))
-        ranks.append(out.rank)
-        shapes.append((int(view.shape[0]), int(view.shape[1])))
-    values = torch.stack([r.cpu() for r in rows]).tolist() if rows else []  # one copy
-    for device in devices:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        try:
+            row, flag, rank = _rewrite_one(target, transform, stats)
+        except Exception as exc:
+            snapshot.restore()
+            raise RewriteError(
+                f"{target.name!r}: the rewrite failed ({type(exc).__name__}: {exc}); "
+                f"every target was restored from the snapshot"
+            ) from exc
+        finite.append(flag)
+        if row is not None:
+            rows.append(row)
+            ranks.append(rank)
+    flags, values = _to_host(finite, rows)
+    bad = [t.name for t, ok in zip(chosen, flags, strict=True) if not ok]
+    if bad:
+        snapshot.restore()
+        raise RewriteError(
+            f"{bad}: the rewritten matrix holds NaN or Inf; every target was restored from "
+            f"the snapshot"
+        )
     seconds = time.perf_counter() - start
     if stats is StatsMode.NONE:
         return (), seconds
@@ -201,7 +218,7 @@ def rewrite_targets(
     records = tuple(
         MatrixResult(
             name=target.name,
-            shape=shape,
+            shape=target.shape,
             rank=rank,
             stable_rank_before=_stable_rank(fb, sb),
             stable_rank_after=_stable_rank(fa, sa),
@@ -211,6 +228,56 @@ def rewrite_targets(
             spectral_norm_after=sa,
             exact_stats=exact,
         )
-        for target, shape, rank, (fb, sb, fa, sa) in zip(chosen, shapes, ranks, values, strict=True)
+        for target, rank, (fb, sb, fa, sa) in zip(chosen, ranks, values, strict=True)
     )
     return records, seconds
+
+
+def _rewrite_one(
+    target: WeightTarget, transform: Transform, stats: StatsMode
+) -> tuple[Tensor | None, Tensor, int]:
+    """Transforms and writes one target; returns its statistics row (None without stats),
+    whether what was written is finite (a 0-d bool tensor, no sync) and the rank kept."""
+    param = target.parameter
+    sharded = is_dtensor(param)
+    if sharded:
+        # FSDP2: gather this matrix's parameter on every rank (a collective), work on the
+        # full copy, keep our shard. Peak extra memory: one full parameter.
+        full = param.detach().full_tensor()  # type: ignore[attr-defined]
+        view = _view_of(target, full)
+        if not bool(torch.isfinite(view).all()):
+            raise ConfigError(f"targets: {target.name!r} contains NaN or Inf")
+    else:
+        view = target.matrix()
+    w32 = view.to(torch.float32)  # (out, in); a copy unless the parameter is fp32
+    out = transform(w32)
+    before = None
+    if stats is not StatsMode.NONE:
+        # before-statistics read w32 before the write below (it may alias the parameter)
+        before = (torch.linalg.matrix_norm(w32), _sigma1(w32, stats, out.singular_values))
+    view.copy_(out.matrix)  # cast to the parameter dtype, in place
+    if sharded:
+        _write_shard(param, full)
+    # checked as written: a finite fp32 result can still overflow a bf16/fp16 parameter
+    flag = torch.isfinite(view).all()
+    if before is None:
+        return None, flag, out.rank
+    written = view.to(torch.float32)
+    after = (torch.linalg.matrix_norm(written), _sigma1(written, stats, None))
+    return torch.stack([*before, *after]).to(torch.float64), flag, out.rank
+
+
+def _to_host(finite: list[Tensor], rows: list[Tensor]) -> tuple[list[bool], list[list[float]]]:
+    """The finiteness flags and the statistics rows on the host: one device->host copy
+    when they all live on one device (the usual case), one per tensor otherwise."""
+    parts = [f.to(torch.float64).reshape(1) for f in finite] + rows
+    if len({t.device for t in parts}) == 1:
+        host = torch.cat(parts).cpu().tolist()
+    else:
+        host = [v for t in parts for v in t.cpu().tolist()]
+    for device in {t.device for t in parts}:
+        if device.type == "cuda":  # the clock stops after the device's work
+            torch.cuda.synchronize(device)
+    n = len(finite)
+    values = [host[n + 4 * i : n + 4 * i + 4] for i in range(len(rows))]
+    return [v == 1.0 for v in host[:n]], values

@@ -2,7 +2,8 @@
 
 ``Snapshot.take(targets)`` copies each target's (out, in) matrix, in the parameter's own
 dtype, to CPU memory (pinned when CUDA is available, so the copies are fast DMA);
-``snapshot.restore()`` writes them back in place, bit-identical. For an FSDP2 (DTensor)
+``snapshot.restore()`` writes them back in place, bit-identical. Every weight rewrite takes
+one before its first write (:mod:`.rewrite`). For an FSDP2 (DTensor)
 parameter the snapshot holds this rank's local shard of the whole parameter, and restore
 writes that shard back: no collective either way.
 """
@@ -58,6 +59,21 @@ class Snapshot:
             buffer.copy_(live)
             saved.append(_Saved(target, buffer))
         return cls(saved)
+
+    @torch.no_grad()
+    def refresh(self) -> Snapshot:
+        """Copies the targets' current values into this snapshot's own buffers (no new
+        allocation: the periodic MSign optimizer refreshes one before every application).
+        A target whose shape or dtype changed gets a fresh snapshot instead."""
+        if any(
+            _local_view(s.target).shape != s.data.shape
+            or _local_view(s.target).dtype != s.data.dtype
+            for s in self._saved
+        ):
+            return Snapshot.take([s.target for s in self._saved])
+        for s in self._saved:
+            s.data.copy_(_local_view(s.target))
+        return self
 
     @property
     def names(self) -> list[str]:

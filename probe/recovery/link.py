@@ -132,16 +132,16 @@ class RecoveryLink:
         if self.recovery is not None:
             self._orders.extend(self.recovery.judge(step, loss, self._logits_over(step)))
 
-    def take_orders(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def take_orders(self, commands: list[Any]) -> list[Any]:
         """The waiting orders, then ``commands``; on rank 0 a ``qk_clip`` gets the latest
         per-head logits (so every rank applies the same factors)."""
         orders, self._orders = self._orders, []
         out = [*orders, *commands]
         return [self._with_logits(c) for c in out] if self.rank == 0 else out
 
-    def applied(self, raw: Mapping[str, Any], ack: Mapping[str, Any], step: int) -> None:
+    def applied(self, raw: Any, ack: Mapping[str, Any], step: int) -> None:
         """A first-response order that was applied leaves an event."""
-        kind = str(raw.get("kind"))
+        kind = str(raw.get("kind")) if isinstance(raw, Mapping) else ""
         if ack.get("state") == "applied" and kind in _ORDER_EVENTS:
             self.event(_ORDER_EVENTS[kind], step, dict(ack.get("result") or {}))
 
@@ -174,7 +174,9 @@ class RecoveryLink:
         heads = {site: self.head_logits[site].tolist() for site in over}
         return {site: v for site, v in heads.items() if max(v, default=0.0) > tau}
 
-    def _with_logits(self, raw: dict[str, Any]) -> dict[str, Any]:
+    def _with_logits(self, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw  # the command runner acknowledges it as failed
         args = raw.get("args")
         if raw.get("kind") != "qk_clip" or (isinstance(args, dict) and "logit_max" in args):
             return raw

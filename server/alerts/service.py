@@ -40,6 +40,7 @@ from rankguard.server.alerts import runbook
 from rankguard.server.alerts.engine import evaluate_steps, flush
 from rankguard.server.alerts.rules import Rule, RuleError
 from rankguard.server.alerts.transitions import Transition, TransitionKind
+from rankguard.server.commands import InvalidCommand
 from rankguard.server.config import Settings
 from rankguard.server.db import utcnow
 from rankguard.server.models import Alert, AlertRule, Delivery, Project, Run, Webhook
@@ -369,6 +370,11 @@ class Alerting:
                 ttl_s=self.settings.command_ttl_s,
             )
         except RunNotRunning:
+            return
+        except InvalidCommand as exc:  # the rule validated it; the contract's bounds won
+            logger.warning(
+                "alert %s (rule %s) ordered an invalid command: %s", alert.id, tr.rule, exc
+            )
             return
         alert.command_id = command.id
         outcome.commands.append(command.id)

@@ -2,6 +2,10 @@
 retrying connection errors, 5xx and 429 with exponential backoff and jitter (honouring
 ``Retry-After``), and returns one ``DeliveryAttempt`` per try for the caller to store. The
 background worker that drives it from the outbox table is ``worker.py``.
+
+Each attempt has a wall-clock deadline (``RetryPolicy.timeout_s`` for connect, send, status
+line and headers together: ``egress.attempt_deadline``), and the receiver's body is never
+read: what is kept of its answer is the status line, nothing it wrote after it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from rankguard.server.notify import egress
 from rankguard.server.notify.signing import signature_headers
 
 USER_AGENT = "rankguard-webhook/1"
@@ -100,6 +105,11 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
     return max(0.0, moment.timestamp() - now)
 
 
+def _printable(text: str, limit: int = 64) -> str:
+    """A receiver's reason phrase as stored: printable ASCII, at most ``limit`` characters."""
+    return "".join(c for c in text[:limit] if " " <= c <= "~")
+
+
 def _retryable_status(code: int) -> bool:
     return code == 429 or 500 <= code <= 599
 
@@ -136,10 +146,15 @@ def deliver(
         retry_after: float | None = None
         retryable = False
         try:
-            response = client.post(
-                url, content=body, headers=request_headers, timeout=policy.timeout_s
-            )
-            status = response.status_code
+            with (
+                egress.attempt_deadline(policy.timeout_s),
+                client.stream(
+                    "POST", url, content=body, headers=request_headers, timeout=policy.timeout_s
+                ) as response,
+            ):
+                status = response.status_code
+                reason = _printable(response.reason_phrase)
+                retry_header = response.headers.get("Retry-After")
             if 200 <= status <= 299:
                 attempts.append(
                     DeliveryAttempt(
@@ -148,12 +163,12 @@ def deliver(
                 )
                 return DeliveryResult(True, tuple(attempts))
             retryable = _retryable_status(status)
-            error = f"HTTP {status}: {response.text[:200]}"
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), now=clock())
+            error = f"HTTP {status} {reason}".rstrip()
+            retry_after = parse_retry_after(retry_header, now=clock())
         except httpx.TransportError as exc:
-            retryable = True
+            retryable = not egress.is_refused(exc)
             error = f"{type(exc).__name__}: {exc}"
-        except httpx.HTTPError as exc:  # e.g. an invalid URL: trying again will not help
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # trying again will not help
             error = f"{type(exc).__name__}: {exc}"
         duration = clock() - started
         delay: float | None = None

@@ -7,6 +7,11 @@ server processes share the outbox without sending a row twice), marks them ``sen
 hands each to a small thread pool, where ``delivery.deliver`` retries with backoff; the
 outcome and every attempt are written back. Rows left ``sending`` by a crash are sent again
 at the next start (at-least-once: receivers dedupe on the alert id and status).
+
+Receivers are isolated: a webhook has at most one delivery in flight (its next one waits,
+so it also gets them in order), and the pool has ``webhook_workers`` threads, so a receiver
+that is slow, or down and being retried, holds one thread and never delays the others.
+Every request goes through ``egress.guarded_client`` (address checks, attempt deadline).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import httpx
 from rankguard.server.config import Settings
 from rankguard.server.db import Database, utcnow
 from rankguard.server.notify.delivery import RetryPolicy, deliver
+from rankguard.server.notify.egress import guarded_client
+from rankguard.server.secretbox import SecretBox, SecretUnavailable
 from rankguard.server.storage.webhooks import (
     claim_deliveries,
     record_delivery,
@@ -35,8 +42,9 @@ logger = logging.getLogger("rankguard.server.notify.worker")
 @dataclass(frozen=True)
 class _Job:
     delivery_id: int
+    webhook_id: int
     url: str
-    secret: str | None
+    secret: str | None  # as stored (sealed)
     body: bytes
 
 
@@ -52,22 +60,25 @@ class DeliveryWorker:
         db: Database,
         settings: Settings,
         *,
-        client_factory: Callable[[], httpx.Client] = httpx.Client,
+        box: SecretBox,
+        client_factory: Callable[[], httpx.Client] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
+        self.box = box
         self.policy = RetryPolicy(
             max_attempts=settings.webhook_max_attempts,
             max_total_s=settings.webhook_max_total_s,
             timeout_s=settings.webhook_timeout_s,
         )
-        self._client_factory = client_factory
+        self._client_factory = client_factory or (lambda: guarded_client(settings.webhook_allow))
         self._client: httpx.Client | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._slots = threading.Semaphore(settings.webhook_workers * 4)
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()  # webhooks with a delivery in flight
 
     def start(self) -> None:
         self._requeue_stale()
@@ -110,25 +121,25 @@ class DeliveryWorker:
             requeue_stale_deliveries(session=session)
 
     def _dispatch(self) -> None:
-        while not self._stop.is_set():
-            free = 0
-            while free < 64 and self._slots.acquire(blocking=False):
-                free += 1
-            if free == 0:
-                return  # every slot busy; a finishing job wakes us
-            jobs = self._claim(free)
-            for _ in range(free - len(jobs)):
-                self._slots.release()
-            assert self._pool is not None
-            for job in jobs:
-                self._pool.submit(self._send, job)
-            if len(jobs) < free:
-                return
+        """Claims at most one delivery per idle webhook, as many as there are free threads."""
+        with self._lock:
+            busy = set(self._busy)
+        free = self.settings.webhook_workers - len(busy)
+        if free <= 0:
+            return  # every thread busy; a finishing job wakes us
+        jobs = self._claim(free, busy)
+        assert self._pool is not None
+        for job in jobs:
+            with self._lock:
+                self._busy.add(job.webhook_id)
+            self._pool.submit(self._send, job)
 
-    def _claim(self, limit: int) -> list[_Job]:
+    def _claim(self, limit: int, busy: set[int]) -> list[_Job]:
         with self.db.write() as session:
-            rows = claim_deliveries(session=session, limit=limit)
-        return [_Job(did, url, secret, body.encode()) for did, body, url, secret in rows]
+            rows = claim_deliveries(session=session, limit=limit, busy=busy)
+        return [
+            _Job(did, hook, url, secret, body.encode()) for did, hook, body, url, secret in rows
+        ]
 
     # -- one delivery ----------------------------------------------------------------------
 
@@ -143,7 +154,7 @@ class DeliveryWorker:
                 self._client,
                 job.url,
                 job.body,
-                secret=job.secret,
+                secret=self.box.open(job.secret),
                 policy=self.policy,
                 sleep=self._sleep,
             )
@@ -159,6 +170,12 @@ class DeliveryWorker:
             }
         except _Stopping:
             values = {"outcome": DeliveryOutcome.PENDING.value}  # sent again at the next start
+        except SecretUnavailable as exc:
+            values = {
+                "outcome": DeliveryOutcome.FAILED.value,
+                "error": str(exc),
+                "finished_at": utcnow(),
+            }
         except Exception as exc:  # never let one delivery kill the pool
             logger.exception("webhook delivery %s failed", job.delivery_id)
             values = {
@@ -172,5 +189,6 @@ class DeliveryWorker:
         except Exception:
             logger.exception("could not record webhook delivery %s", job.delivery_id)
         finally:
-            self._slots.release()
+            with self._lock:
+                self._busy.discard(job.webhook_id)
             self._wake.set()  # more may be waiting

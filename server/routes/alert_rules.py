@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from rankguard.server.alerts import Rule, RuleError
 from rankguard.server.alerts.rules import ACTION_FIELDS
 from rankguard.server.auth import Principal
+from rankguard.server.commands import InvalidCommand, validate_command
 from rankguard.server.deps import (
     DbDep,
     OperatePrincipal,
@@ -21,6 +22,7 @@ from rankguard.server.deps import (
     scoped_project,
     unprocessable,
 )
+from rankguard.server.middleware import WireRoute
 from rankguard.server.models import AlertRule
 from rankguard.server.schemas import (
     AlertRuleCreate,
@@ -32,7 +34,7 @@ from rankguard.server.schemas import (
 from rankguard.server.storage import alerts as store
 from rankguard.server.storage.runs import project_by_id, project_names
 
-router = APIRouter(prefix="/alert-rules", tags=["alert rules"])
+router = APIRouter(route_class=WireRoute, prefix="/alert-rules", tags=["alert rules"])
 
 RULE_NOT_FOUND = "Alert rule not found"
 
@@ -52,10 +54,19 @@ def _public(row: AlertRule, project: str) -> AlertRulePublic:
 
 
 def _rule_or_422(data: dict[str, Any]) -> Rule:
+    """The rule, valid for the engine, whose actions order commands within the contract's
+    bounds (the queue would refuse them at every firing otherwise)."""
     try:
-        return Rule.from_dict(data)
+        rule = Rule.from_dict(data)
     except (RuleError, TypeError) as exc:
         raise unprocessable("rule", str(exc), data) from exc
+    for action in (rule.msign, rule.lr_backoff):
+        order = action.command()
+        try:
+            validate_command(order["kind"], order["args"])
+        except InvalidCommand as exc:
+            raise unprocessable(f"rule.{action.field_name}", str(exc), order["args"]) from exc
+    return rule
 
 
 def _row_or_404(session: Session, principal: Principal, rule_id: int) -> AlertRule:

@@ -15,6 +15,7 @@ from rankguard.server.deps import (
     run_or_404,
     scoped_project,
 )
+from rankguard.server.middleware import WireRoute
 from rankguard.server.schemas import (
     AlertPublic,
     AlertsPublic,
@@ -26,7 +27,7 @@ from rankguard.server.storage.alerts import list_alerts
 from rankguard.server.storage.webhooks import alert_deliveries
 from rankguard.server.vocab import AlertState
 
-router = APIRouter(tags=["alerts"])
+router = APIRouter(route_class=WireRoute, tags=["alerts"])
 
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 

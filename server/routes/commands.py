@@ -7,7 +7,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.exceptions import RequestValidationError
 
+from rankguard.server.commands import CommandCreate, InvalidCommand
 from rankguard.server.deps import (
     DbDep,
     IngestPrincipal,
@@ -17,11 +19,11 @@ from rankguard.server.deps import (
     command_or_404,
     run_or_404,
 )
+from rankguard.server.middleware import WireRoute
 from rankguard.server.models import Command
 from rankguard.server.schemas import (
     CommandAck,
     CommandClaim,
-    CommandCreate,
     CommandPublic,
     CommandsPublic,
 )
@@ -29,7 +31,7 @@ from rankguard.server.storage import commands as command_store
 from rankguard.server.storage.errors import ConflictError
 from rankguard.server.vocab import CommandState
 
-router = APIRouter(prefix="/runs", tags=["commands"])
+router = APIRouter(route_class=WireRoute, prefix="/runs", tags=["commands"])
 
 
 def _public(commands: list[Command]) -> CommandsPublic:
@@ -55,12 +57,15 @@ def create_command(
                 session=session,
                 run_id=run_id,
                 kind=body.kind.value,
-                args=body.args,
+                args=body.args.model_dump(mode="json", exclude_unset=True),
                 created_by=principal.label,
                 ttl_s=body.ttl_s or settings.command_ttl_s,
             )
         except command_store.RunNotRunning as exc:
             raise HTTPException(409, detail=str(exc)) from exc
+        except InvalidCommand as exc:
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors]
+            raise RequestValidationError(errors) from None
         return CommandPublic.model_validate(command)
 
 

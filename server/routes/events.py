@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from rankguard.server.deps import DbDep, IngestOrOperatePrincipal, ReadPrincipal, run_or_404
+from rankguard.server.middleware import WireRoute
 from rankguard.server.schemas import MAX_STEP, EventCreate, EventPublic, EventsPublic
 from rankguard.server.storage import events as event_store
 
-router = APIRouter(prefix="/runs", tags=["events"])
+router = APIRouter(route_class=WireRoute, prefix="/runs", tags=["events"])
 
 
 @router.get("/{run_id}/events", response_model=EventsPublic)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 
 from rankguard.server.deps import DbDep, IngestPrincipal, ReadPrincipal, SeriesCacheDep, run_or_404
+from rankguard.server.middleware import WireRoute
 from rankguard.server.schemas import (
     MAX_STEP,
     HistogramPublic,
@@ -18,7 +19,7 @@ from rankguard.server.schemas import (
 from rankguard.server.storage import histograms as histogram_store
 from rankguard.server.storage.points import match_series
 
-router = APIRouter(prefix="/runs", tags=["histograms"])
+router = APIRouter(route_class=WireRoute, prefix="/runs", tags=["histograms"])
 
 
 @router.post("/{run_id}/histograms", response_model=IngestResult)

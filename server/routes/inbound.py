@@ -16,13 +16,15 @@ from starlette.concurrency import run_in_threadpool
 
 from rankguard.server import inbound
 from rankguard.server.auth import Principal
+from rankguard.server.commands import InvalidCommand
 from rankguard.server.db import Database
 from rankguard.server.deps import DbDep, OperatePrincipal, SettingsDep, unprocessable
+from rankguard.server.middleware import WireRoute
 from rankguard.server.schemas import CommandPublic, InboundIgnored, InboundResult
 from rankguard.server.storage.commands import CommandStillOpen, RunNotRunning, enqueue_command
 from rankguard.server.storage.runs import get_run
 
-router = APIRouter(prefix="/inbound", tags=["inbound"])
+router = APIRouter(route_class=WireRoute, prefix="/inbound", tags=["inbound"])
 
 
 def _handle(
@@ -60,6 +62,8 @@ def _handle(
                 )
             except RunNotRunning as exc:
                 reason = f"run is {exc.status}"
+            except InvalidCommand as exc:
+                reason = f"invalid command: {exc}"
             except CommandStillOpen as exc:
                 reason = f"command {exc.command_id} for this alert is already queued"
             else:

@@ -17,10 +17,11 @@ from rankguard.server.alerts.service import Alerting
 from rankguard.server.auth import Principal
 from rankguard.server.db import Database
 from rankguard.server.deps import DbDep, IngestPrincipal, SeriesCache, SeriesCacheDep, run_or_404
+from rankguard.server.middleware import WireRoute
 from rankguard.server.schemas import IngestResult, PointsBatch
 from rankguard.server.storage.points import ColumnarPoints, insert_points
 
-router = APIRouter(prefix="/runs", tags=["points"])
+router = APIRouter(route_class=WireRoute, prefix="/runs", tags=["points"])
 
 _BODY_SCHEMA = PointsBatch.model_json_schema()
 

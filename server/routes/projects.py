@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 
 from rankguard.server.deps import AdminPrincipal, DbDep
+from rankguard.server.middleware import WireRoute
 from rankguard.server.schemas import ProjectCreate, ProjectPublic, ProjectsPublic
 from rankguard.server.storage.runs import ensure_project, get_project, list_projects
 
-router = APIRouter(prefix="/projects", tags=["projects"])
+router = APIRouter(route_class=WireRoute, prefix="/projects", tags=["projects"])
 
 
 @router.get("", response_model=ProjectsPublic)

@@ -1,7 +1,12 @@
-"""/runs: register (idempotent on the client's id), list, read, finish."""
+"""/runs: register (idempotent on the client's id), list, read, finish.
+
+Registering a new run with a project token answers a ``job_token``: the secret of a token
+bound to that run alone, which the job uses from then on. A job token registers only its own
+run: the one it was minted for, or (minted without a run) the first run it creates."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -17,21 +22,22 @@ from rankguard.server.deps import (
     SettingsDep,
     run_or_404,
 )
-from rankguard.server.models import Project
+from rankguard.server.middleware import WireRoute
+from rankguard.server.models import Project, Scope
 from rankguard.server.presenters import run_public
-from rankguard.server.schemas import RunCreate, RunFinish, RunPublic, RunsPublic
+from rankguard.server.schemas import RunCreate, RunFinish, RunPublic, RunRegistered, RunsPublic
 from rankguard.server.storage import runs as run_store
 from rankguard.server.storage.errors import ConflictError
 from rankguard.server.vocab import RunStatus
 
-router = APIRouter(prefix="/runs", tags=["runs"])
+router = APIRouter(route_class=WireRoute, prefix="/runs", tags=["runs"])
 
 
 @router.post(
     "",
-    response_model=RunPublic,
+    response_model=RunRegistered,
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": RunPublic, "description": "the run was already registered"}},
+    responses={200: {"model": RunRegistered, "description": "the run was already registered"}},
 )
 def create_run(
     body: RunCreate,
@@ -39,15 +45,21 @@ def create_run(
     db: DbDep,
     settings: SettingsDep,
     principal: IngestPrincipal,
-) -> RunPublic:
-    """Register a run; with a client-supplied ``id`` a repeat returns the same run (200)."""
+) -> RunRegistered:
+    """Register a run; with a client-supplied ``id`` a repeat returns the same run (200).
+    A new run registered with a project token comes with its ``job_token`` (shown once)."""
+    run_id = body.id
+    if principal.run_bound and principal.run_id is not None:
+        if run_id is not None and str(run_id) != principal.run_id:
+            raise HTTPException(403, detail=_bound_elsewhere(principal.run_id))
+        run_id = uuid.UUID(principal.run_id)
     with db.write() as session:
         project = _project_for_new_run(session, principal, body.project, settings.default_project)
         try:
             run, created = run_store.register_run(
                 session=session,
                 project=project,
-                run_id=body.id,
+                run_id=run_id,
                 name=body.name,
                 config=body.config,
                 world_size=body.world_size,
@@ -55,9 +67,44 @@ def create_run(
             )
         except ConflictError as exc:
             raise HTTPException(409, detail=str(exc)) from exc
+        job_token = None
+        if principal.run_bound:
+            _bind_job_token(session, principal, run.id, created=created)
+        elif created and principal.token_id is not None and not settings.no_auth:
+            _, job_token = run_store.create_token(
+                session=session,
+                project=project,
+                name=f"job: {run.name}"[:128],
+                scopes=[Scope.JOB],
+                run_id=run.id,
+            )
         if not created:
             response.status_code = status.HTTP_200_OK
-        return run_public(run, project.name)
+        public = run_public(run, project.name).model_dump()
+        return RunRegistered(**public, job_token=job_token)
+
+
+def _bound_elsewhere(run_id: str) -> str:
+    return f"this job token is bound to run {run_id}; it registers no other run"
+
+
+def _bind_job_token(session: Session, principal: Principal, run_id: str, *, created: bool) -> None:
+    """A job token registers its own run only. Unbound, it is bound to the run it creates
+    (several ranks of one job may race to create it: all of them hold the same token)."""
+    assert principal.token_id is not None
+    bound = run_store.token_run(session=session, token_id=principal.token_id)
+    if bound is None and created:
+        if run_store.bind_token(session=session, token_id=principal.token_id, run_id=run_id):
+            return
+        bound = run_store.token_run(session=session, token_id=principal.token_id)
+    if bound != run_id:
+        # Raising rolls the transaction back: a run created here is not kept.
+        raise HTTPException(
+            403,
+            detail=_bound_elsewhere(bound)
+            if bound
+            else "an unbound job token binds only to a run it creates; this run exists",
+        )
 
 
 def _project_for_new_run(

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 
 from rankguard.server.deps import DbDep, ReadPrincipal, run_or_404
+from rankguard.server.middleware import WireRoute
 from rankguard.server.schemas import (
     MAX_STEP,
     SeriesData,
@@ -17,7 +18,7 @@ from rankguard.server.schemas import (
 from rankguard.server.storage.downsample import read_points
 from rankguard.server.storage.points import match_series, series_index
 
-router = APIRouter(prefix="/runs", tags=["series"])
+router = APIRouter(route_class=WireRoute, prefix="/runs", tags=["series"])
 
 MAX_SERIES_PER_READ = 1000
 

@@ -1,16 +1,21 @@
 """/webhooks: a project's outbound alert webhooks (format json | slack | alertmanager, an
-optional HMAC secret that is write-only) and their delivery log. Reads need the read scope,
-edits the operate scope."""
+optional HMAC secret that is write-only and encrypted at rest) and their delivery log. Reads
+need the read scope, edits the operate scope. A URL whose address is private, loopback,
+link-local or otherwise not public is refused unless RANKGUARD_WEBHOOK_ALLOW names it
+(``notify/egress.py``; checked again at every send)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated
 
-import httpx
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
+from rankguard.server.auth import Principal
+from rankguard.server.config import Settings
+from rankguard.server.db import Database
 from rankguard.server.deps import (
     DbDep,
     OperatePrincipal,
@@ -18,10 +23,13 @@ from rankguard.server.deps import (
     RowId,
     SettingsDep,
     scoped_project,
+    unprocessable,
     webhook_or_404,
 )
+from rankguard.server.middleware import WireRoute
 from rankguard.server.models import Webhook
-from rankguard.server.notify import delivery, payloads
+from rankguard.server.notify import delivery, egress, payloads
+from rankguard.server.notify.trial import TrialsBusy, TrialSender
 from rankguard.server.schemas import (
     DeliveriesPublic,
     DeliveryPublic,
@@ -32,11 +40,12 @@ from rankguard.server.schemas import (
     WebhookTestResult,
     WebhookUpdate,
 )
+from rankguard.server.secretbox import SecretBox, SecretUnavailable
 from rankguard.server.storage import webhooks as webhook_store
 from rankguard.server.storage.runs import project_names
 from rankguard.server.vocab import AlertSeverity, DeliveryOutcome, WebhookFormat
 
-router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+router = APIRouter(route_class=WireRoute, prefix="/webhooks", tags=["webhooks"])
 
 
 def _public(hook: Webhook, project: str) -> WebhookPublic:
@@ -58,6 +67,18 @@ def _name(session: Session, hook: Webhook) -> str:
     return project_names(session=session, ids={hook.project_id})[hook.project_id]
 
 
+def _box(request: Request) -> SecretBox:
+    box: SecretBox = request.app.state.secrets
+    return box
+
+
+def _checked_url(url: str | None, settings: Settings) -> str | None:
+    reason = None if url is None else egress.check_url(url, settings.webhook_allow)
+    if reason is not None:
+        raise unprocessable("url", reason, url)
+    return url
+
+
 @router.get("", response_model=WebhooksPublic)
 def read_webhooks(
     db: DbDep, settings: SettingsDep, principal: ReadPrincipal, project: ProjectName | None = None
@@ -72,20 +93,27 @@ def read_webhooks(
 
 @router.post("", response_model=WebhookPublic, status_code=status.HTTP_201_CREATED)
 def create_webhook(
-    body: WebhookCreate, db: DbDep, settings: SettingsDep, principal: OperatePrincipal
+    body: WebhookCreate,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    principal: OperatePrincipal,
 ) -> WebhookPublic:
     """Add a webhook: every alert of the project at or above ``min_severity`` is POSTed to
     it, firing and resolved, in ``format``; with a ``secret`` each body is signed
     (X-Rankguard-Timestamp, X-Rankguard-Signature: sha256=HMAC(secret, "<ts>." + body))."""
+    url = _checked_url(body.url, settings)
+    assert url is not None
+    secret = None if body.secret is None else _box(request).seal(body.secret)
     with db.write() as session:
         project = scoped_project(session, principal, body.project, settings.default_project)
         hook = webhook_store.create_webhook(
             session=session,
             project_id=project.id,
             name=body.name,
-            url=body.url,
+            url=url,
             format=body.format.value,
-            secret=body.secret,
+            secret=secret,
             enabled=body.enabled,
             min_severity=body.min_severity.value,
         )
@@ -102,19 +130,26 @@ def read_webhook(webhook_id: RowId, db: DbDep, principal: ReadPrincipal) -> Webh
 
 @router.patch("/{webhook_id}", response_model=WebhookPublic)
 def update_webhook(
-    webhook_id: RowId, body: WebhookUpdate, db: DbDep, principal: OperatePrincipal
+    webhook_id: RowId,
+    body: WebhookUpdate,
+    request: Request,
+    db: DbDep,
+    settings: SettingsDep,
+    principal: OperatePrincipal,
 ) -> WebhookPublic:
     """Change a webhook; ``secret`` sets a new secret, ``clear_secret`` removes it."""
+    url = _checked_url(body.url, settings)
+    secret = None if body.secret is None else _box(request).seal(body.secret)
     with db.write() as session:
         hook = webhook_store.update_webhook(
             session=session,
             hook=webhook_or_404(session, principal, webhook_id),
             name=body.name,
-            url=body.url,
+            url=url,
             format=None if body.format is None else body.format.value,
             enabled=body.enabled,
             min_severity=None if body.min_severity is None else body.min_severity.value,
-            secret=body.secret,
+            secret=secret,
             clear_secret=body.clear_secret,
         )
         return _public(hook, _name(session, hook))
@@ -150,23 +185,55 @@ def sample_notice(project: str, base_url: str | None) -> payloads.AlertNotice:
     )
 
 
-@router.post("/{webhook_id}/test", response_model=WebhookTestResult)
-def test_webhook(
-    webhook_id: RowId, db: DbDep, principal: OperatePrincipal, settings: SettingsDep
+@router.post(
+    "/{webhook_id}/test",
+    response_model=WebhookTestResult,
+    responses={429: {"description": "too many webhook tests in flight; retry shortly"}},
+)
+async def test_webhook(
+    webhook_id: RowId,
+    request: Request,
+    db: DbDep,
+    principal: OperatePrincipal,
+    settings: SettingsDep,
 ) -> WebhookTestResult:
     """Send one sample notification now, in the webhook's format and signed with its secret,
-    and say what the receiver answered (one try, no retries, not in the delivery log)."""
+    and say what the receiver answered: its status line, never its body (one try within
+    ``webhook_timeout_s``, no retries, not in the delivery log)."""
+    trials: TrialSender = request.app.state.webhook_trials
+
+    def send() -> WebhookTestResult:
+        return _send_test(db, principal, settings, _box(request), webhook_id)
+
+    # The send runs on the trial threads, never the request pool: slow receivers cannot
+    # stall the rest of the API. Waiting behind other tests counts against the budget too.
+    budget = settings.webhook_timeout_s * (2 + settings.webhook_test_queue) + 1
+    try:
+        return await trials.run(send, timeout_s=budget)
+    except TrialsBusy as exc:
+        raise HTTPException(429, detail=str(exc), headers={"Retry-After": "5"}) from exc
+    except asyncio.TimeoutError as exc:
+        raise HTTPException(503, detail="webhook tests are backed up; retry shortly") from exc
+
+
+def _send_test(
+    db: Database, principal: Principal, settings: Settings, box: SecretBox, webhook_id: int
+) -> WebhookTestResult:
     with db.read() as session:
         hook = webhook_or_404(session, principal, webhook_id)
-        url, fmt, secret, project = hook.url, hook.format, hook.secret, _name(session, hook)
+        url, fmt, sealed, project = hook.url, hook.format, hook.secret, _name(session, hook)
     options = {}
     if fmt == WebhookFormat.ALERTMANAGER.value:
         options["external_url"] = settings.public_base_url or ""
     body = payloads.render(fmt, sample_notice(project, settings.public_base_url), **options)
+    try:
+        secret = box.open(sealed)
+    except SecretUnavailable as exc:
+        raise unprocessable("secret", str(exc), None) from exc
     once = delivery.RetryPolicy(
         max_attempts=1, max_total_s=settings.webhook_timeout_s, timeout_s=settings.webhook_timeout_s
     )
-    with httpx.Client() as client:
+    with egress.guarded_client(settings.webhook_allow) as client:
         result = delivery.deliver(client, url, body, secret=secret, policy=once)
     attempt = result.attempts[-1]
     return WebhookTestResult(

@@ -14,6 +14,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
+from rankguard.server.commands import validate_command
 from rankguard.server.db import utcnow
 from rankguard.server.models import Command, Event, Run
 from rankguard.server.storage.errors import ConflictError
@@ -48,9 +49,11 @@ def enqueue_command(
     ttl_s: float,
     dedupe: bool = False,
 ) -> Command:
-    """Queue a command for the run's probe. Raises RunNotRunning unless the run is running,
-    and with ``dedupe`` CommandStillOpen while a command from the same ``created_by`` is
-    queued or delivered (an alert source that re-sends a firing alert orders once)."""
+    """Queue a command for the run's probe. Raises InvalidCommand when its arguments are
+    outside the contract's bounds, RunNotRunning unless the run is running, and with
+    ``dedupe`` CommandStillOpen while a command from the same ``created_by`` is queued or
+    delivered (an alert source that re-sends a firing alert orders once)."""
+    args = validate_command(kind, args)
     run = session.get(Run, run_id)  # in the session's identity map already: no query
     if run is not None and run.status != RunStatus.RUNNING.value:
         raise RunNotRunning(run_id, run.status)

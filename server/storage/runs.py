@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,9 +44,15 @@ def list_projects(*, session: Session) -> list[Project]:
 
 
 def create_token(
-    *, session: Session, project: Project | None, name: str, scopes: Sequence[Scope]
+    *,
+    session: Session,
+    project: Project | None,
+    name: str,
+    scopes: Sequence[Scope],
+    run_id: str | None = None,
 ) -> tuple[Token, str]:
-    """A new token; returns it and its secret (the only time the secret exists)."""
+    """A new token; returns it and its secret (the only time the secret exists). A job
+    token may be bound to ``run_id`` now, or later by its first registration."""
     secret = auth.generate_token()
     token = Token(
         project_id=None if project is None else project.id,
@@ -54,10 +60,27 @@ def create_token(
         prefix=auth.token_prefix(secret),
         token_hash=auth.hash_token(secret),
         scopes=sorted({Scope(s).value for s in scopes}),
+        run_id=run_id,
     )
     session.add(token)
     session.flush()
     return token, secret
+
+
+def token_run(*, session: Session, token_id: int) -> str | None:
+    """The run a (job) token is bound to, read afresh (another rank may just have bound it)."""
+    return session.scalar(select(Token.run_id).where(Token.id == token_id))
+
+
+def bind_token(*, session: Session, token_id: int, run_id: str) -> bool:
+    """Binds an unbound job token to ``run_id``; False when it was bound meanwhile."""
+    result = session.execute(
+        update(Token)
+        .where(Token.id == token_id, Token.run_id.is_(None))
+        .values(run_id=run_id)
+        .execution_options(synchronize_session=False)
+    )
+    return int(cast("CursorResult[Any]", result).rowcount or 0) == 1
 
 
 def find_token(*, session: Session, secret: str) -> Token | None:

@@ -8,6 +8,7 @@ the next start (``requeue_stale_deliveries``)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -137,25 +138,39 @@ def requeue_stale_deliveries(*, session: Session) -> None:
     )
 
 
-def claim_deliveries(*, session: Session, limit: int) -> list[tuple[int, str, str, str | None]]:
-    """Up to ``limit`` pending deliveries, oldest first, now ``sending``: (delivery id,
-    body, webhook url, webhook secret) each."""
-    rows = session.execute(
-        select(Delivery.id, Delivery.body, Webhook.url, Webhook.secret)
+ClaimedDelivery = tuple[int, int, str, str, str | None]
+
+
+def claim_deliveries(
+    *, session: Session, limit: int, busy: Collection[int] = ()
+) -> list[ClaimedDelivery]:
+    """Up to ``limit`` pending deliveries, now ``sending``: the oldest one of each webhook
+    that is not ``busy`` (so one receiver never has two in flight, and gets them in order).
+    Each is (delivery id, webhook id, body, webhook url, webhook secret as stored)."""
+    query = (
+        select(Delivery.id, Delivery.webhook_id, Delivery.body, Webhook.url, Webhook.secret)
         .join(Webhook, Webhook.id == Delivery.webhook_id)
         .where(Delivery.outcome == DeliveryOutcome.PENDING.value)
         .order_by(Delivery.id)
-        .limit(limit)
+        # A window of the oldest rows: a receiver with a long backlog cannot fill it alone
+        # for long, since only its oldest row is taken per claim.
+        .limit(limit * 16)
         .with_for_update(skip_locked=True, of=Delivery)
-    ).all()
-    if not rows:
+    )
+    if busy:
+        query = query.where(Delivery.webhook_id.not_in(list(busy)))
+    picked: dict[int, ClaimedDelivery] = {}
+    for did, webhook_id, body, url, secret in session.execute(query):
+        if webhook_id not in picked and len(picked) < limit:
+            picked[webhook_id] = (did, webhook_id, body, url, secret)
+    if not picked:
         return []
     session.execute(
         update(Delivery)
-        .where(Delivery.id.in_([r[0] for r in rows]))
+        .where(Delivery.id.in_([row[0] for row in picked.values()]))
         .values(outcome=DeliveryOutcome.SENDING.value)
     )
-    return [(r[0], r[1], r[2], r[3]) for r in rows]
+    return sorted(picked.values())
 
 
 def record_delivery(*, session: Session, delivery_id: int, values: dict[str, Any]) -> None:

@@ -243,8 +243,18 @@ def login(page: Any, token: str) -> None:
     page.click("#token-form button[type=submit]")
 
 
+def wait_until(page: Any, expression: str, timeout_s: float, arg: Any = None) -> None:
+    """Polls ``expression`` from outside the page: ``wait_for_function`` evaluates its
+    predicate with ``eval`` inside the page, which the pages' CSP (no 'unsafe-eval') refuses."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression, arg):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{expression!r} still false after {timeout_s} s")
+        time.sleep(0.1)
+
+
 def wait_rendered(page: Any) -> None:
-    page.wait_for_function("window.__rankguardRendered === true", timeout=60_000)
+    wait_until(page, "() => window.__rankguardRendered === true", 60)
 
 
 def test_pages_render_every_figure_and_msign_reaches_applied(
@@ -334,11 +344,12 @@ def test_pages_render_every_figure_and_msign_reaches_applied(
         page.wait_for_selector('#msign-state[data-state="applied"]', timeout=60_000)
         assert "applied at step" in page.inner_text("#msign-state")
         # The applied command becomes an intervention marker after the refresh.
-        page.wait_for_function(
+        wait_until(
+            page,
             """(n) => (document.getElementById('fig-loss').layout.shapes || [])
                  .filter((s) => s.name === 'event-intervention').length >= n""",
+            30,
             arg=2 if run_id == seeded else 1,
-            timeout=30_000,
         )
         page.screenshot(path=str(ARTIFACTS / "dashboard-msign-applied.png"), full_page=True)
     finally:

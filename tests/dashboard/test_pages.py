@@ -68,7 +68,10 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     # The server's own alert rules would add alerts of their own to the synthetic run; these
     # tests count the alert events they seed.
     settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'rg.db'}", admin_token=ADMIN, alerts_enabled=False
+        database_url=f"sqlite:///{tmp_path / 'rg.db'}",
+        admin_token=ADMIN,
+        alerts_enabled=False,
+        allowed_hosts=["testserver"],  # the test client's Host
     )
     with TestClient(create_app(settings)) as c:
         yield c
@@ -402,7 +405,9 @@ def test_other_projects_run_is_404(client: TestClient, run_id: str) -> None:
 
 
 def test_no_auth_mode_serves_data_without_a_token(tmp_path: Path) -> None:
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'rg.db'}", no_auth=True)
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'rg.db'}", no_auth=True, allowed_hosts=["testserver"]
+    )
     with TestClient(create_app(settings)) as c:
         run = c.post("/api/v1/runs", json={"name": "open"}).json()
         resp = c.get(f"/api/v1/runs/{run['id']}/figures")

@@ -53,7 +53,7 @@ def db_url(tmp_path: Path) -> str:
 
 
 def seed(db_url: str, *, nan_every: int = 0) -> str:
-    settings = Settings(database_url=db_url, admin_token=ADMIN)
+    settings = Settings(database_url=db_url, admin_token=ADMIN, allowed_hosts=["testserver"])
     with TestClient(create_app(settings)) as client:
         run_id = synthetic.seed_via_api(client, ADMIN, blocks=2, steps=50, nan_every=nan_every)
         order = {"kind": "msign", "args": {"targets": "attention", "engine": "svd"}}
@@ -130,7 +130,7 @@ def test_nan_laden_run_reports(db_url: str, database: Database) -> None:
 
 def test_embedded_text_cannot_close_the_script(db_url: str, database: Database) -> None:
     run_id = seed(db_url)
-    settings = Settings(database_url=db_url, admin_token=ADMIN)
+    settings = Settings(database_url=db_url, admin_token=ADMIN, allowed_hosts=["testserver"])
     with TestClient(create_app(settings)) as client:
         evil = {"kind": "alert", "step": 3, "payload": {"message": "</script><script>alert(1)"}}
         resp = client.post(

@@ -1,6 +1,6 @@
-"""A real Prometheus scrapes a real `rankguard serve` process: a PromQL query returns the
-gauge the server computed from the ingested points, and ``promtool check metrics`` accepts
-the exposition text."""
+"""A real Prometheus scrapes a real `rankguard serve` process with a token of the metrics
+scope: a PromQL query returns the gauge the server computed from the ingested points, and
+``promtool check metrics`` accepts the exposition text."""
 
 from __future__ import annotations
 
@@ -52,7 +52,15 @@ def test_prometheus_reads_the_run_gauges(tmp_path: Any) -> None:
                 }
                 ingest.post(f"/runs/{run}/points", json=body).raise_for_status()
 
-        exposition = httpx.get(f"{server.url}/metrics", timeout=10)
+        assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 401
+        with server.admin() as admin:
+            minted = admin.post(
+                "/tokens",
+                json={"name": "prometheus", "project": tokens["project"], "scopes": ["metrics"]},
+            )
+        scrape_token = minted.json()["token"]
+        scrape = {"Authorization": f"Bearer {scrape_token}"}
+        exposition = httpx.get(f"{server.url}/metrics", headers=scrape, timeout=10)
         assert exposition.status_code == 200
         check = subprocess.run(
             [promtool, "check", "metrics"],
@@ -62,7 +70,9 @@ def test_prometheus_reads_the_run_gauges(tmp_path: Any) -> None:
         )
         assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
-        with running_prometheus(scrape_targets=[f"127.0.0.1:{server.port}"]) as prom:
+        with running_prometheus(
+            scrape_targets=[f"127.0.0.1:{server.port}"], bearer_token=scrape_token
+        ) as prom:
             selector = f'quantity="stable_rank",aggregate="min",run="{run}"'
             [sample] = query(prom, f"rankguard_run_quantity{{{selector}}}")
             assert float(sample["value"][1]) == min(latest)

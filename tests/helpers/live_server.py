@@ -19,6 +19,12 @@ import httpx
 
 RANKGUARD = Path(sys.executable).with_name("rankguard")
 ADMIN_TOKEN = "rg_e2e-admin-token-0123456789abcdef"
+# A fixed key for webhook secrets (no key file beside a PostgreSQL test's working directory),
+# and the tests' webhook receivers listen on 127.0.0.1, which the server refuses by default.
+TEST_ENV = {
+    "RANKGUARD_SECRET_KEY": "cmFua2d1YXJkLXRlc3Qta2V5LTAxMjM0NTY3ODlhYmM=",
+    "RANKGUARD_WEBHOOK_ALLOW": "127.0.0.1/32",
+}
 
 
 def free_port() -> int:
@@ -35,6 +41,7 @@ class LiveServer:
     port: int = field(default_factory=free_port)
     admin_token: str = ADMIN_TOKEN
     extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=lambda: dict(TEST_ENV))
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -44,7 +51,7 @@ class LiveServer:
 
     def start(self, timeout: float = 60.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RANKGUARD_")}
-        env.update(OMP_NUM_THREADS="1", RANKGUARD_ADMIN_TOKEN=self.admin_token)
+        env.update(OMP_NUM_THREADS="1", RANKGUARD_ADMIN_TOKEN=self.admin_token, **self.env)
         log: Any = subprocess.DEVNULL
         if self.log_path is not None:
             log = self.log_path.open("ab")

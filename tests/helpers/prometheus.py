@@ -28,20 +28,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(scrape_targets: Sequence[str], rule_files: Sequence[Path], interval: str) -> str:
+def _config(
+    scrape_targets: Sequence[str],
+    rule_files: Sequence[Path],
+    interval: str,
+    credentials_file: Path | None = None,
+) -> str:
     # JSON is valid YAML: no YAML writer needed.
+    job: dict[str, object] = {
+        "job_name": "rankguard",
+        "metrics_path": "/metrics",
+        "static_configs": [{"targets": list(scrape_targets)}],
+    }
+    if credentials_file is not None:  # as dashboard/prometheus/prometheus.yml does
+        job["authorization"] = {"type": "Bearer", "credentials_file": str(credentials_file)}
     config: dict[str, object] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(Path(p).resolve()) for p in rule_files],
-        "scrape_configs": [
-            {
-                "job_name": "rankguard",
-                "metrics_path": "/metrics",
-                "static_configs": [{"targets": list(scrape_targets)}],
-            }
-        ]
-        if scrape_targets
-        else [],
+        "scrape_configs": [job] if scrape_targets else [],
     }
     return json.dumps(config, indent=2)
 
@@ -52,8 +56,10 @@ def running_prometheus(
     *,
     rule_files: Sequence[Path] = (),
     scrape_interval: str = "1s",
+    bearer_token: str | None = None,
 ) -> Iterator[str]:
-    """Starts Prometheus scraping `scrape_targets` ("host:port"); yields its base URL.
+    """Starts Prometheus scraping `scrape_targets` ("host:port"), with `bearer_token` (a
+    token with the metrics scope) if given; yields its base URL.
 
     Fails the calling test when the binary is missing (unless RANKGUARD_ALLOW_MISSING_TOOLS=1)
     or when it does not become ready within READY_TIMEOUT_S; the process is always stopped.
@@ -65,7 +71,11 @@ def running_prometheus(
     )
     with tempfile.TemporaryDirectory(prefix="rankguard-prom-") as tmp:
         config_path = Path(tmp) / "prometheus.yml"
-        config_path.write_text(_config(scrape_targets, rule_files, scrape_interval))
+        credentials = None
+        if bearer_token is not None:
+            credentials = Path(tmp) / "metrics-token"
+            credentials.write_text(bearer_token)
+        config_path.write_text(_config(scrape_targets, rule_files, scrape_interval, credentials))
         log_path = Path(tmp) / "prometheus.log"
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"

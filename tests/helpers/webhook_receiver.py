@@ -3,11 +3,15 @@ a thread, recording every request's path, headers, raw body and arrival time.
 
 with webhook_receiver() as receiver:
     ... receiver.url("/json") ...; receiver.wait_for(3); receiver.requests
+
+``receiver.delay_s`` makes it answer late (a slow receiver), ``receiver.reply`` sets the body
+it answers with; ``trickling_receiver()`` is one that never finishes its answer.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +37,8 @@ class Receiver:
     base: str
     requests: list[Received] = field(default_factory=list)
     status: int = 200
+    delay_s: float = 0.0
+    reply: bytes = b""
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def url(self, path: str = "/") -> str:
@@ -69,9 +75,12 @@ def webhook_receiver() -> Iterator[Receiver]:
             receiver.record(
                 Received(self.path, dict(self.headers.items()), body, time.perf_counter())
             )
+            if receiver.delay_s:
+                time.sleep(receiver.delay_s)
             self.send_response(receiver.status)
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(len(receiver.reply)))
             self.end_headers()
+            self.wfile.write(receiver.reply)
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             return
@@ -87,3 +96,46 @@ def webhook_receiver() -> Iterator[Receiver]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+@contextmanager
+def trickling_receiver(byte_every_s: float = 0.2, lasts_s: float = 60.0) -> Iterator[str]:
+    """A receiver that reads the request, then sends its status line and headers one byte
+    every ``byte_every_s`` and never ends them (until ``lasts_s``): a per-read timeout never
+    fires on it. Yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    answer = b"HTTP/1.1 200 OK\r\n" + b"X-Slow: " + b"a" * 100_000
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                for byte in answer:
+                    if stop.wait(byte_every_s):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def accept() -> None:
+        deadline = time.monotonic() + lasts_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()

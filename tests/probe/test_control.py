@@ -70,11 +70,50 @@ def runner_for(model: nn.Module, changes: list[SetProbeCommand] | None = None) -
         ({"id": "a", "kind": "scale_lr", "args": {"factor": 0}}, "args.factor"),
         ({"id": "a", "kind": "scale_lr", "args": {"factor": "half"}}, "args.factor"),
         ({"id": "a", "kind": "scale_lr", "args": {"lr": 1e-4}}, "args.lr"),
+        # the contract's bounds, checked again in the probe
+        ({"id": "a", "kind": "pss", "args": {"scale": 10.000001}}, "args.scale"),
+        ({"id": "a", "kind": "pss", "args": {"scale": float("nan")}}, "args.scale"),
+        ({"id": "a", "kind": "pss", "args": {"temperature": float("inf")}}, "args.temperature"),
+        ({"id": "a", "kind": "pss", "args": {"k": 1_000_001}}, "args.k"),
+        ({"id": "a", "kind": "pss", "args": {"temperature": 100.5}}, "args.temperature"),
+        ({"id": "a", "kind": "set_probe", "args": {"every": 10**30}}, "args.every"),
+        ({"id": "a", "kind": "scale_lr", "args": {"factor": 0.99e-4}}, "args.factor"),
+        ({"id": "a", "kind": "scale_lr", "args": {"factor": 1.01e4}}, "args.factor"),
+        ({"id": "a", "kind": "scale_lr", "args": {"factor": float("inf")}}, "args.factor"),
+        ({"id": "a", "kind": ["msign"]}, "kind"),  # unhashable
+        ({"id": True, "kind": "undo"}, "id"),
+        ({"id": 10**30, "kind": "undo"}, "id"),
     ],
 )
 def test_invalid_commands_name_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(CommandError, match=field.replace(".", r"\.")):
         parse_command(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"id": "a", "kind": "pss", "args": {"scale": 10, "temperature": 100, "k": 1_000_000}},
+        {"id": "a", "kind": "set_probe", "args": {"every": 1_000_000}},
+        {"id": "a", "kind": "scale_lr", "args": {"factor": 1e-4}},
+        {"id": "a", "kind": "scale_lr", "args": {"factor": 1e4}},
+    ],
+)
+def test_the_bounds_are_inclusive(raw: dict[str, Any]) -> None:
+    parse_command(raw)
+
+
+def test_an_error_quotes_a_huge_argument_briefly() -> None:
+    with pytest.raises(CommandError) as info:
+        parse_command({"id": "a", "kind": "msign", "args": {"targets": [1] * 100_000}})
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize("raw", ["x", None, 7, ["a"], {"id": {"a": 1}, "kind": "undo"}])
+def test_anything_that_is_no_command_is_acked_failed_not_raised(raw: Any) -> None:
+    runner = runner_for(Tiny())
+    ack = runner.apply(raw, step=3)
+    assert ack["state"] == "failed" and ack["step"] == 3
 
 
 def test_scale_lr_without_an_optimizer_fails_and_says_so() -> None:
@@ -150,6 +189,34 @@ def test_undo_restores_bit_identically() -> None:
     again = runner.apply({"id": "u2", "kind": "undo"}, 3)
     assert again["state"] == "failed"
     assert "no snapshot" in again["error"]
+
+
+def test_a_failed_rewrite_is_rolled_back_and_the_last_undo_stays() -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner = runner_for(model)
+    assert runner.apply({"id": "m", "kind": "msign"}, 1)["state"] == "applied"
+    with torch.no_grad():
+        model.h[0].attn.c_proj.weight.mul_(1e20)  # ‖W‖_F overflows fp32: MSign gives Inf
+    blown = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ack = runner.apply({"id": "m2", "kind": "msign"}, 2)
+    assert ack["state"] == "failed" and "restored" in ack["error"]
+    assert all(torch.equal(p, blown[n]) for n, p in model.named_parameters())
+    assert runner.apply({"id": "u", "kind": "undo"}, 3)["state"] == "applied"
+    assert torch.equal(model.h[1].attn.c_proj.weight, original["h.1.attn.c_proj.weight"])
+
+
+def test_snapshot_false_keeps_the_previous_undo() -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    runner = runner_for(model)
+    runner.apply({"id": "p1", "kind": "pss", "args": {"targets": "all_2d"}}, 1)
+    runner.apply({"id": "p2", "kind": "msign", "args": {"snapshot": False}}, 2)
+    assert runner.apply({"id": "u", "kind": "undo"}, 3)["state"] == "applied"
+    # the undo is the pss's: all_2d back to before it (attention included)
+    assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
 
 
 def test_set_probe_goes_to_the_probe() -> None:

@@ -8,13 +8,18 @@ import math
 import pytest
 
 from rankguard.probe.wire import (
+    MAX_COMMANDS_PER_POLL,
     Point,
+    ack_batch,
+    batch_size,
     decode_float,
     encode_batch,
     encode_float,
     encode_histogram,
     encode_json,
     merge_batches,
+    parse_commands,
+    parse_job_token,
     point_count,
 )
 
@@ -68,3 +73,62 @@ def test_merged_batches_keep_every_point_and_histogram_in_order() -> None:
     assert merged["points"]["step"] == [0, 1, 1]
     assert merged["histograms"] == [hist]
     assert merge_batches([first]) is first
+
+
+def test_histogram_bins_weigh_on_the_batch_size() -> None:
+    hist = encode_histogram("sa_cosine", "w", 1, [0.0] * 1001, [1.0] * 1000)
+    batch = encode_batch([Point("loss", "global", 0, 1.0)], [hist, hist])
+    assert batch_size(batch) == 1 + 2 * 1001
+
+
+def test_an_ack_is_a_batch_whose_non_finite_floats_travel_as_strings() -> None:
+    line = ack_batch("c1", {"state": "applied", "result": {"sigma": math.inf}})
+    assert json.loads(json.dumps(line, allow_nan=False)) == {
+        "v": 1,
+        "acks": [{"id": "c1", "ack": {"state": "applied", "result": {"sigma": "Infinity"}}}],
+    }
+    assert merge_batches([line, ack_batch("c2", {})])["acks"][1]["id"] == "c2"
+
+
+def test_parse_commands_keeps_the_well_formed_and_says_what_it_left_out() -> None:
+    body = json.dumps(
+        {"data": [{"id": "a", "kind": "undo"}, "x", None, {"kind": "msign"}, {"id": 7, "kind": 1}]}
+    ).encode()
+    commands, problems = parse_commands(body)
+    # a wrong kind is the runner's to ack as failed; no id means nothing to ack
+    assert commands == [{"id": "a", "kind": "undo"}, {"id": 7, "kind": 1}]
+    assert len(problems) == 3
+    assert parse_commands(b'[{"id": "b", "kind": "undo"}]')[0] == [{"id": "b", "kind": "undo"}]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b"[" * 100_000, b"[" + b"1" * 5000 + b"]", b'{"data": "abc"}', b"7"],
+)
+def test_parse_commands_never_raises(body: bytes) -> None:
+    commands, problems = parse_commands(body)
+    assert commands == [] and problems
+
+
+def test_parse_commands_takes_at_most_one_claims_worth() -> None:
+    body = json.dumps({"data": [{"id": str(i), "kind": "undo"} for i in range(500)]}).encode()
+    commands, problems = parse_commands(body)
+    assert len(commands) == MAX_COMMANDS_PER_POLL and "500" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("body", "token", "problem"),
+    [
+        (b'{"id": "r", "job_token": "rg_job_0123456789"}', "rg_job_0123456789", False),
+        (b'{"id": "r"}', None, False),
+        (b'{"id": "r", "job_token": null}', None, False),
+        (b"[1, 2]", None, False),
+        (b"\xff", None, False),
+        (b'{"job_token": 7}', None, True),
+        (b'{"job_token": "short"}', None, True),
+        (b'{"job_token": "rg_job_0123\\r\\nX-Evil: 1"}', None, True),
+    ],
+)
+def test_parse_job_token(body: bytes, token: str | None, problem: bool) -> None:
+    assert parse_job_token(body)[0] == token
+    assert (parse_job_token(body)[1] is not None) is problem

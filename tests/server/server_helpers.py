@@ -15,13 +15,33 @@ with warnings.catch_warnings():
 
 from rankguard.server.config import Settings
 
-ADMIN_TOKEN = "rg_test-admin-token-0123456789"
+ADMIN_TOKEN = "rg_test-admin-token-0123456789abcdef"
+# A fixed Fernet key: test servers never write a key file into the working directory.
+SECRET_KEY = "cmFua2d1YXJkLXRlc3Qta2V5LTAxMjM0NTY3ODlhYmM="
 
-__all__ = ["ADMIN_TOKEN", "Api", "Project", "TestClient", "bearer", "make_settings", "points_body"]
+__all__ = [
+    "ADMIN_TOKEN",
+    "SECRET_KEY",
+    "Api",
+    "Project",
+    "TestClient",
+    "bearer",
+    "make_settings",
+    "points_body",
+]
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"admin_token": ADMIN_TOKEN, "pool_timeout_s": 5, **overrides}
+    """Settings for an in-process app: the test client's Host ("testserver") is trusted and
+    webhooks may go to local receivers (127.0.0.1), as the tests' receivers are."""
+    values: dict[str, Any] = {
+        "admin_token": ADMIN_TOKEN,
+        "pool_timeout_s": 5,
+        "allowed_hosts": ["testserver"],
+        "webhook_allow": ["127.0.0.1/32"],
+        "secret_key": SECRET_KEY,
+        **overrides,
+    }
     return Settings(database_url=database_url, **values)
 
 

@@ -278,11 +278,14 @@ def test_metrics_and_runs_list_count_the_same_firing_alerts(
     dashboard's runs list alike: 1 while the collapse alert fires, 0 once it resolved."""
     run = sa_run(project)
     read = project.api["read"]
+    admin_headers = {"Authorization": f"Bearer {project.tokens['admin']}"}
 
     def counts() -> tuple[float, int]:
         wanted = f'rankguard_alerts_firing{{project="{project.name}",run="{run}",'
         line = next(
-            ln for ln in client.get("/metrics").text.splitlines()
+            ln for ln in project.api["admin"].client.get(
+                "/metrics", headers=admin_headers
+            ).text.splitlines()
             if ln.startswith(wanted) and 'severity="critical"' in ln
         )  # fmt: skip
         [row] = [r for r in read.get("/dashboard/runs").json()["data"] if r["id"] == run]

@@ -13,6 +13,8 @@ from server_helpers import Project, points_body
 
 NON_FINITE = [1.5, "NaN", "Infinity", "-Infinity", -0.25]
 
+JSON = {"Content-Type": "application/json"}
+
 
 def _series(project: Project, run_id: str, **params: object) -> list[dict[str, object]]:
     r = project.api["read"].get(f"/runs/{run_id}/series", params=params)
@@ -99,14 +101,16 @@ def test_body_over_the_limit_is_413_and_server_keeps_serving(project: Project) -
     # a gzip body small on the wire but over the limit once inflated
     bomb = gzip.compress(b" " * (1024 * 1024))
     assert len(bomb) < 64 * 1024
-    r = api.post(f"/runs/{run_id}/points", content=bomb, headers={"Content-Encoding": "gzip"})
+    r = api.post(
+        f"/runs/{run_id}/points", content=bomb, headers={"Content-Encoding": "gzip", **JSON}
+    )
     assert r.status_code == 413 and "decompressed" in r.json()["detail"]
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer
         for i in range(0, len(big), 8192):
             yield big[i : i + 8192]
 
-    r = api.post(f"/runs/{run_id}/points", content=chunks())
+    r = api.post(f"/runs/{run_id}/points", content=chunks(), headers=JSON)
     assert r.status_code == 413
     (series,) = _series(project, run_id, quantity="loss")
     assert series["steps"] == [1]  # what was stored before is still there
@@ -117,13 +121,15 @@ def test_bad_gzip_and_unknown_encoding(project: Project) -> None:
     api = project.api["ingest"]
     assert (
         api.post(
-            f"/runs/{run_id}/points", content=b"not gzip", headers={"Content-Encoding": "gzip"}
+            f"/runs/{run_id}/points",
+            content=b"not gzip",
+            headers={"Content-Encoding": "gzip", **JSON},
         ).status_code
         == 400
     )
     assert (
         api.post(
-            f"/runs/{run_id}/points", content=b"{}", headers={"Content-Encoding": "br"}
+            f"/runs/{run_id}/points", content=b"{}", headers={"Content-Encoding": "br", **JSON}
         ).status_code
         == 415
     )
@@ -159,7 +165,7 @@ def test_malformed_json_is_422(project: Project) -> None:
             path, content=b'{"quantity": [', headers={"Content-Type": "application/json"}
         )
         assert r.status_code == 422, (path, r.text)
-    r = project.api["ingest"].post(f"/runs/{run_id}/points", content=b"\x80\xff")
+    r = project.api["ingest"].post(f"/runs/{run_id}/points", content=b"\x80\xff", headers=JSON)
     assert r.status_code == 422  # not even UTF-8
     r = project.api["ingest"].post("/runs", json={"name": "x", "world_size": "many"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "world_size"]

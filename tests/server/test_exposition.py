@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from helpers.tools import require_tool
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import Api, Project, TestClient, make_settings, points_body
+from server_helpers import ADMIN_TOKEN, Api, Project, TestClient, make_settings, points_body
 
 from rankguard.server.exposition import aggregate, top_targets
 from rankguard.server.main import create_app
@@ -20,7 +20,7 @@ TARGETS = [f"transformer.h.{i}.attn.c_attn.weight" for i in range(7)]
 def samples(
     client: TestClient, **headers: str
 ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    r = client.get("/metrics", headers=headers)
+    r = client.get("/metrics", headers=headers or {"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert r.status_code == 200, r.text
     out = {}
     for family in text_string_to_metric_families(r.text):
@@ -118,12 +118,40 @@ def test_metrics_token_protects_the_endpoint(tmp_sqlite: str) -> None:
         assert samples(client, Authorization="Bearer scrape-secret")
 
 
+def test_metrics_scope_and_project_binding(
+    client: TestClient, admin: Api, project: Project
+) -> None:
+    """A token needs the metrics scope (admin implies it); a project's token sees its own
+    runs only, and an open endpoint is a setting, not the default."""
+    other = Project(admin)
+    mine, theirs = project.new_run(), other.new_run()
+    for p, run in ((project, mine), (other, theirs)):
+        p.api["ingest"].post(f"/runs/{run}/points", json=stable_rank_body(1, [1.0] * 7))
+    assert client.get("/metrics").status_code == 401
+    read_only = {"Authorization": f"Bearer {project.tokens['read']}"}
+    assert client.get("/metrics", headers=read_only).status_code == 403
+    minted = admin.post(
+        "/tokens", json={"name": "prom", "project": project.name, "scopes": ["metrics"]}
+    ).json()["token"]
+    got = samples(client, Authorization=f"Bearer {minted}")
+    runs = {dict(labels).get("run") for _, labels in got}
+    assert mine in runs and theirs not in runs
+    assert not any(name == "rankguard_commands_total" for name, _ in got)  # server-wide
+    everything = samples(client)  # the unbound admin token
+    assert {mine, theirs} <= {dict(labels).get("run") for _, labels in everything}
+
+
+def test_metrics_open_is_explicit(tmp_sqlite: str) -> None:
+    with TestClient(create_app(make_settings(tmp_sqlite, metrics_open=True))) as client:
+        assert client.get("/metrics").status_code == 200
+
+
 def test_exposition_passes_promtool(client: TestClient, project: Project) -> None:
     promtool = require_tool("promtool", hint="on Debian: apt-get install prometheus")
     run = project.new_run()
     project.api["ingest"].post(f"/runs/{run}/points", json=stable_rank_body(1, [1.0] * 7))
     project.api["ingest"].post(f"/runs/{run}/points", json=points_body([1], ["NaN"]))
-    body = client.get("/metrics").text
+    body = client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
     assert "rankguard_run_quantity{" in body
     check = subprocess.run(
         [promtool, "check", "metrics"], input=body.encode(), capture_output=True, timeout=60
@@ -153,4 +181,4 @@ def test_top_targets_worst_first() -> None:
 
 
 def test_unbound_admin_sees_every_project(admin: Api) -> None:
-    assert admin.client.get("/metrics").status_code == 200
+    assert admin.client.get("/metrics", headers=admin.headers).status_code == 200

@@ -96,3 +96,54 @@ def test_a_firing_rule_queues_a_rollback_to_before_its_first_step(project: Proje
         "incident": f"alert:{alert['id']}",
     }
     assert alert["first_step"] == 7
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        (
+            {"kind": "rollback", "args": {"lr_factor": 1.5}},
+            ["body", "rollback", "args", "lr_factor"],
+        ),
+        ({"kind": "rollback", "args": {"lr_factor": 0}}, ["body", "rollback", "args", "lr_factor"]),
+        (
+            {"kind": "rollback", "args": {"before_step": -1}},
+            ["body", "rollback", "args", "before_step"],
+        ),
+        (
+            {"kind": "rollback", "args": {"before_step": "10"}},
+            ["body", "rollback", "args", "before_step"],
+        ),
+        (
+            {"kind": "rollback", "args": {"incident": "x" * 201}},
+            ["body", "rollback", "args", "incident"],
+        ),
+        ({"kind": "rollback", "args": {"reason": "mine"}}, ["body", "rollback", "args", "reason"]),
+        ({"kind": "qk_clip", "args": {"tau": 0}}, ["body", "qk_clip", "args", "tau"]),
+        ({"kind": "qk_clip", "args": {"tau": "Infinity"}}, ["body", "qk_clip", "args", "tau"]),
+        (
+            {"kind": "qk_clip", "args": {"logit_max": {"a": [1e9]}}},
+            ["body", "qk_clip", "args", "logit_max"],
+        ),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_rollback_and_qk_clip_arguments_are_bounded(
+    project: Project, body: dict[str, Any], loc: list[Any]
+) -> None:
+    run = project.new_run()
+    r = project.api["operate"].post(f"/runs/{run}/commands", json=body)
+    assert r.status_code == 422, r.text
+    assert loc in [e["loc"][: len(loc)] for e in r.json()["detail"]], r.json()
+
+
+def test_rollback_and_qk_clip_within_bounds_are_queued_as_given(project: Project) -> None:
+    run = project.new_run()
+    for body in (
+        {"kind": "rollback", "args": {"before_step": 120, "lr_factor": 0.25, "incident": "i"}},
+        {"kind": "rollback"},
+        {"kind": "qk_clip", "args": {"tau": 50}},
+    ):
+        r = project.api["operate"].post(f"/runs/{run}/commands", json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["args"] == body.get("args", {})
