@@ -184,7 +184,7 @@ def record_run(scenario_name: str, seed: int) -> dict[str, Any]:
     import torch
 
     from benchmarks.scenarios import catalog
-    from benchmarks.scenarios.train import train
+    from rankguard.probe.demo.train import train
 
     torch.set_num_threads(1)
     scenario = catalog.get(scenario_name)
@@ -284,7 +284,7 @@ def degradation_step(
 
 def failure_of(record: Mapping[str, Any], control: Mapping[str, Any] | None) -> dict[str, Any]:
     """``{"kind", "step"}`` under the one definition (failure.py), with the per-step onset."""
-    from benchmarks.scenarios.failure import classify
+    from rankguard.probe.demo.failure import classify
 
     losses = record["losses"]
     fail = classify(losses, None if control is None else control["losses"])

@@ -6,7 +6,7 @@ error of the Newton–Schulz result's singular values against the target ‖W‖
 fraction of singular values within 1% of it, and stable rank / rank of the result.
 
 Part 2, amortised overhead of periodic MSign at P=100 on the benchmark GPT
-(benchmarks/scenarios/model.py, all_2d targets): interleaved blocks of 100 AdamW steps without and
+(rankguard.probe.demo.model, all_2d targets): interleaved blocks of 100 AdamW steps without and
 with MSign (one application per block, at its 100th step); the ratio is time(with)/time
 (without), the median over block pairs, for each engine.
 
@@ -81,10 +81,8 @@ def matrix_table(sizes: list[tuple[int, int]], device: torch.device, steps: int)
 
 def _gpt(device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
     """The GPT and its loss on one fixed batch of 16 sequences."""
-    try:
-        from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
-    except ImportError as exc:  # pragma: no cover - run from a source checkout
-        raise SystemExit(f"benchmarks/scenarios/model.py is needed for part 2: {exc}") from exc
+    from rankguard.probe.demo.model import GPT, ModelConfig, next_token_loss, random_batch
+
     cfg = ModelConfig(block_size=64, bias=True, attn_impl="sdpa")
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
@@ -99,7 +97,7 @@ def gpt_overhead(device: torch.device, pairs: int, period: int, engines: list[st
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"\n== periodic MSign overhead on benchmarks/scenarios/model.py "
+        f"\n== periodic MSign overhead on rankguard.probe.demo.model "
         f"({n_params / 1e6:.2f}M params, "
         f"{len(targets)} all_2d targets, batch 16×{model.config.block_size}), P={period} =="
     )

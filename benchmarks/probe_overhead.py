@@ -1,6 +1,6 @@
 """Claim: the probe costs <= 2% of a training step at the default cadence (every=50) on CPU.
 
-A small GPT (benchmarks/scenarios/model.py, nanoGPT layout) trains with and without the probe
+A small GPT (rankguard.probe.demo.model, nanoGPT layout) trains with and without the probe
 in the same process: two identical models (same init, same batches), one of them probed,
 trained in interleaved A/B blocks of whole sampling windows, so every B block carries its
 share of sampled steps (and of the sparser Jacobian steps, amortised over the blocks).
@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
 from rankguard.probe import Probe
+from rankguard.probe.demo.model import GPT, ModelConfig, next_token_loss, random_batch
 from rankguard.probe.sink import NullSink
 
 

@@ -10,7 +10,7 @@ production. The in-process half (skip-step, the holding learning-rate backoff, Q
 rollback to a known-good snapshot) acts at the step. A rollback rewinds the training loop to
 the restored step; the batches after it are skipped (``train()``'s rollback support).
 
-Outcome per run (``benchmarks/scenarios/failure.py``, the one definition) on the trajectory of
+Outcome per run (``rankguard.probe.demo.failure``, the one definition) on the trajectory of
 the model that exists at the end (the steps a rollback undid are not part of it); the loss of
 every batch in the order it was computed is kept too, and the report says where the undone
 steps exploded. Healthy controls and unprotected twins: ``early_warning record``'s recordings
@@ -240,7 +240,7 @@ def rescue_run(scenario_name: str, seed: int, url: str, family: str | None) -> d
     import torch
 
     from benchmarks.scenarios import catalog
-    from benchmarks.scenarios.train import train
+    from rankguard.probe.demo.train import train
 
     torch.set_num_threads(1)
     scenario = catalog.get(scenario_name)
@@ -320,7 +320,7 @@ def _baseline_job(job: tuple[str, int]) -> str:
 
     from benchmarks.early_warning import STOP_AFTER_EXPLOSION
     from benchmarks.scenarios import catalog
-    from benchmarks.scenarios.train import train
+    from rankguard.probe.demo.train import train
 
     torch.set_num_threads(1)
     name, seed = job
@@ -374,7 +374,7 @@ def remedies(record: Mapping[str, Any]) -> dict[str, int]:
 
 def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[str, Any]:
     """Failure kind (or None), final trailing-25 loss and its ratio to the control's."""
-    from benchmarks.scenarios.failure import classify, smoothed_final_loss
+    from rankguard.probe.demo.failure import classify, smoothed_final_loss
 
     fail = classify(losses, control_losses)
     final = smoothed_final_loss(losses)
@@ -388,7 +388,7 @@ def outcome(losses: Sequence[float], control_losses: Sequence[float]) -> dict[st
 
 def report(seeds: Sequence[int], tag: str = "main") -> dict[str, Any]:
     from benchmarks.scenarios import catalog
-    from benchmarks.scenarios.failure import find_explosion
+    from rankguard.probe.demo.failure import find_explosion
 
     runs = []
     for scenario in catalog.SCENARIOS.values():

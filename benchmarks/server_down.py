@@ -1,6 +1,6 @@
 """Claim: with the server down, a training step costs what it costs with no server at all.
 
-Two identical probed GPTs (benchmarks/scenarios/model.py) train on the same batches in
+Two identical probed GPTs (rankguard.probe.demo.model) train on the same batches in
 interleaved A/B blocks: A with no server configured (offline: the probe appends to its local
 file), B with ``server=`` pointing at a closed port (every request fails; the background
 thread spills to the same kind of file and retries). Printed: the median over block pairs of
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.probe_overhead import train_block
-from benchmarks.scenarios.model import GPT, ModelConfig, random_batch
 from rankguard.probe import Probe
+from rankguard.probe.demo.model import GPT, ModelConfig, random_batch
 
 
 def closed_port() -> int:

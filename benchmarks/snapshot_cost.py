@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
 from rankguard.probe.config import RecoveryConfig
+from rankguard.probe.demo.model import GPT, ModelConfig, next_token_loss, random_batch
 from rankguard.probe.recovery.flight import FlightRecorder
 from rankguard.probe.recovery.guard import StepGuard
 from rankguard.probe.recovery.snapshots import SnapshotRing, StateSource

@@ -9,17 +9,13 @@ prints the latest value of every quantity and the path of that file.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for benchmarks.scenarios
-
-from benchmarks.scenarios.model import GPT, ModelConfig, next_token_loss, random_batch
 from rankguard.probe import Probe
+from rankguard.probe.demo.model import GPT, ModelConfig, next_token_loss, random_batch
 
 
 def main() -> None:

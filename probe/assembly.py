@@ -13,8 +13,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from .attention import SiteSearch, find_attention_sites
 from .config import ProbeConfig
 from .exceptions import ConfigError, ConfigTypeError
 from .hooks import CallCapture
@@ -23,16 +25,19 @@ from .quantities import REGISTRY, PowerIteration, Quantity
 from .quantities.jacobian_alignment import JacobianAlignment
 from .schedules import Every
 from .sink import FileSink, Sink, safe_file_name
-from .targets import WeightTarget, find_blocks, find_targets
+from .targets import ATTENTION, WeightTarget, find_blocks, find_targets
 from .transport import NullTransport, SinkTransport, Transport
 
 __all__ = [
     "as_call",
     "build_quantities",
     "check_quantity_names",
+    "find_sites",
     "find_weight_targets",
+    "is_compiled",
     "make_transport",
     "power_iterations",
+    "real_optimizer",
     "resolve_blocks",
     "schedule_for",
 ]
@@ -87,6 +92,7 @@ def build_quantities(
                     schedule=schedule,
                     iterations=config.jacobian_iterations,
                     cold_iterations=config.jacobian_cold_iterations,
+                    tolerance=config.jacobian_tolerance,
                 )
             )
         else:
@@ -128,6 +134,55 @@ def find_weight_targets(model: nn.Module, config: ProbeConfig) -> list[WeightTar
             f"targets={config.targets!r}, exclude={list(config.exclude)!r}"
         )
     return targets
+
+
+def find_sites(
+    model: nn.Module, targets: Sequence[WeightTarget], config: ProbeConfig
+) -> SiteSearch:
+    """The attention sites: the parents of the weights the ``attention`` globs name (with
+    ``attention_heads``), else detected by what the modules do, names as the fallback."""
+    explicit = None
+    if config.attention is not None:
+        explicit = [(t.module_name, t.name) for t in targets if ATTENTION in t.groups]
+    return find_attention_sites(model, explicit=explicit, heads=config.attention_heads)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``torch.compile`` runs the model or any of its modules (a wrapper with
+    ``_orig_mod``, or ``Module.compile()``)."""
+    return any(
+        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
+
+
+def real_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind any wrapper that exposes it as ``.optimizer`` (accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``, DeepSpeed's), checked at
+    construction to take the step hooks ``scale_lr`` needs: a command that could not act
+    is refused now, not in the middle of an incident."""
+    seen: set[int] = set()
+    current = optimizer
+    while id(current) not in seen:
+        seen.add(id(current))
+        inner = getattr(current, "optimizer", None)
+        if inner is None or not hasattr(inner, "param_groups"):
+            break
+        current = inner
+    if not hasattr(current, "param_groups"):
+        raise ConfigTypeError(
+            f"optimizer: expected a torch.optim.Optimizer (or a wrapper exposing one as "
+            f".optimizer) or None, got {type(optimizer).__name__}"
+        )
+    if not hasattr(current, "_optimizer_step_pre_hooks") or not callable(
+        getattr(current, "register_step_pre_hook", None)
+    ):
+        raise ConfigError(
+            f"optimizer: {type(current).__name__} takes no step hooks, so the scale_lr "
+            "command (and a rule's lr_backoff) could not act on it; pass a "
+            "torch.optim.Optimizer, or optimizer=None to run without scale_lr"
+        )
+    return current  # type: ignore[no-any-return]
 
 
 def resolve_blocks(

@@ -234,7 +234,11 @@ class ProbeConfig:
     head: bool = False
     """Include the LM head."""
     attention: tuple[str, ...] | None = None
-    """Globs naming the attention targets; None: detected automatically."""
+    """Globs naming the attention targets (Q, K, V, O weights); None: detected automatically.
+    Their modules' parents become the attention sites, replacing any detected ones."""
+    attention_heads: int | None = None
+    """Heads per attention module, for sites named by ``attention`` whose module carries no
+    head count (``n_head``, ``num_heads``, ...)."""
     log_dir: str = "rankguard_logs"
     """Folder of the local sink file (offline runs) and of the spill file (live runs)."""
     strict: bool = False
@@ -258,9 +262,15 @@ class ProbeConfig:
     cold_iterations: int = 30
     """Power iterations the first time a weight is seen (no warm vector yet)."""
     jacobian_iterations: int = 3
-    """Warm jvp/vjp power iterations per block Jacobian per Jacobian step."""
-    jacobian_cold_iterations: int = 20
-    """Jacobian power iterations without a warm vector (first sample, shape change)."""
+    """Jacobian power iterations per block on a warm sample (from the previous vector); the
+    residual reached is reported as ``jacobian_residual``."""
+    jacobian_cold_iterations: int = 100
+    """The most Jacobian power iterations per block on the first sample (no warm vector),
+    which stops earlier once the residual reaches ``jacobian_tolerance``."""
+    jacobian_tolerance: float = 1e-3
+    """Relative residual ‖J v − σ u‖/σ at which the first sample's Jacobian power iterations
+    stop (checked every 5 iterations, one host sync each); the residual reached is reported
+    as ``jacobian_residual`` on every sample."""
     histogram_bins: int = 41
     """Bins of the SA cosine histogram."""
     exact: bool = False
@@ -272,6 +282,11 @@ class ProbeConfig:
     command_poll_interval: float = 1.0
     """Seconds between the transport thread's command polls (the latency between an order
     and its arrival in the inbox)."""
+    compiled: bool | None = None
+    """The model runs under ``torch.compile``: the probe's forward hooks are then registered
+    once and switched on for sampled steps (compiled code never calls a hook registered after
+    it was compiled). None: detected from the model (a ``torch.compile`` wrapper, or a module
+    compiled with ``Module.compile()``)."""
     activations_per_rank: bool = False
     """Under DDP or FSDP2, ranks other than 0 also ship the activation quantities of their own
     batch (those computed from layer inputs or attention projections), labelled with their
@@ -303,6 +318,13 @@ class ProbeConfig:
                 f"power_iterations: must be >= 2 with lanczos (one Lanczos step never moves "
                 f"the warm vector), got {self.power_iterations}"
             )
+        if self.attention_heads is not None:
+            _positive_int("attention_heads", self.attention_heads)
+        tol = self.jacobian_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 < tol < 1:
+            raise ConfigError(f"jacobian_tolerance: expected a number in (0, 1), got {tol!r}")
+        if self.compiled is not None and not isinstance(self.compiled, bool):
+            raise ConfigTypeError(f"compiled: expected True, False or None, got {self.compiled!r}")
         interval = self.command_poll_interval
         if isinstance(interval, bool) or not isinstance(interval, int | float) or interval <= 0:
             raise ConfigError(f"command_poll_interval: expected seconds > 0, got {interval!r}")
@@ -365,6 +387,7 @@ class ProbeConfig:
             "embeddings": self.embeddings,
             "head": self.head,
             "attention": list(self.attention) if self.attention is not None else None,
+            "attention_heads": self.attention_heads,
             "max_rows": self.max_rows,
             "max_sequences": self.max_sequences,
             "jacobian_sequences": self.jacobian_sequences,
@@ -373,6 +396,7 @@ class ProbeConfig:
             "cold_iterations": self.cold_iterations,
             "jacobian_iterations": self.jacobian_iterations,
             "jacobian_cold_iterations": self.jacobian_cold_iterations,
+            "jacobian_tolerance": self.jacobian_tolerance,
             "histogram_bins": self.histogram_bins,
             "exact": self.exact,
             "auto_recover": self.auto_recover,

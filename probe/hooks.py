@@ -2,10 +2,15 @@
 
 Every hook is registered only for a sampled step (armed at the end of the previous
 ``probe.step``) and removed at the end of the sampled ``probe.step``: on other steps the model
-carries no probe hook at all. Hooks keep bounded, detached fp32 summaries (at most
-``max_rows`` input rows per module, at most ``max_sequences`` sequences of attention
-projections), never a whole activation, and never raise into the forward pass: an error is
-logged once and the hook goes quiet.
+carries no probe hook at all. Under ``torch.compile`` (``persistent``) the forward hooks are
+instead registered once and switched on for sampled steps, because compiled code never calls
+a hook registered after it was compiled; the switch costs one extra graph, compiled at the
+first sampled step, and no recompilation after it.
+
+Hooks keep bounded, detached summaries (at most ``max_rows`` fp32 input rows per module; the
+first ``max_sequences`` sequences of each attention call; the first ``jacobian_sequences``
+of each block call, without any KV cache), never a whole activation, and never raise into
+the forward pass: an error is logged once and the hook goes quiet.
 """
 
 from __future__ import annotations
@@ -19,25 +24,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .attention import AttentionSite
+from .replay import AutocastState, is_stateful
 from .targets import WeightTarget
 
 __all__ = [
-    "AttentionSite",
     "CallCapture",
     "Captures",
     "HookSet",
     "ProbeHooks",
-    "find_attention_sites",
     "slice_batch",
     "subsample_rows",
 ]
 
 logger = logging.getLogger("rankguard.probe")
-
-_HEAD_ATTRS = ("n_head", "num_heads", "n_heads", "num_attention_heads")
-_KV_HEAD_ATTRS = ("n_kv_head", "num_key_value_heads", "n_kv_heads", "num_kv_heads")
-_QK_PAIRS = (("q_proj", "k_proj"), ("query", "key"), ("wq", "wk"))
-_FUSED = ("c_attn", "qkv", "qkv_proj", "Wqkv")
 
 
 class HookSet:
@@ -71,7 +71,10 @@ def subsample_rows(x: Tensor, max_rows: int) -> Tensor:
 
 def slice_batch(value: Any, batch: int, n: int) -> Any:
     """The first ``n`` sequences of every tensor whose leading dim is ``batch`` (detached
-    copies); other values unchanged. Recurses into tuples, lists and dicts."""
+    copies); a KV cache becomes None (a replay must neither read nor grow it); other values
+    unchanged. Recurses into tuples, lists and dicts."""
+    if is_stateful(value):
+        return None
     if isinstance(value, Tensor):
         if value.dim() >= 1 and value.shape[0] == batch:
             return value.detach()[:n].clone()
@@ -94,65 +97,22 @@ def _first_tensor(args: Iterable[Any], kwargs: Mapping[str, Any]) -> Tensor | No
 
 @dataclass
 class CallCapture:
-    """The (args, kwargs) of one call, cut to the first ``n`` sequences."""
+    """The (args, kwargs) of one call, cut to the first ``n`` sequences, without its KV cache,
+    and the autocast it ran under."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    autocast: AutocastState | None = None
 
     @classmethod
     def of(cls, args: tuple[Any, ...], kwargs: Mapping[str, Any], n: int) -> CallCapture:
         first = _first_tensor(args, kwargs)
         batch = int(first.shape[0]) if first is not None and first.dim() >= 1 else -1
-        return cls(slice_batch(tuple(args), batch, n), slice_batch(dict(kwargs), batch, n))
-
-
-@dataclass(frozen=True)
-class AttentionSite:
-    """Where q and k of one attention module can be read: a fused projection (output
-    (B, T, 3C) split in thirds) or separate q/k projections."""
-
-    name: str  # the attention module's name (the quantity's target)
-    n_head: int
-    n_kv_head: int | None
-    fused: nn.Module | None = None
-    q: nn.Module | None = None
-    k: nn.Module | None = None
-
-
-def _int_attr(module: nn.Module, names: Iterable[str]) -> int | None:
-    for a in names:
-        v = getattr(module, a, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
-
-
-def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """Attention modules whose q and k projections are reachable by a forward hook, with the
-    head count read from ``n_head``/``num_heads``/``n_heads`` (also on the module's config)."""
-    sites: list[AttentionSite] = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            continue  # q, k are computed inside F.multi_head_attention_forward: not reachable
-        n_head = _int_attr(module, _HEAD_ATTRS)
-        cfg = getattr(module, "config", None)
-        if n_head is None and cfg is not None:
-            n_head = _int_attr(cfg, _HEAD_ATTRS)
-        if n_head is None:
-            continue
-        n_kv = _int_attr(module, _KV_HEAD_ATTRS)
-        if n_kv is None and cfg is not None:
-            n_kv = _int_attr(cfg, _KV_HEAD_ATTRS)
-        children = dict(module.named_children())
-        fused = next((children[f] for f in _FUSED if f in children), None)
-        if fused is not None:
-            sites.append(AttentionSite(name, n_head, n_kv, fused=fused))
-            continue
-        for qn, kn in _QK_PAIRS:
-            if qn in children and kn in children:
-                sites.append(AttentionSite(name, n_head, n_kv, q=children[qn], k=children[kn]))
-                break
-    return sites
+        return cls(
+            slice_batch(tuple(args), batch, n),
+            slice_batch(dict(kwargs), batch, n),
+            AutocastState.of(first),
+        )
 
 
 @dataclass
@@ -161,26 +121,32 @@ class Captures:
 
     inputs: dict[str, Tensor] = field(default_factory=dict)  # target name -> (N, in) fp32
     qk: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # site -> (q, k)
+    calls: dict[str, CallCapture] = field(default_factory=dict)  # attention site -> its call
+    blocks: dict[str, CallCapture] = field(default_factory=dict)  # block name -> its call
     grad_norms: dict[str, Tensor] = field(default_factory=dict)  # param name -> 0-d fp32
     grad_non_finite: dict[str, Tensor] = field(default_factory=dict)  # param name -> 0-d
 
     def clear(self) -> None:
         self.inputs.clear()
         self.qk.clear()
+        self.calls.clear()
+        self.blocks.clear()
         self.grad_norms.clear()
         self.grad_non_finite.clear()
 
 
 class _Guard:
-    """Runs hook bodies so that an error is logged once and never reaches the forward."""
+    """Runs hook bodies so that an error is logged once and never reaches the forward, and
+    only while the probe's hooks are switched on (``active``: always, unless persistent)."""
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
+        self.active = False
         self.failed: set[str] = set()
 
     def wrap(self, key: str, fn: Callable[..., None]) -> Callable[..., None]:
         def hook(*args: Any, **kwargs: Any) -> None:
-            if key in self.failed:
+            if not self.active or key in self.failed:
                 return None
             try:
                 fn(*args, **kwargs)
@@ -202,33 +168,82 @@ def _linear_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | 
 
 _MHA_INPUTS = {"q": (0, "query"), "k": (1, "key"), "v": (2, "value")}
 
+INPUTS, ATTENTION, BLOCKS = "inputs", "attention", "blocks"
+"""The kinds of forward hook (``ProbeHooks.arm``'s ``kinds``)."""
+
 
 class ProbeHooks:
-    """Arms the hooks one sampled step needs and removes them all afterwards."""
+    """Arms the hooks one sampled step needs and removes them all afterwards; ``persistent``
+    (torch.compile): registers the forward hooks once and switches them on and off."""
 
     def __init__(
         self,
         model: nn.Module,
         targets: Iterable[WeightTarget],
         sites: Iterable[AttentionSite],
+        blocks: Iterable[tuple[str, nn.Module]],
         *,
         max_rows: int,
         max_sequences: int,
+        block_sequences: int,
         strict: bool,
+        persistent: bool = False,
     ) -> None:
-        self.handles = HookSet()
+        self.handles = HookSet()  # removed at every disarm
+        self.installed = HookSet()  # persistent forward hooks, removed at close
         self.captures = Captures()
         self.guard = _Guard(strict)
-        self._model = model
+        self.persistent = persistent
+        self._kinds: set[str] = set()  # forward hook kinds registered (persistent)
         self._modules = dict(model.named_modules())
         self._by_module: dict[str, list[WeightTarget]] = {}
         for t in targets:
             self._by_module.setdefault(t.module_name, []).append(t)
-        self._sites = list(sites)
+        self.sites = list(sites)
+        self._blocks = list(blocks)
         self._max_rows = max_rows
         self._max_sequences = max_sequences
+        self._block_sequences = block_sequences
 
-    def arm_inputs(self) -> None:
+    def arm(self, kinds: Iterable[str], params: Iterable[tuple[str, nn.Parameter]] = ()) -> None:
+        """Registers (or switches on) the forward hooks of ``kinds`` and, with ``params``, the
+        gradient hooks, for the next forward/backward."""
+        self.guard.active = True
+        for kind in kinds:
+            if self.persistent and kind in self._kinds:
+                continue
+            self._kinds.add(kind)
+            handles = self.installed if self.persistent else self.handles
+            {INPUTS: self._arm_inputs, ATTENTION: self._arm_attention, BLOCKS: self._arm_blocks}[
+                kind
+            ](handles)
+        params = list(params)
+        if params:
+            self._arm_grads(params)
+
+    def disarm(self) -> None:
+        """Removes the per-sample hooks and switches the persistent ones off."""
+        self.guard.active = False
+        self.handles.remove_all()
+        if not self.persistent:
+            self._kinds.clear()
+
+    def remove(self) -> None:
+        """Removes every hook, persistent ones included (the probe closes)."""
+        self.disarm()
+        self.installed.remove_all()
+        self._kinds.clear()
+
+    @property
+    def live(self) -> bool:
+        return len(self.handles) > 0 or (self.guard.active and len(self.installed) > 0)
+
+    def _pre_hook(
+        self, handles: HookSet, module: nn.Module, key: str, fn: Callable[..., None]
+    ) -> None:
+        handles.add(module.register_forward_pre_hook(self.guard.wrap(key, fn), with_kwargs=True))
+
+    def _arm_inputs(self, handles: HookSet) -> None:
         """Pre-hooks keeping <= max_rows input rows (fp32) of every target's module."""
         for module_name, targets in self._by_module.items():
             module = self._modules[module_name]
@@ -236,11 +251,7 @@ class ProbeHooks:
                 hook = self._mha_input_hook(targets)
             else:
                 hook = self._linear_input_hook(targets)
-            self.handles.add(
-                module.register_forward_pre_hook(
-                    self.guard.wrap(f"inputs:{module_name}", hook), with_kwargs=True
-                )
-            )
+            self._pre_hook(handles, module, f"inputs:{module_name}", hook)
 
     def _linear_input_hook(self, targets: list[WeightTarget]) -> Callable[..., None]:
         names = [t.name for t in targets]
@@ -271,54 +282,67 @@ class ProbeHooks:
 
         return hook
 
-    def arm_attention(self) -> None:
-        """Forward hooks keeping the q and k projections of <= max_sequences sequences."""
-        n = self._max_sequences
-        qk = self.captures.qk
-        for site in self._sites:
-            if site.fused is not None:
+    def _arm_blocks(self, handles: HookSet) -> None:
+        """Pre-hooks keeping each block's call (its first ``block_sequences`` sequences):
+        where the blocks are really called, whatever wraps the model."""
+        for name, block in self._blocks:
+            self._pre_hook(
+                handles,
+                block,
+                f"block:{name}",
+                self._call_hook(self.captures.blocks, name, self._block_sequences),
+            )
 
-                def fused_hook(
-                    module: nn.Module, args: Any, out: Any, site: AttentionSite = site
-                ) -> None:
-                    if not isinstance(out, Tensor) or out.dim() != 3:
-                        return
-                    c = out.shape[-1] // 3
-                    y = out.detach()[:n]  # (b, T, 3C)
-                    qk[site.name] = (y[..., :c].float(), y[..., c : 2 * c].float())
+    def _call_hook(self, sink: dict[str, CallCapture], key: str, n: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            sink[key] = CallCapture.of(args, kwargs, n)
 
-                self.handles.add(
-                    site.fused.register_forward_hook(
-                        self.guard.wrap(f"attention:{site.name}", fused_hook)
-                    )
+        return hook
+
+    def _arm_attention(self, handles: HookSet) -> None:
+        """Replayed sites: a pre-hook keeping the call (first ``max_sequences`` sequences).
+        Projection-only sites: forward hooks keeping q and k of the same sequences."""
+        for site in self.sites:
+            key = f"attention:{site.name}"
+            if site.replay:
+                hook = self._call_hook(self.captures.calls, site.name, self._max_sequences)
+                self._pre_hook(handles, site.module, key, hook)
+            elif site.fused is not None:
+                handles.add(
+                    site.fused.register_forward_hook(self.guard.wrap(key, self._fused_hook(site)))
                 )
             elif site.q is not None and site.k is not None:
-                partial: dict[str, Tensor] = {}
+                q_hook, k_hook = self._qk_hooks(site)
+                handles.add(site.q.register_forward_hook(self.guard.wrap(key, q_hook)))
+                handles.add(site.k.register_forward_hook(self.guard.wrap(key, k_hook)))
 
-                def q_hook(
-                    module: nn.Module, args: Any, out: Any, partial: dict[str, Tensor] = partial
-                ) -> None:
-                    if isinstance(out, Tensor) and out.dim() == 3:
-                        partial["q"] = out.detach()[:n].float()
+    def _fused_hook(self, site: AttentionSite) -> Callable[..., None]:
+        n, qk = self._max_sequences, self.captures.qk
 
-                def k_hook(
-                    module: nn.Module,
-                    args: Any,
-                    out: Any,
-                    site: AttentionSite = site,
-                    partial: dict[str, Tensor] = partial,
-                ) -> None:
-                    if isinstance(out, Tensor) and out.dim() == 3 and "q" in partial:
-                        qk[site.name] = (partial.pop("q"), out.detach()[:n].float())
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if not isinstance(out, Tensor) or out.dim() != 3:
+                return
+            c = out.shape[-1] // 3
+            y = out.detach()[:n]  # (b, T, 3C)
+            qk[site.name] = (y[..., :c].float(), y[..., c : 2 * c].float())
 
-                self.handles.add(
-                    site.q.register_forward_hook(self.guard.wrap(f"attention:{site.name}", q_hook))
-                )
-                self.handles.add(
-                    site.k.register_forward_hook(self.guard.wrap(f"attention:{site.name}", k_hook))
-                )
+        return hook
 
-    def arm_grads(self, params: Iterable[tuple[str, nn.Parameter]]) -> None:
+    def _qk_hooks(self, site: AttentionSite) -> tuple[Callable[..., None], Callable[..., None]]:
+        n, qk = self._max_sequences, self.captures.qk
+        partial: dict[str, Tensor] = {}
+
+        def q_hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.dim() == 3:
+                partial["q"] = out.detach()[:n].float()
+
+        def k_hook(module: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.dim() == 3 and "q" in partial:
+                qk[site.name] = (partial.pop("q"), out.detach()[:n].float())
+
+        return q_hook, k_hook
+
+    def _arm_grads(self, params: Iterable[tuple[str, nn.Parameter]]) -> None:
         """Post-accumulate-grad hooks measuring each gradient as backward produces it: before
         any clipping, and whether or not ``zero_grad`` runs before ``probe.step``. With
         gradient accumulation the last micro-batch's call (the full gradient) wins."""
@@ -340,31 +364,3 @@ class ProbeHooks:
                     self.guard.wrap(f"grad:{name}", hook)
                 )
             )
-
-    def capture_call(
-        self,
-        module: nn.Module,
-        sink: dict[str, CallCapture],
-        key: str,
-        *,
-        handles: HookSet | None = None,
-        sequences: int | None = None,
-    ) -> None:
-        """A pre-hook storing the first ``sequences`` (default ``max_sequences``) sequences
-        of the first call."""
-        n = sequences if sequences is not None else self._max_sequences
-
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if key not in sink:
-                sink[key] = CallCapture.of(args, kwargs, n)
-
-        (handles if handles is not None else self.handles).add(
-            module.register_forward_pre_hook(self.guard.wrap(f"call:{key}", hook), with_kwargs=True)
-        )
-
-    @property
-    def live(self) -> bool:
-        return len(self.handles) > 0
-
-    def disarm(self) -> None:
-        self.handles.remove_all()

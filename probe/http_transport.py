@@ -348,7 +348,7 @@ class HttpTransport:
         return keep + batches[half:] if keep else self._deliver(batches[half:])
 
     def _post_batch(self, batch: Batch) -> tuple[_Outcome, str]:
-        """POSTs one batch's points, histograms, acks and events; the outcome and, when
+        """POSTs one batch's points, histograms, events and acks; the outcome and, when
         refused, why."""
         if self._server_is_down():
             return _Outcome.KEEP, ""
@@ -362,14 +362,14 @@ class HttpTransport:
             outcome, reason = self._post(f"{self._run_path}/histograms", {"histograms": histograms})
             if outcome is not _Outcome.DELIVERED:
                 return outcome, reason
-        for item in batch.get("acks") or ():
-            outcome, reason = self._post_ack(item)
+        # events (quantity_unavailable, the recovery's rollbacks...) are not idempotent on the
+        # server: a replay after a crash between two posts records one twice, never loses it
+        for event in batch.get("events") or ():
+            outcome, reason = self._post(f"{self._run_path}/events", event)
             if outcome is not _Outcome.DELIVERED:
                 return outcome, reason
-        for event in batch.get("events") or ():
-            # not idempotent on the server: a replay after a crash between two of these
-            # posts records an event twice (a rare, visible duplicate, never a loss)
-            outcome, reason = self._post(f"{self._run_path}/events", event)
+        for item in batch.get("acks") or ():
+            outcome, reason = self._post_ack(item)
             if outcome is not _Outcome.DELIVERED:
                 return outcome, reason
         return _Outcome.DELIVERED, ""

@@ -24,12 +24,16 @@ from .assembly import (
     as_call,
     build_quantities,
     check_quantity_names,
+    find_sites,
     find_weight_targets,
+    is_compiled,
     make_transport,
     power_iterations,
+    real_optimizer,
     resolve_blocks,
     schedule_for,
 )
+from .attention import LOOKED_FOR, SiteSearch, attention_modules
 from .config import ProbeConfig
 from .control import CommandRunner, SetProbeCommand, command_id
 from .distributed import (
@@ -41,16 +45,16 @@ from .distributed import (
 )
 from .exceptions import ConfigError, ConfigTypeError, QuantityError
 from .gather import Loss, gather
-from .hooks import CallCapture, HookSet, ProbeHooks, find_attention_sites
+from .hooks import ATTENTION, BLOCKS, INPUTS, ProbeHooks
 from .http_transport import HttpTransport
 from .interventions import LearningRateScale
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
-from .quantities.jacobian_alignment import JacobianAlignment
+from .quantities.attention_logit_max import AttentionLogitMax
 from .quantities.sharded import is_dtensor
 from .recovery.link import RecoveryLink
 from .recovery.snapshots import StateSource
 from .sink import FileSink, Sink
-from .targets import WeightTarget
+from .targets import WeightTarget, with_attention_modules
 from .transport import CloseReport, SinkTransport, Transport, TransportStats
 from .wire import encode_batch
 
@@ -71,9 +75,12 @@ class Probe:
     same steps, because sharded weight spectra are collectives, and rank 0 ships.
 
     Args:
-        model: the model being trained.
+        model: the model being trained (as it is: a ``torch.compile`` wrapper, DDP, an
+            accelerate-prepared model, a LightningModule).
         optimizer: its optimizer (optional; the ``scale_lr`` command acts on it, through
-            step hooks that exist only while a backoff is in force).
+            step hooks that exist only while a backoff is in force). A wrapper exposing
+            ``.optimizer`` (accelerate, Lightning, DeepSpeed) is unwrapped; one the command
+            could not act on is refused here, not when a command arrives.
         run: the run's name.
         config: what to compute and how often (:class:`ProbeConfig`; default: its defaults).
         server: URL of the rankguard server (None: local JSON Lines file only).
@@ -81,13 +88,17 @@ class Probe:
         blocks: the repeated blocks for the Jacobian alignment, by name or module (None: the
             model's largest ModuleList of same-class children).
         probe_batch: fixed input of the Jacobian probe forward: a tensor (``model(x)``), a
-            tuple of args or a dict of kwargs. None: the first ``jacobian_sequences``
-            sequences of the first forward the probe sees.
+            tuple of args or a dict of kwargs, replayed through the model. None: the blocks'
+            own calls (first ``jacobian_sequences`` sequences) captured on sampled steps,
+            where the blocks are really called.
         sink: where batches go when there is no server (default: a :class:`FileSink` under
             ``log_dir``, the same file a live run spills to).
         transport: replaces the default transport (HTTP when ``server`` is given) — tests.
         lr_scheduler: the run's LR scheduler(s) (one or a list), restored by a rollback.
         scaler: the run's ``torch.amp.GradScaler``, restored by a rollback.
+        start_step: the step the first ``probe.step()`` records (a trainer's own numbering:
+            Hugging Face's first optimizer step is 1; a resumed run's is where it resumes),
+            so the hooks of a sampled step are armed for the right forward.
         **options: any :class:`ProbeConfig` field (``every=10``, ``targets=[...]``,
             ``schedules={"stable_rank": 5}``, ...), applied on top of ``config``.
     """
@@ -95,7 +106,7 @@ class Probe:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Any | None = None,
         *,
         run: str,
         config: ProbeConfig | None = None,
@@ -105,51 +116,58 @@ class Probe:
         probe_batch: Tensor | tuple[Any, ...] | Mapping[str, Any] | None = None,
         sink: Sink | None = None,
         transport: Transport | None = None,
+        start_step: int = 0,
         lr_scheduler: Any = None,
         scaler: Any = None,
         **options: Any,
     ) -> None:
         # checked before any hook is installed: a bad argument leaves the model untouched
-        _check_arguments(model, optimizer, run, config)
-        source = StateSource.of(model, optimizer, lr_scheduler, scaler)
+        _check_arguments(model, run, config)
         if transport is None and server is not None and sink is not None:
             raise ConfigError("sink: give either server= or sink=, not both")
         self.config = cfg = (config or ProbeConfig()).with_options(options)
         check_quantity_names(cfg)
-        self.model, self.optimizer, self.run_name = model, optimizer, run
+        self.optimizer = real_optimizer(optimizer) if optimizer is not None else None
+        # what a rollback restores (validated here, before any hook exists)
+        source = StateSource.of(model, self.optimizer, lr_scheduler, scaler)
+        self.model, self.run_name = model, run
         self.server, self.token = server, token
         self.targets: list[WeightTarget] = find_weight_targets(model, cfg)
         self.blocks = resolve_blocks(model, blocks)
-        self.sites = find_attention_sites(model)
+        search = find_sites(model, self.targets, cfg)
+        self.sites = search.sites
+        if cfg.attention is None:  # the user's globs win; otherwise attention is what it does
+            self.targets = with_attention_modules(self.targets, attention_modules(self.sites))
         self.params: list[tuple[str, nn.Parameter]] = list(model.named_parameters())
         self.rank, self.world_size = rank_and_world()
         # FSDP2: parameters are DTensor shards, so weight quantities are collectives
         # (all-reduces of vectors) that every rank must run, in the same order.
         self.sharded = any(is_dtensor(p) for _, p in self.params)
+        self._said: set[tuple[str, str | None]] = set()
+        self._events: list[dict[str, Any]] = []
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ConfigError(f"start_step: expected an int >= 0, got {start_step!r}")
+        self._step = start_step
+        wanted = cfg.quantities if cfg.quantities is not None else tuple(REGISTRY)
         self.quantities: list[Quantity] = build_quantities(
-            cfg,
-            self.blocks,
-            cfg.quantities if cfg.quantities is not None else REGISTRY,
-            explicit=cfg.quantities is not None,
+            cfg, self.blocks, wanted, explicit=cfg.quantities is not None
         )
+        self._say_what_is_missing(wanted, search)
         self._weights, self._inputs = power_iterations(cfg)
+        self.compiled = cfg.compiled if cfg.compiled is not None else is_compiled(model)
         self._hooks = ProbeHooks(
             model,
             self.targets,
             self.sites,
+            self.blocks,
             max_rows=cfg.max_rows,
             max_sequences=cfg.max_sequences,
+            block_sequences=cfg.jacobian_sequences,
             strict=cfg.strict,
+            persistent=self.compiled,
         )
-        self._batch_hooks = HookSet()
-        self._batch_calls: dict[str, CallCapture] = {}
         self.probe_batch = as_call(probe_batch)
-        if self.probe_batch is None and any(
-            isinstance(q, JacobianAlignment) for q in self.quantities
-        ):
-            self._capture_first_batch()
         self.run_id = shared_run_id(self.world_size)
-        self._step = 0
         self._losses: list[Loss] = []
         self._latest: dict[tuple[str, str], float] = {}
         self._failed: set[str] = set()
@@ -170,8 +188,8 @@ class Probe:
         rc = cfg.recovery
         self._lr_scale = (
             None
-            if optimizer is None
-            else LearningRateScale(optimizer, **(rc.lr_options() if rc is not None else {}))
+            if self.optimizer is None
+            else LearningRateScale(self.optimizer, **(rc.lr_options() if rc is not None else {}))
         )
         self._link = RecoveryLink(
             rc,
@@ -271,9 +289,6 @@ class Probe:
             value = loss.detach() if isinstance(loss, Tensor) else float(loss)
             self._losses.append((s, value, time.time()))
         due = [q for q in self.quantities if q.should_compute(s)]
-        if self._batch_calls and self.probe_batch is None:
-            self.probe_batch = self._batch_calls["model"]
-            self._batch_hooks.remove_all()
         if due:
             self._sample(s, due)
         elif self._armed:  # armed for a step the caller skipped (step= jumped)
@@ -300,11 +315,11 @@ class Probe:
         self._closed = True
         self._disarm()
         self._link.close(self._step - 1)
+        self._hooks.remove()
         if self._lr_scale is not None:
             self._lr_scale.remove()  # the optimizer steps with the user's LR again
-        self._batch_hooks.remove_all()
         try:
-            if self._losses:
+            if self._losses or self._events:
                 self._emit([], self._step - 1)
         finally:
             report = self.transport.close(timeout=timeout)
@@ -358,15 +373,49 @@ class Probe:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _capture_first_batch(self) -> None:
-        """The first forward's first sequences become the Jacobian's fixed probe batch."""
-        self._hooks.capture_call(
-            self.model,
-            self._batch_calls,
-            "model",
-            handles=self._batch_hooks,
-            sequences=self.config.jacobian_sequences,
-        )
+    def _say_what_is_missing(self, wanted: Sequence[str], search: SiteSearch) -> None:
+        """Says once, at construction, which wanted quantities this model cannot give."""
+        built = {q.name for q in self.quantities}
+        if "jacobian_alignment" in wanted and "jacobian_alignment" not in built:
+            self._unavailable(
+                "jacobian_alignment",
+                "the model has no repeated blocks (a ModuleList or Sequential of >= 2 modules "
+                "of one class); pass blocks=[...]",
+            )
+        if self.sharded:
+            for name in ("jacobian_alignment", "attention_logit_max"):
+                if name in built:
+                    self._unavailable(
+                        name, "it replays modules, which needs unsharded parameters (FSDP2)"
+                    )
+            self.quantities = [
+                q
+                for q in self.quantities
+                if q.name not in ("jacobian_alignment", "attention_logit_max")
+            ]
+        if "attention_logit_max" not in wanted:
+            return
+        if not search.sites:
+            self._unavailable("attention_logit_max", f"no attention found; looked for {LOOKED_FOR}")
+        for site in search.sites:
+            if not site.replay:
+                self._unavailable(
+                    "attention_logit_max",
+                    "found by name only (no attention call the probe can replay); "
+                    "attention_logit_bound reports an upper bound from its projections",
+                    site.name,
+                )
+
+    def _unavailable(self, quantity: str, reason: str, target: str | None = None) -> None:
+        """A warning and a ``quantity_unavailable`` event, once per (quantity, target)."""
+        if (quantity, target) in self._said:
+            return
+        self._said.add((quantity, target))
+        where = f" for {target}" if target else ""
+        logger.warning("rankguard: %s cannot be computed%s: %s", quantity, where, reason)
+        payload = {"quantity": quantity, "target": target, "reason": reason}
+        step = self._step if getattr(self, "transport", None) is not None else None
+        self._events.append({"kind": "quantity_unavailable", "step": step, "payload": payload})
 
     def _on_this_rank(self, quantities: Sequence[Quantity]) -> list[Quantity]:
         return computed_on_rank(
@@ -447,12 +496,21 @@ class Probe:
                 q.arm(step, self.targets)
             except Exception as exc:
                 self._fail(q, step, exc)
-        if any(q.needs_inputs for q in due):
-            self._hooks.arm_inputs()
-        if any(q.needs_attention for q in due) and self.sites:
-            self._hooks.arm_attention()
-        if any(q.needs_grads for q in due):
-            self._hooks.arm_grads(self.params)
+        # compiled: every hook any quantity needs, from the first sample on, so the set of
+        # hooks the compiled graph saw never changes (one graph with them, one without)
+        kinds = self._hook_kinds(self.quantities if self.compiled else due)
+        grads = self.params if any(q.needs_grads for q in due) else ()
+        self._hooks.arm(kinds, grads)
+
+    def _hook_kinds(self, quantities: Sequence[Quantity]) -> list[str]:
+        kinds = []
+        if any(q.needs_inputs for q in quantities):
+            kinds.append(INPUTS)
+        if any(q.needs_attention for q in quantities) and self.sites:
+            kinds.append(ATTENTION)
+        if any(q.needs_blocks for q in quantities) and self.blocks and self.probe_batch is None:
+            kinds.append(BLOCKS)
+        return kinds
 
     def _disarm(self) -> None:
         """Removes the armed hooks and drops what the quantities kept for the next sample."""
@@ -479,17 +537,34 @@ class Probe:
             sites=self.sites,
             blocks=self.blocks,
             probe_batch=self.probe_batch,
+            report=self._unavailable,
         )
+        self._check_hooks_fired(due, ctx)
         outputs: list[Values | Histogram] = []
         for q in due:
             try:
                 outputs.extend(q.compute(ctx))
             except Exception as exc:
                 self._fail(q, s, exc)
-        if self._hooks.captures.qk:
-            self._link.observe(self._hooks.captures.qk)
+        per_head = next((q.per_head for q in due if isinstance(q, AttentionLogitMax)), {})
+        if per_head or self._hooks.captures.qk:
+            self._link.observe(per_head, self._hooks.captures.qk)
         self._hooks.captures.clear()
         self._emit(outputs, s)
+
+    def _check_hooks_fired(self, due: Sequence[Quantity], ctx: StepContext) -> None:
+        """A backward ran (gradient hooks fired) but no forward hook did: the model's forward
+        ran without them, as compiled code does when it was compiled before they existed."""
+        captures = ctx.captures
+        if not captures.grad_norms or captures.inputs or captures.calls or captures.blocks:
+            return
+        for q in due:
+            if q.needs_inputs or q.needs_attention or q.needs_blocks:
+                ctx.unavailable(
+                    q.name,
+                    "the model's forward ran without the probe's hooks (compiled by "
+                    "torch.compile before they were registered?); pass compiled=True",
+                )
 
     def _fail(self, q: Quantity, s: int, exc: Exception) -> None:
         if self.config.strict:
@@ -503,6 +578,9 @@ class Probe:
                 exc,
                 exc_info=exc,
             )
+            self._said.add((q.name, None))  # the warning above says it
+            payload = {"quantity": q.name, "target": None, "reason": f"failed: {exc}"}
+            self._events.append({"kind": "quantity_unavailable", "step": s, "payload": payload})
         self.quantities = [x for x in self.quantities if x is not q]
 
     def _emit(self, outputs: Sequence[Values | Histogram], s: int) -> None:
@@ -517,6 +595,7 @@ class Probe:
                 logger.warning("rankguard: writing step %d failed: %s", s, exc, exc_info=exc)
         finally:
             self._losses.clear()
+            self._events.clear()
 
     def _emit_unsafe(self, outputs: Sequence[Values | Histogram], s: int) -> None:
         points, histograms = gather(outputs, self._losses, s, self.rank)
@@ -527,18 +606,14 @@ class Probe:
         if self.rank != 0:  # other ranks ship only what differs per rank: their activations
             points = [p for p in points if p.quantity in PER_BATCH_WIRE_NAMES]
             histograms = [h for h in histograms if h["quantity"] in PER_BATCH_WIRE_NAMES]
-        if points or histograms:
-            self.transport.send(encode_batch(points, histograms))
+        if points or histograms or self._events:
+            self.transport.send(encode_batch(points, histograms, events=self._events))
 
 
-def _check_arguments(model: object, optimizer: object, run: object, config: object) -> None:
+def _check_arguments(model: object, run: object, config: object) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(run, str) or not run.strip():
         raise ConfigError(f"run: expected a non-empty run name, got {run!r}")
-    if optimizer is not None and not hasattr(optimizer, "param_groups"):
-        raise ConfigTypeError(
-            f"optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-        )
     if config is not None and not isinstance(config, ProbeConfig):
         raise ConfigTypeError(f"config: expected a ProbeConfig or None, got {config!r}")

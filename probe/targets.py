@@ -31,6 +31,7 @@ __all__ = [
     "find_targets",
     "glob_matches",
     "select",
+    "with_attention_modules",
 ]
 
 ATTENTION = "attention"
@@ -381,6 +382,20 @@ def find_targets(
             regrouped.append(dataclasses.replace(t, groups=frozenset(groups)))
         candidates = regrouped
     return candidates
+
+
+def with_attention_modules(
+    targets: Sequence[WeightTarget], modules: Iterable[str]
+) -> list[WeightTarget]:
+    """The targets, with the projections of the given attention modules (found by what they
+    do, whatever their names: their direct children) in the ``attention`` group, not ``mlp``."""
+    parents = set(modules)
+    out: list[WeightTarget] = []
+    for t in targets:
+        if t.module_name.rpartition(".")[0] in parents and MLP in t.groups:
+            t = dataclasses.replace(t, groups=(t.groups - {MLP}) | {ATTENTION})
+        out.append(t)
+    return out
 
 
 def select(targets: Sequence[WeightTarget], selector: str | Sequence[str]) -> list[WeightTarget]:

@@ -137,15 +137,15 @@ def encode_batch(
     run: Mapping[str, Any] | None = None,
     events: Sequence[Mapping[str, Any]] = (),
 ) -> Batch:
-    """One batch; ``events``: ``{"kind", "step", "payload"}`` each (the probe's own events:
-    rollbacks, skipped updates...; docs/contract.md), posted after the points."""
+    """One batch; ``events`` (``{"kind", "step", "payload"}``, the body of
+    ``POST /runs/{id}/events``) only when there are some."""
     batch: Batch = {"v": FORMAT_VERSION}
     if run is not None:
         batch["run"] = dict(run)
     batch["points"] = encode_points(points)
     batch["histograms"] = list(histograms)
     if events:
-        batch["events"] = [_finite_or_string(dict(e)) for e in events]
+        batch["events"] = [dict(e) for e in events]
     return batch
 
 
@@ -191,19 +191,19 @@ def merge_batches(batches: list[Batch]) -> Batch:
         return batches[0]
     columns: dict[str, list[Any]] = {}
     histograms: list[Any] = []
-    events: list[Any] = []
     acks: list[Any] = []
+    events: list[Any] = []
     for batch in batches:
         for name, column in (batch.get("points") or {}).items():
             columns.setdefault(name, []).extend(column)
         histograms.extend(batch.get("histograms") or [])
-        events.extend(batch.get("events") or [])
         acks.extend(batch.get("acks") or [])
+        events.extend(batch.get("events") or [])
     merged: Batch = {"points": columns, "histograms": histograms}
-    if events:
-        merged["events"] = events
     if acks:
         merged["acks"] = acks
+    if events:
+        merged["events"] = events
     return merged
 
 

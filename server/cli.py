@@ -223,17 +223,13 @@ def _add_token(subparsers: Subparsers) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    # The demo trains a scenario from the repository's benchmarks/ (not installed): it
-    # needs a source checkout, which is where the README runs it from.
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "scenarios").is_dir():
-        print("rankguard demo: needs a source checkout of rankguard (benchmarks/)", file=sys.stderr)
+    # the demo trains with torch (the probe's side of the package, shipped in the wheel);
+    # imported here so that the server's own commands never import torch
+    try:
+        from rankguard.probe.demo.run import run_demo
+    except ImportError as exc:
+        print(f"rankguard demo: needs torch installed ({exc})", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(root))
-    from benchmarks.demo import run_demo
-
     run_demo(port=args.port, seed=args.seed, max_steps=args.steps)
     return 0
 

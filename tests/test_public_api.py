@@ -54,6 +54,7 @@ def test_quantity_names_match_the_contract() -> None:
         "update_ratio",
         "non_finite",
         "attention_logit_max",
+        "attention_logit_bound",
     }
 
 

@@ -14,8 +14,11 @@ The interface is small on purpose (any attention implementation can provide it):
 - :class:`QKHeads`: where a site's per-head query and key rows live (:func:`qk_heads` builds
   it from a probe attention site: a fused ``c_attn``/``qkv`` projection or separate q/k
   projections);
-- per-head max logits: a (n_head,) tensor per site (:func:`per_head_logit_max` computes it
-  from captured q and k, causal mask applied).
+- per-head max logits: a (n_head,) tensor per site. The probe takes them from the
+  ``attention_logit_max`` quantity (``AttentionLogitMax.per_head``: the logits as the model
+  computes them, after rotary embeddings, masked); where a site is only reachable by its
+  projections, :func:`per_head_logit_max` computes them from the captured q and k (before
+  any rotary embedding: for a model with one, an approximation).
 
 Exact for the layer's own logits given its inputs; a clip in an earlier layer changes the
 inputs of the later ones (as it does in Kimi K2, where the rule runs every step).
@@ -31,8 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..attention import AttentionSite
 from ..exceptions import ConfigError
-from ..hooks import AttentionSite
+from ..quantities.sharded import is_dtensor
 
 __all__ = ["QKClipResult", "QKHeads", "apply_qk_clip", "per_head_logit_max", "qk_heads"]
 
@@ -62,10 +66,15 @@ class QKHeads:
 
 def qk_heads(site: AttentionSite) -> QKHeads | None:
     """The per-head rows of a probe attention site, or None when they cannot be told apart
-    (no ``weight``, or a width that is not a whole number of heads)."""
+    (no head count, no ``weight``, a width that is not a whole number of heads, a sharded
+    weight)."""
+    if site.n_head is None:
+        return None
     if site.fused is not None:
         weight = getattr(site.fused, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or weight.shape[0] % 3:
+            return None
+        if is_dtensor(weight):
             return None
         c = weight.shape[0] // 3
         if c % site.n_head:
@@ -81,6 +90,8 @@ def qk_heads(site: AttentionSite) -> QKHeads | None:
     if not isinstance(qw, nn.Parameter) or not isinstance(kw, nn.Parameter):
         return None
     if qw.dim() != 2 or kw.dim() != 2 or qw.shape[0] % site.n_head:
+        return None
+    if is_dtensor(qw) or is_dtensor(kw):
         return None
     d = qw.shape[0] // site.n_head
     if kw.shape[0] % d:

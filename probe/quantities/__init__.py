@@ -5,6 +5,7 @@ names (``jacobian_alignment`` also emits ``jacobian_spectral_norm`` and
 
 from __future__ import annotations
 
+from .attention_logit_bound import AttentionLogitBound
 from .attention_logit_max import AttentionLogitMax
 from .base import Histogram, Quantity, StepContext, Values
 from .grad_norm import GradNorm
@@ -20,6 +21,7 @@ from .update_ratio import UpdateRatio
 
 __all__ = [
     "REGISTRY",
+    "AttentionLogitBound",
     "AttentionLogitMax",
     "GradNorm",
     "Histogram",
@@ -51,5 +53,6 @@ REGISTRY: dict[str, type[Quantity]] = {
         UpdateRatio,
         NonFinite,
         AttentionLogitMax,
+        AttentionLogitBound,
     )
 }

@@ -1,58 +1,64 @@
-"""max |qᵢ·kⱼ|/√d_h per attention module (Wortsman et al. 2023; alarm above 1e3/1e4).
+"""max |q·kᵀ|·scale per attention module, as the model computes it (Wortsman et al. 2023;
+alarm above 1e3/1e4).
 
-q and k are the outputs of the attention's projections (fused ``c_attn`` split in thirds, or
-``q_proj``/``k_proj``), captured for at most ``max_sequences`` sequences of the sampled step.
-Causality is NOT applied: the max runs over every (i, j) pair, future positions included, so
-for a causal model it is an upper bound of the logits actually used. Logits are taken before
-any rotary embedding or qk-norm applied after the projection. Grouped-query attention: k heads
-are repeated to match q heads. Not available for ``nn.MultiheadAttention`` (q and k are
-internal to its fused kernel).
+q and k are read where the model computes attention, after rotary embeddings and qk-norm:
+each site found by what it does (:mod:`..attention`) has its call captured on the sampled step
+(``max_sequences`` sequences) and is replayed invisibly, without its KV cache, under
+:class:`~..attention.LogitRecorder`. The maximum runs over the positions the model's mask
+allows (causal, padding, sliding window) and over every head (grouped-query attention
+included); the per-head maxima of the latest sample stay on the device in :attr:`per_head`
+(for a per-head remedy such as QK-Clip).
+
+A site whose replay computes no attention the recorder can see is left to
+``attention_logit_bound`` (its projections) and said once.
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from ..attention import LogitRecorder
 from .base import Output, Quantity, StepContext, Values, stack
 
-__all__ = ["AttentionLogitMax", "max_abs_logit"]
-
-_CHUNK = 256  # query rows per block: bounds the (b, h, chunk, T) logits buffer
-
-
-def max_abs_logit(q: Tensor, k: Tensor, n_head: int, n_kv_head: int | None = None) -> Tensor:
-    """q (b, T, h·d), k (b, T, h_kv·d) -> 0-d max |q·k|/√d over batch, heads and pairs."""
-    b, t, c = q.shape
-    d = c // n_head
-    q = q.reshape(b, t, n_head, d).transpose(1, 2)  # (b, h, T, d)
-    kv = n_kv_head or max(1, k.shape[-1] // d)
-    k = k.reshape(b, k.shape[1], kv, d).transpose(1, 2)  # (b, h_kv, T, d)
-    if kv != n_head:
-        k = k.repeat_interleave(n_head // kv, dim=1)  # (b, h, T, d)
-    scale = 1.0 / math.sqrt(d)
-    best = q.new_zeros(())
-    for start in range(0, t, _CHUNK):
-        logits = q[:, :, start : start + _CHUNK] @ k.transpose(-1, -2)  # (b, h, chunk, T)
-        best = torch.maximum(best, logits.abs().amax() * scale)
-    return best
+__all__ = ["AttentionLogitMax"]
 
 
 class AttentionLogitMax(Quantity):
     name: ClassVar[str] = "attention_logit_max"
     needs_attention: ClassVar[bool] = True
 
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.per_head: dict[str, Tensor] = {}
+        """Site name -> (heads,) fp32 max logit per head, from the latest sample (device)."""
+
     @torch.no_grad()
     def compute(self, ctx: StepContext) -> list[Output]:
+        recorder = LogitRecorder()
         names: list[str] = []
         values: list[Tensor] = []
         for site in ctx.sites:
-            qk = ctx.captures.qk.get(site.name)
-            if qk is None:
+            call = ctx.captures.calls.get(site.name) if site.replay else None
+            if call is None:
                 continue
+            heads = recorder.replay(site.module, call.args, call.kwargs, call.autocast)
+            if heads is None:
+                site.replay = False  # from now on its projections, if reachable, give a bound
+                ctx.unavailable(
+                    self.name,
+                    "its forward computed no attention the probe could intercept; "
+                    + (
+                        "attention_logit_bound reports its projections instead"
+                        if site.has_projections
+                        else "no projections found either"
+                    ),
+                    site.name,
+                )
+                continue
+            self.per_head[site.name] = heads
             names.append(site.name)
-            values.append(max_abs_logit(qk[0], qk[1], site.n_head, site.n_kv_head))
+            values.append(heads.amax())
         return [Values(self.name, tuple(names), stack(values))] if names else []

@@ -9,21 +9,29 @@ every result of a step into one device->host copy.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from ..attention import AttentionSite
 from ..config import ProbeConfig
-from ..hooks import AttentionSite, CallCapture, Captures
+from ..hooks import CallCapture, Captures
 from ..schedules import Every, Schedule
 from ..targets import WeightTarget
 from .sharded import is_dtensor, sharded_triplet
 from .spectral import PowerIteration, Triplet
 
-__all__ = ["Histogram", "Quantity", "StepContext", "Values"]
+__all__ = ["Histogram", "Quantity", "StepContext", "Unavailable", "Values"]
+
+Unavailable = Callable[[str, str, "str | None"], None]
+"""``(quantity, reason, target or None)``: a quantity says what it could not compute."""
+
+
+def _ignore(quantity: str, reason: str, target: str | None = None) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,15 @@ class StepContext:
     sites: Sequence[AttentionSite] = ()
     blocks: Sequence[tuple[str, nn.Module]] = ()
     probe_batch: CallCapture | None = None
+    report: Unavailable = _ignore
+    """Where :meth:`unavailable` goes (the probe: a warning and a ``quantity_unavailable``
+    event, once per quantity and target)."""
     _weight_cache: dict[str, Triplet] = field(default_factory=dict)
     _input_cache: dict[int, Triplet] = field(default_factory=dict)
+
+    def unavailable(self, quantity: str, reason: str, target: str | None = None) -> None:
+        """Says that ``quantity`` (for ``target``, or at all) could not be computed, and why."""
+        self.report(quantity, reason, target)
 
     def triplet(self, target: WeightTarget) -> Triplet:
         """Top singular triplet of the target's (out, in) matrix in fp32, once per step.
@@ -118,6 +133,8 @@ class Quantity(abc.ABC):
     needs_inputs: ClassVar[bool] = False
     needs_grads: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
+    needs_blocks: ClassVar[bool] = False
+    """Reads the repeated blocks' calls (``captures.blocks``)."""
     default_cadence: ClassVar[str] = "every"
     """'every' or 'jacobian_every': which config cadence is the default schedule."""
 

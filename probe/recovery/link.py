@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..attention import AttentionSite
 from ..config import RecoveryConfig
 from ..control import RollbackCommand
-from ..hooks import AttentionSite
 from ..interventions.lr_scale import LearningRateScale
 from ..interventions.qk_clip import QKHeads, per_head_logit_max, qk_heads
 from ..wire import Batch, Point, encode_batch
@@ -102,9 +102,17 @@ class RecoveryLink:
 
     # -- the step loop ------------------------------------------------------------------------
 
-    def observe(self, qk: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-        """Per-head max attention logits of this sample's captured q and k (on the device)."""
+    def observe(
+        self, per_head: Mapping[str, Tensor], qk: Mapping[str, tuple[Tensor, Tensor]]
+    ) -> None:
+        """This sample's per-head max attention logits (on the device): the
+        ``attention_logit_max`` quantity's, as the model computes them, where it has them;
+        from the captured projections elsewhere."""
         for h in self.heads:
+            exact = per_head.get(h.site)
+            if exact is not None and exact.numel() == h.n_head:
+                self.head_logits[h.site] = exact
+                continue
             captured = qk.get(h.site)
             if captured is None:
                 continue

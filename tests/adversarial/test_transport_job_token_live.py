@@ -21,9 +21,6 @@ from rankguard.probe.http_transport import HttpTransport
 
 pytestmark = [
     pytest.mark.slow,
-    # The server side of issue 18 (job tokens) is another branch's; checked by hand against
-    # it. When it lands this passes, and strict xfail fails the suite: remove this marker.
-    pytest.mark.xfail(strict=True, reason="the server does not mint job tokens yet"),
 ]
 
 

@@ -16,8 +16,8 @@ if str(_ROOT) not in sys.path:
 
 from benchmarks.rescue import calibrate, healthy_maxima, remedies  # noqa: E402
 from benchmarks.scenarios import catalog  # noqa: E402
-from benchmarks.scenarios.data import ByteCorpus  # noqa: E402
-from benchmarks.scenarios.train import train  # noqa: E402
+from rankguard.probe.demo.data import ByteCorpus  # noqa: E402
+from rankguard.probe.demo.train import train  # noqa: E402
 
 
 class RewindOnce:

@@ -18,15 +18,15 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from benchmarks.scenarios import catalog  # noqa: E402
-from benchmarks.scenarios.data import ByteCorpus, corpus_bytes  # noqa: E402
-from benchmarks.scenarios.failure import (  # noqa: E402
+from rankguard.probe.demo.data import ByteCorpus, corpus_bytes  # noqa: E402
+from rankguard.probe.demo.failure import (  # noqa: E402
     FailureKind,
     classify,
     find_explosion,
     smoothed_final_loss,
 )
-from benchmarks.scenarios.model import GPT, ModelConfig  # noqa: E402
-from benchmarks.scenarios.train import QKRowLR, build_optimizer, train  # noqa: E402
+from rankguard.probe.demo.model import GPT, ModelConfig  # noqa: E402
+from rankguard.probe.demo.train import QKRowLR, build_optimizer, train  # noqa: E402
 
 SMALL_BYTES = 200_000
 

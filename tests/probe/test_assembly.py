@@ -49,5 +49,6 @@ def test_which_rank_computes_what(tiny_gpt, rank, sharded, per_rank, expected) -
         "representation_stable_rank",
         "singularity_alignment",
         "attention_logit_max",
+        "attention_logit_bound",
     }
     assert kept == {"all": set(REGISTRY), "none": set(), "activations": activations}[expected]

@@ -116,6 +116,7 @@ def test_registration_config_keeps_its_keys() -> None:
         "embeddings",
         "head",
         "attention",
+        "attention_heads",
         "max_rows",
         "max_sequences",
         "jacobian_sequences",
@@ -124,6 +125,7 @@ def test_registration_config_keeps_its_keys() -> None:
         "cold_iterations",
         "jacobian_iterations",
         "jacobian_cold_iterations",
+        "jacobian_tolerance",
         "histogram_bins",
         "exact",
     }

@@ -16,11 +16,13 @@ _ROOT = Path(__file__).resolve().parents[3]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from benchmarks.scenarios.model import GPT, ModelConfig  # noqa: E402
+from rankguard.probe import Probe, RecoveryConfig  # noqa: E402
+from rankguard.probe.attention import AttentionSite, find_attention_sites  # noqa: E402
 from rankguard.probe.control import CommandRunner  # noqa: E402
+from rankguard.probe.demo.model import GPT, ModelConfig  # noqa: E402
 from rankguard.probe.exceptions import ConfigError  # noqa: E402
-from rankguard.probe.hooks import AttentionSite, find_attention_sites  # noqa: E402
 from rankguard.probe.interventions import apply_qk_clip, per_head_logit_max, qk_heads  # noqa: E402
+from rankguard.probe.transport import MemoryTransport  # noqa: E402
 
 
 def real_logits(model: GPT, idx: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -76,7 +78,7 @@ def test_heads_under_tau_are_untouched_and_the_others_end_at_tau(gpt: GPT) -> No
     tau = float(before.sort().values[1:3].mean())  # two heads over it, two under
     over = (before > tau).tolist()
     assert sum(over) == 2
-    (site,) = find_attention_sites(gpt)
+    (site,) = find_attention_sites(gpt).sites
     heads = qk_heads(site)
     assert heads is not None
     w0 = heads.q_weight.detach().clone()
@@ -105,7 +107,7 @@ def test_grouped_query_heads_rescale_only_the_query() -> None:
     q_proj, k_proj = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 8, bias=False)
     module = torch.nn.Module()
     module.q_proj, module.k_proj = q_proj, k_proj
-    site = AttentionSite("attn", n_head=4, n_kv_head=2, q=q_proj, k=k_proj)
+    site = AttentionSite("attn", module, False, n_head=4, n_kv_head=2, q=q_proj, k=k_proj)
     heads = qk_heads(site)
     assert heads is not None and heads.n_kv_head == 2 and heads.head_dim == 4
     x = torch.randn(2, 5, 16)
@@ -120,7 +122,7 @@ def test_grouped_query_heads_rescale_only_the_query() -> None:
 
 
 def test_the_command_acks_what_it_clipped_and_refuses_without_logits(gpt: GPT) -> None:
-    (site,) = find_attention_sites(gpt)
+    (site,) = find_attention_sites(gpt).sites
     heads = qk_heads(site)
     assert heads is not None
     runner = CommandRunner(targets=[], reconfigure=lambda c: {}, qk_heads=[heads])
@@ -140,3 +142,42 @@ def test_the_command_acks_what_it_clipped_and_refuses_without_logits(gpt: GPT) -
     assert bad["state"] == "failed" and "args.tau" in bad["error"]
     with pytest.raises(ConfigError, match="per-head"):
         apply_qk_clip([heads], {site.name: torch.ones(3)}, 1.0)
+
+
+def test_the_probe_clips_from_the_logits_it_measures(gpt: GPT, tmp_path) -> None:
+    """In-process QK-Clip takes the per-head logits the attention quantity reads where the
+    model computes them; afterwards the model's real logits are at tau or under it."""
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    before = real_logits(gpt, idx)[0].abs().amax(dim=(0, 2, 3))
+    tau = float(before.sort().values[1:3].mean())
+    over = (before > tau).tolist()
+    untouched = gpt.transformer.h[0].attn.c_attn.weight.detach().clone()
+    opt = torch.optim.SGD(gpt.parameters(), lr=0.0)  # the weights move by QK-Clip only
+    transport = MemoryTransport()
+    probe = Probe(
+        gpt,
+        opt,
+        run="qk-clip",
+        every=1,
+        transport=transport,
+        log_dir=tmp_path,
+        quantities=["attention_logit_max"],
+        max_sequences=2,
+        recovery=RecoveryConfig(qk_clip_tau=tau, rollback=False),
+    )
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(gpt(idx).flatten(0, 1), idx.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        probe.step(loss)
+    probe.close()
+    events = [e for b in transport.batches for e in b.get("events", []) if e["kind"] == "qk_clip"]
+    assert events and events[0]["payload"]["clipped"] == {
+        "transformer.h.0.attn": [h for h, o in enumerate(over) if o]
+    }
+    after = real_logits(gpt, idx)[0].abs().amax(dim=(0, 2, 3))
+    assert (after <= tau * (1 + 1e-4)).all()
+    weight = gpt.transformer.h[0].attn.c_attn.weight
+    for h in (h for h, o in enumerate(over) if not o):
+        assert torch.equal(weight[h * 8 : (h + 1) * 8], untouched[h * 8 : (h + 1) * 8])

@@ -34,7 +34,7 @@ def compute(net: nn.Sequential, ctx_for, q: JacobianAlignment, batch: torch.Tens
 
 @pytest.mark.parametrize("n_seq", [1, 2])
 def test_deep_linear_network_matches_weights(linear_net, ctx_for, n_seq: int) -> None:
-    q = JacobianAlignment(iterations=5, cold_iterations=200)
+    q = JacobianAlignment(iterations=5, cold_iterations=200, tolerance=1e-7)
     batch = torch.randn(n_seq, 10, generator=torch.Generator().manual_seed(0))
     out = compute(linear_net, ctx_for, q, batch)
     svd = [torch.linalg.svd(m.weight.detach().double()) for m in linear_net]
@@ -59,7 +59,7 @@ def test_a_zero_jacobian_is_tracked_once_the_block_trains(
     trained = middle.detach().clone()
     with torch.no_grad():
         middle.zero_()
-    q = JacobianAlignment(iterations=8, cold_iterations=200)
+    q = JacobianAlignment(iterations=8, cold_iterations=200, tolerance=1e-7)
     batch = torch.randn(1, 10, generator=torch.Generator().manual_seed(3))
     zero = compute(linear_net, ctx_for, q, batch)
     assert zero["jacobian_spectral_norm"]["1"] == 0.0
@@ -76,12 +76,11 @@ def test_a_zero_jacobian_is_tracked_once_the_block_trains(
 
 def test_warm_state_round_trip(linear_net, ctx_for) -> None:
     batch = torch.randn(1, 10, generator=torch.Generator().manual_seed(1))
-    a = JacobianAlignment(iterations=2, cold_iterations=100)
+    a = JacobianAlignment(iterations=2, cold_iterations=200, tolerance=1e-7)
     first = compute(linear_net, ctx_for, a, batch)
     b = JacobianAlignment(iterations=2, cold_iterations=1)  # a cold start would be poor
     b.load_state_dict(a.state_dict())
-    assert set(b.state_dict()["u"]) == {"0#0", "1#0"}
-    assert set(b.state_dict()["v"]) == {"1#0", "2#0"}
+    assert set(b.state_dict()["u"]) == {"0#0", "1#0", "2#0"}
     again = compute(linear_net, ctx_for, b, batch)
     for pair, value in first["jacobian_alignment"].items():
         assert again["jacobian_alignment"][pair] == pytest.approx(value, abs=1e-5)

@@ -1,15 +1,12 @@
-"""grad_norm, update_ratio, non_finite and attention_logit_max against direct computations."""
+"""grad_norm, update_ratio and non_finite against direct computations."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from rankguard.probe.hooks import AttentionSite, Captures
-from rankguard.probe.quantities.attention_logit_max import AttentionLogitMax, max_abs_logit
+from rankguard.probe.hooks import Captures
 from rankguard.probe.quantities.grad_norm import GradNorm
 from rankguard.probe.quantities.non_finite import NonFinite
 from rankguard.probe.quantities.update_ratio import UpdateRatio
@@ -86,38 +83,3 @@ def test_non_finite_counts(ctx_for) -> None:
         "grad": 1.0,
         "weight": 2.0,
     }
-
-
-def test_max_abs_logit_brute_force() -> None:
-    g = torch.Generator().manual_seed(0)
-    b, t, h, d = 2, 5, 3, 4
-    q = torch.randn(b, t, h * d, generator=g)
-    k = torch.randn(b, t, h * d, generator=g)
-    expected = max(
-        (q[i, m, j * d : (j + 1) * d] @ k[i, n, j * d : (j + 1) * d]).abs().item() / math.sqrt(d)
-        for i in range(b)
-        for j in range(h)
-        for m in range(t)
-        for n in range(t)
-    )
-    assert max_abs_logit(q, k, h).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_max_abs_logit_grouped_query() -> None:
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(1, 4, 4 * 2, generator=g)  # 4 heads of 2
-    k = torch.randn(1, 4, 2 * 2, generator=g)  # 2 kv heads
-    k_full = torch.cat([k[..., :2], k[..., :2], k[..., 2:], k[..., 2:]], dim=-1)
-    torch.testing.assert_close(max_abs_logit(q, k, 4, 2), max_abs_logit(q, k_full, 4))
-
-
-def test_attention_logit_max_from_captures(tiny_gpt, ctx_for) -> None:
-    q = torch.randn(1, 3, 16)
-    k = torch.randn(1, 3, 16)
-    site = AttentionSite(
-        "transformer.h.0.attn", 2, None, fused=tiny_gpt.transformer.h[0].attn.c_attn
-    )
-    ctx = ctx_for(tiny_gpt, sites=[site], captures=Captures(qk={site.name: (q, k)}))
-    out = AttentionLogitMax().compute(ctx)[0]
-    assert out.targets == ("transformer.h.0.attn",)
-    torch.testing.assert_close(out.values[0], max_abs_logit(q, k, 2))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,8 @@ class ModelConfig:
 
 
 class CausalSelfAttention(nn.Module):
+    causal_mask: torch.Tensor  # (1, 1, block_size, block_size) bool buffer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head = cfg.n_head
@@ -125,7 +127,8 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att, dim=-1)
             y = att @ v  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(b, t, c)
-        return self.c_proj(y)
+        out: torch.Tensor = self.c_proj(y)
+        return out
 
 
 class MLP(nn.Module):
@@ -136,7 +139,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        out: torch.Tensor = self.c_proj(self.gelu(self.c_fc(x)))
+        return out
 
 
 class Block(nn.Module):
@@ -149,12 +153,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor
         if self.pre_ln:
             x = x + self.attn(self.ln_1(x))
-            return x + self.mlp(self.ln_2(x))
+            out = x + self.mlp(self.ln_2(x))
+            return out
         # Post-LN (original Transformer): normalise after each residual sum.
         x = self.ln_1(x + self.attn(x))
-        return self.ln_2(x + self.mlp(x))
+        out = self.ln_2(x + self.mlp(x))
+        return out
 
 
 class GPT(nn.Module):
@@ -172,8 +179,13 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+            self.lm_head.weight = cast(nn.Embedding, self.transformer["wte"]).weight
         self._init_weights()
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The repeated blocks (``transformer.h``)."""
+        return [cast(Block, b) for b in cast(nn.ModuleList, self.transformer["h"])]
 
     def _init_weights(self) -> None:
         cfg = self.config
@@ -191,7 +203,7 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std)
         if cfg.zero_query_init:
-            for block in self.transformer.h:
+            for block in self.blocks:
                 with torch.no_grad():
                     block.attn.c_attn.weight[: cfg.n_embd].zero_()  # rows of W_Q
 
@@ -201,15 +213,16 @@ class GPT(nn.Module):
         if t > self.config.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size={self.config.block_size}")
         pos = torch.arange(t, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)[None]
-        for block in self.transformer.h:
+        x = self.transformer["wte"](idx) + self.transformer["wpe"](pos)[None]
+        for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+        logits: torch.Tensor = self.lm_head(self.transformer["ln_f"](x))
+        return logits
 
     def attention_logit_max(self) -> list[float]:
         """Per block, max |q·k|/√d_h from the latest forward (NaN where not recorded)."""
         out: list[float] = []
-        for block in self.transformer.h:
+        for block in self.blocks:
             v = block.attn.last_logit_max
             out.append(float("nan") if v is None else float(v))
         return out
@@ -218,7 +231,8 @@ class GPT(nn.Module):
 def next_token_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the model's logits on ``idx`` (B, T) against ``targets`` (B, T)."""
     logits = model(idx)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss: torch.Tensor = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return loss
 
 
 def random_batch(
