@@ -1,27 +1,26 @@
-"""Dashboard load time: a run with 1,000 weight matrices × 2,000 sampled steps.
+"""Dashboard load times in headless Chromium against a real ``rankguard serve`` (``--no-auth``)
+on SQLite files seeded by ``benchmarks/dashboard_seed.py``. Each figure is a median over
+repeated loads; the load average of the (shared) machine is printed beside it.
 
-Seeds a SQLite file directly through ``server.storage`` (stable_rank and sa_sign_diversity for
-each of the 1,000 targets, plus loss, grad_norm, attention_logit_max per block, Jacobian
-alignment and a·M per block pair, sa_cosine histograms, an alert and an intervention), starts
-a real ``rankguard serve`` process on it (``--no-auth``), and times the run page in headless
-Chromium from navigation start to every figure drawn with data (the page sets
-``window.__rankguardRendered`` and ``__rankguardRenderedAt = performance.now()``).
-Median over ``--loads`` loads; "cold" loads use a fresh browser context each time (plotly.js
-fetched and compiled again), "warm" ones reload in one context (plotly.js from the HTTP
-cache). The server builds the figures once per data fingerprint (the first request, timed
-on its own as "build") and serves later loads of unchanged data from its payload cache.
+- ``run``: the run page of a run with 1,000 weight matrices × 2,000 sampled steps, from
+  navigation start to every figure drawn (``window.__rankguardRenderedAt``). "Cold" loads use
+  a fresh browser context each (plotly.js fetched and compiled again), "warm" ones reload in
+  one context. The same on a small run (12 × 200) is the baseline. Target: ≤ 2 s.
+- ``runs``: the runs page with 1,000 runs (each judged by the default rules on ingest), first
+  render of a fresh browser context: newest first, and sorted by risk, which ranks every run
+  by its margins: once on a freshly started server (no margin cached: "cold server"), and on
+  a server that computed them before. Target: ≤ 1 s.
+- ``compare``: 4 runs × 1,000 matrices × 2,000 steps overlaid (stable rank, min over the
+  matrices, and the loss), fresh browser context each load. Target: ≤ 2 s cold.
 
-The same is measured on a small run (12 targets × 200 steps) as the baseline; the ratio
-big/small is printed. Target: big run ≤ 2 s.
-
-    python -m benchmarks.dashboard_load              # full (1,000 × 2,000)
-    python -m benchmarks.dashboard_load --quick      # 100 × 500, for a smoke run
+    python -m benchmarks.dashboard_load                    # all three
+    python -m benchmarks.dashboard_load --only runs compare --repeats 3
+    python -m benchmarks.dashboard_load --quick            # small sizes, a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import socket
 import statistics
@@ -33,161 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rankguard.server import storage
-from rankguard.server.config import Settings
-from rankguard.server.db import Database, make_engine, upgrade_schema
-from rankguard.server.storage import ColumnarPoints
-from tests.helpers import synthetic
-
-CHROMIUM = os.environ.get("RANKGUARD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-PER_BLOCK = 4  # attention Q, K, V, O: 250 blocks -> 1,000 weight matrices
-
-
-def _series_points(
-    quantity: str, target: str, steps: np.ndarray, values: np.ndarray
-) -> ColumnarPoints:
-    n = steps.size
-    return ColumnarPoints(
-        quantity=[quantity] * n,
-        target=[target] * n,
-        rank=[0] * n,
-        step=steps.tolist(),
-        wall_time=[0.0] * n,
-        value=values.tolist(),
-    )
-
-
-def _concat(parts: list[ColumnarPoints]) -> ColumnarPoints:
-    return ColumnarPoints(
-        *[
-            list(itertools.chain.from_iterable(getattr(p, f) for p in parts))
-            for f in ColumnarPoints.__dataclass_fields__
-        ]
-    )
-
-
-def seed(db_url: str, *, targets: int, steps: int) -> tuple[str, float, int]:
-    """Creates the schema and one run; returns (run id, seconds, points inserted)."""
-    settings = Settings(database_url=db_url)
-    engine = make_engine(settings)
-    upgrade_schema(engine)
-    db = Database(engine, lock_timeout_s=60)
-    rng = np.random.default_rng(0)
-    blocks = targets // PER_BLOCK
-    names = synthetic.weight_targets(blocks, PER_BLOCK)
-    step_arr = np.arange(steps, dtype=np.int64)
-    t = np.linspace(0, 1, steps)
-    start = time.perf_counter()
-    with db.write() as session:
-        project = storage.ensure_project(session=session, name="default")
-        run, _ = storage.register_run(
-            session=session,
-            project=project,
-            run_id=None,
-            name=f"bench-{targets}x{steps}",
-            config={},
-            world_size=1,
-            parameters=[],
-        )
-        run_id = run.id
-    known: dict[Any, int] = {}
-    total = 0
-
-    def insert(parts: list[ColumnarPoints]) -> None:
-        nonlocal total
-        with db.write() as session:
-            n, new = storage.insert_points(
-                session=session, run_id=run_id, points=_concat(parts), known=known
-            )
-        known.update(new)
-        total += n
-
-    insert(
-        [
-            _series_points("loss", "global", step_arr, 4 * np.exp(-3 * t) + 0.5 + 2.0 * (t > 0.8)),
-            _series_points("grad_norm", "global", step_arr, 1 + 5.0 * (t > 0.78)),
-        ]
-    )
-    chunk: list[ColumnarPoints] = []
-    for i, name in enumerate(names):
-        phase = i / len(names)
-        sr = (8 + 4 * np.sin(6 * t + 7 * phase)) * (1 - 0.7 * (t > 0.75 + 0.1 * phase)) + 1
-        chunk.append(_series_points("stable_rank", name, step_arr, sr + 0.1 * rng.random(steps)))
-        chunk.append(
-            _series_points(
-                "sa_sign_diversity",
-                name,
-                step_arr,
-                np.clip(0.9 - 0.6 * t * phase + 0.05 * rng.random(steps), 0, 1),
-            )
-        )
-        if len(chunk) >= 100:
-            insert(chunk)
-            chunk = []
-    for b in range(blocks):
-        chunk.append(
-            _series_points(
-                "attention_logit_max",
-                f"model.layers.{b}.attn",
-                step_arr,
-                5 + 20 * t**3 * (1 + b % 7),
-            )
-        )
-        if b + 1 < blocks:
-            pair = f"model.layers.{b}->model.layers.{b + 1}"
-            a = np.clip(0.3 + 0.5 * t + 0.05 * np.sin(11 * t + b), 0, 1)
-            chunk.append(_series_points("jacobian_alignment", pair, step_arr, a))
-            chunk.append(
-                _series_points(
-                    "jacobian_alignment_gain", pair, step_arr, a * (1.2 + 0.8 * np.sin(3 * t + b))
-                )
-            )
-        if len(chunk) >= 100:
-            insert(chunk)
-            chunk = []
-    if chunk:
-        insert(chunk)
-
-    class _H:  # the attribute shape storage.insert_histograms reads
-        def __init__(self, d: dict[str, Any]) -> None:
-            self.__dict__.update(d, wall_time=None)
-
-    hists = [
-        _H(h)
-        for h in synthetic.histograms(blocks=blocks, steps=steps, per_block=PER_BLOCK, count=50)
-    ]
-    with db.write() as session:
-        storage.insert_histograms(session=session, run_id=run_id, histograms=hists, known=known)
-        storage.create_event(
-            session=session,
-            run_id=run_id,
-            kind="alert",
-            step=int(steps * 0.7),
-            payload=synthetic.ALERT_EVENT["payload"],
-        )
-        storage.create_event(
-            session=session,
-            run_id=run_id,
-            kind="intervention",
-            step=int(steps * 0.8),
-            payload=synthetic.INTERVENTION_EVENT["payload"],
-        )
-    db.dispose()
-    return run_id, time.perf_counter() - start, total
+from benchmarks.dashboard_seed import clone_run, seed_fleet, seed_run
+from tests.helpers.browser import chromium
 
 
 def serve(db_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -295,7 +144,7 @@ def page_times(
 
 def measure(browser: Any, workdir: Path, targets: int, steps: int, loads: int) -> dict[str, float]:
     db_url = f"sqlite:///{workdir / f'bench-{targets}x{steps}.db'}"
-    run_id, seed_s, points = seed(db_url, targets=targets, steps=steps)
+    run_id, seed_s, points = seed_run(db_url, targets=targets, steps=steps)
     proc, url = serve(db_url, workdir)
     try:
         build_s, endpoint_s, size, poll_s = endpoint_time(url, run_id, max(4, loads))
@@ -326,30 +175,131 @@ def measure(browser: Any, workdir: Path, targets: int, steps: int, loads: int) -
     return result
 
 
+def first_render(browser: Any, url: str, phases: dict[str, float] | None = None) -> float:
+    """Seconds from navigation start to the page's data drawn, in a fresh browser context;
+    ``phases`` (given) receives where that time went (PHASES_JS)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_function("() => window.__rankguardRendered === true", timeout=120_000)
+    ms: float = page.evaluate("window.__rankguardRenderedAt")
+    if phases is not None:
+        phases.update(page.evaluate(PHASES_JS))
+    context.close()
+    return ms / 1000
+
+
+def _load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _median(label: str, times: list[float], target: float | None = None) -> float:
+    med = statistics.median(times)
+    verdict = (
+        ""
+        if target is None
+        else f" against ≤ {target:g} s: {'met' if med <= target else 'NOT met'}"
+    )
+    print(f"  {label}: median {med:.3f} s ({', '.join(f'{t:.2f}' for t in times)}){verdict}; "
+          f"{_load()}", flush=True)  # fmt: skip
+    return med
+
+
+def measure_runs_page(browser: Any, workdir: Path, runs: int, steps: int, repeats: int) -> None:
+    db_url = f"sqlite:///{workdir / f'fleet-{runs}.db'}"
+    seed_s = seed_fleet(db_url, runs=runs, steps=steps)
+    print(f"runs page: {runs} runs x {steps} steps (7 series each, default rules judged on "
+          f"ingest), seeded in {seed_s:.1f} s", flush=True)  # fmt: skip
+    cold_server, api_cold, api_warm = [], [], []
+    newest, risk = [], []
+    for _ in range(repeats):
+        proc, url = serve(db_url, workdir)  # a fresh server: no margin cached
+        try:
+            cold_server.append(first_render(browser, url + "/?sort=risk"))
+            newest.append(first_render(browser, url + "/"))
+            risk.append(first_render(browser, url + "/?sort=risk"))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        proc, url = serve(db_url, workdir)
+        try:
+            for sink in (api_cold, api_warm):
+                start = time.perf_counter()
+                httpx.get(url + "/api/v1/dashboard/runs?sort=risk", timeout=120).raise_for_status()
+                sink.append(time.perf_counter() - start)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    _median("first render, newest first", newest, 1.0)
+    _median("first render, sorted by risk, margins cached by the server", risk, 1.0)
+    _median("first render, sorted by risk, freshly started server", cold_server, 1.0)
+    _median("endpoint sort=risk, fresh server (every run's margins computed)", api_cold)
+    _median("endpoint sort=risk, margins cached", api_warm)
+
+
+def measure_compare(browser: Any, workdir: Path, targets: int, steps: int, repeats: int) -> None:
+    db_url = f"sqlite:///{workdir / f'compare-{targets}x{steps}.db'}"
+    start = time.perf_counter()
+    first, _, points = seed_run(db_url, targets=targets, steps=steps, full=False)
+    ids = [first] + [clone_run(db_url, first, f"clone-{i}", 1 + 0.1 * i) for i in range(1, 4)]
+    print(f"compare: 4 runs x {targets} matrices x {steps} steps ({4 * points / 1e6:.1f}M "
+          f"points), seeded in {time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+    page = "/compare?runs=" + ",".join(ids)
+    loads, endpoint, mean_agg = [], [], []
+    phases: dict[str, float] = {}
+    proc, url = serve(db_url, workdir)
+    try:
+        warmup = first_render(browser, url + page)  # the server's first build imports plotly
+        for _ in range(repeats):
+            loads.append(first_render(browser, url + page, phases))
+            for sink, extra in ((endpoint, ""), (mean_agg, "&agg=mean")):
+                start = time.perf_counter()
+                resp = httpx.get(url + "/api/v1/dashboard/compare?runs=" + ",".join(ids) + extra,
+                                 timeout=300)  # fmt: skip
+                resp.raise_for_status()
+                sink.append(time.perf_counter() - start)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"  first render on a freshly started server: {warmup:.2f} s", flush=True)
+    _median("first render, fresh browser context (stable_rank min over matrices + loss)",
+            loads, 2.0)  # fmt: skip
+    print("  last load, ms from navigation: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in phases.items() if v is not None))  # fmt: skip
+    _median("endpoint, stable_rank min over matrices (rollup)", endpoint)
+    _median("endpoint, stable_rank mean over matrices (every point read)", mean_agg)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--only", nargs="+", choices=("run", "runs", "compare"),
+                        default=["run", "runs", "compare"])  # fmt: skip
     parser.add_argument("--targets", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--loads", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="100 targets x 500 steps")
+    parser.add_argument("--runs", type=int, default=1000, help="runs of the runs page")
+    parser.add_argument("--run-steps", type=int, default=400, help="steps of each of those")
+    parser.add_argument("--loads", type=int, default=5, help="loads per run-page figure")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the fleet figures")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args(argv)
     if args.quick:
-        args.targets, args.steps = 100, 500
-    from playwright.sync_api import sync_playwright
-
-    print("load before:", os.getloadavg(), flush=True)
-    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        small = measure(browser, Path(tmp), 12, 200, args.loads)
-        big = measure(browser, Path(tmp), args.targets, args.steps, args.loads)
-        browser.close()
-    print("load after:", os.getloadavg())
-    print(
-        f"big/small render time: cold {big['cold_s'] / small['cold_s']:.2f}x, "
-        f"warm {big['warm_s'] / small['warm_s']:.2f}x; "
-        f"big run cold {big['cold_s']:.2f} s against the 2 s target "
-        f"({'met' if big['cold_s'] <= 2.0 else 'NOT met'})"
-    )
+        args.targets, args.steps, args.runs, args.run_steps = 100, 500, 60, 100
+    print("before:", _load(), flush=True)
+    with tempfile.TemporaryDirectory() as tmp, chromium() as browser:
+        if "run" in args.only:
+            small = measure(browser, Path(tmp), 12, 200, args.loads)
+            big = measure(browser, Path(tmp), args.targets, args.steps, args.loads)
+            print(
+                f"big/small render time: cold {big['cold_s'] / small['cold_s']:.2f}x, "
+                f"warm {big['warm_s'] / small['warm_s']:.2f}x; big run cold "
+                f"{big['cold_s']:.2f} s against the 2 s target "
+                f"({'met' if big['cold_s'] <= 2.0 else 'NOT met'})"
+            )
+        if "runs" in args.only:
+            measure_runs_page(browser, Path(tmp), args.runs, args.run_steps, args.repeats)
+        if "compare" in args.only:
+            measure_compare(browser, Path(tmp), args.targets, args.steps, args.repeats)
+    print("after:", _load())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,61 @@ from typing import Any
 from rankguard.server.models import Event
 
 
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _generic(kind: str, payload: Mapping[str, Any]) -> str:
+    """Any event kind: its message, else its scalar fields as key=value."""
+    if payload.get("message") or payload.get("label"):
+        return str(payload.get("message") or payload.get("label"))
+    fields = [
+        f"{k}={_value(v)}" for k, v in payload.items() if not isinstance(v, (dict, type(None)))
+    ]
+    return f"{kind}: " + ", ".join(fields[:8]) if fields else kind
+
+
+def _rollback(payload: Mapping[str, Any]) -> str:
+    """The recovery's rollback (``restored_step``, ``skipped`` [start, end], ``lr_factor``,
+    ``loss_before``, ``loss_after``)."""
+    parts = [f"rolled back to step {payload.get('restored_step', '?')}"]
+    skipped = payload.get("skipped")
+    if isinstance(skipped, (list, tuple)) and len(skipped) == 2:
+        parts.append(f"skipped data steps {skipped[0]}–{skipped[1]}")
+    if payload.get("lr_factor") is not None:
+        parts.append(f"LR × {_value(payload['lr_factor'])}")
+    if payload.get("loss_before") is not None or payload.get("loss_after") is not None:
+        before = _value(payload.get("loss_before", "?"))
+        after = _value(payload.get("loss_after", "?"))
+        parts.append(f"loss {before} → {after}")
+    return "; ".join(parts)
+
+
+def _skip_step(payload: Mapping[str, Any]) -> str:
+    why = payload.get("reason") or payload.get("message") or ""
+    return "skipped the optimizer step" + (f": {why}" if why else "")
+
+
+def _unavailable(payload: Mapping[str, Any]) -> str:
+    what = payload.get("quantity") or "a quantity"
+    where = payload.get("target")
+    why = payload.get("reason") or payload.get("message") or ""
+    text = f"{what} unavailable" + (f" for {where}" if where else "")
+    return text + (f": {why}" if why else "")
+
+
+# Kinds told in their own words; every other kind is told generically (``_generic``).
+DESCRIBE: dict[str, Any] = {
+    "rollback": _rollback,
+    "skip_step": _skip_step,
+    "quantity_unavailable": _unavailable,
+}
+
+
 def _summary(kind: str, payload: Mapping[str, Any]) -> str:
     if kind == "alert":
         rule = payload.get("rule")
@@ -25,7 +80,15 @@ def _summary(kind: str, payload: Mapping[str, Any]) -> str:
         if payload.get("error"):
             parts.append(f"error: {payload['error']}")
         return " ".join(parts)
-    return str(payload.get("message") or payload.get("label") or kind)
+    describe = DESCRIBE.get(kind)
+    if describe is not None:
+        return str(describe(payload))
+    return _generic(kind, payload)
+
+
+def summary(event: Event) -> str:
+    """One line telling what an event says."""
+    return _summary(event.kind, event.payload if isinstance(event.payload, Mapping) else {})
 
 
 def marker_kind(event: Event) -> str | None:
@@ -72,6 +135,7 @@ def alert_rows(events: Sequence[Event], run_id: str) -> list[dict[str, Any]]:
                 "message": p.get("message") or p.get("label") or "",
                 "targets": [n for n in names if n],
                 "suggested_action": action,
+                "alert_id": p.get("alert_id"),
                 "created_at": e.created_at.isoformat(),
             }
         )

@@ -1,6 +1,6 @@
-"""The run page and the runs list: which series each figure draws and how many points, the
-figures in page order, their JSON payload, the ETag fingerprint of a run's data, and the
-runs list's summaries.
+"""The run page: which series each figure draws and how many points, the figures in page
+order, their JSON payload and the ETag fingerprint of a run's data (the runs list is
+``fleet``).
 
 Shared by the dashboard's JSON endpoints (``dashboard.routes``) and the offline report
 (``dashboard.report``). Every read goes through ``server.storage`` (``downsample`` for lines,
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import plotly.graph_objects as go
 from sqlalchemy.orm import Session
@@ -31,13 +30,11 @@ from rankguard.dashboard.figures import (
 from rankguard.dashboard.figures.common import figure_json, natural_key
 from rankguard.dashboard.figures.heatmap import label_bins
 from rankguard.server.models import Event, Run
-from rankguard.server.storage.alerts import firing_counts
 from rankguard.server.storage.downsample import read_lines
 from rankguard.server.storage.heatmaps import heatmap_rows
 from rankguard.server.storage.histograms import sample_histograms
 from rankguard.server.storage.points import (
     SeriesRow,
-    last_values,
     run_series,
     series_peaks,
     series_targets,
@@ -167,27 +164,3 @@ def fingerprint(session: Session, run: Run) -> str:
     max_event, n_series, max_hist = content_marks(session=session, run_id=run.id)
     key = f"{run.id}|{run.status}|{run.last_step}|{max_event}|{n_series}|{max_hist}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def run_summaries(
-    session: Session, runs: Sequence[Run], project_names: Mapping[int, str]
-) -> list[dict[str, Any]]:
-    """What the runs list shows per run."""
-    ids = [r.id for r in runs]
-    losses = last_values(session, ids)
-    firing: dict[str, int] = {}
-    for (run_id, _severity), n in firing_counts(session=session, run_ids=ids).items():
-        firing[run_id] = firing.get(run_id, 0) + n
-    return [
-        {
-            "id": r.id,
-            "name": r.name,
-            "project": project_names.get(r.project_id, ""),
-            "status": r.status,
-            "last_step": r.last_step,
-            "last_loss": losses.get(r.id),
-            "alerts_firing": firing.get(r.id, 0),
-            "created_at": r.created_at.isoformat(),
-        }
-        for r in runs
-    ]

@@ -32,13 +32,14 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy.orm import Session
 
 from rankguard.dashboard import page
+from rankguard.dashboard.api import api as fleet_api
 from rankguard.dashboard.events import alert_rows, timeline_rows
 from rankguard.server.deps import DbDep, ReadPrincipal, run_or_404
 from rankguard.server.middleware import WireJSONResponse
 from rankguard.server.models import Run
 from rankguard.server.presenters import run_public
 from rankguard.server.storage.events import list_events
-from rankguard.server.storage.runs import list_runs, project_names
+from rankguard.server.storage.runs import project_names
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
@@ -183,6 +184,30 @@ def run_page(run_id: str) -> HTMLResponse:
     )
 
 
+@pages.get("/compare", response_class=HTMLResponse)
+def compare_page() -> HTMLResponse:
+    """The runs to overlay are in the query (``?runs=a,b&quantity=...``), read by the script."""
+    return render_page("compare.html", title="rankguard: compare runs")
+
+
+@pages.get("/incidents/{alert_id}", response_class=HTMLResponse)
+def incident_page(alert_id: str) -> HTMLResponse:
+    return render_page("incident.html", title="rankguard: incident", alert_id=alert_id)
+
+
+@pages.get("/runs/{run_id}/incidents/latest", response_class=HTMLResponse)
+def latest_incident_page(run_id: str) -> HTMLResponse:
+    """The newest incident of a run (``?rule=`` one rule's): Grafana's links know the run and
+    the rule, not the alert; the script finds it."""
+    return render_page("incident.html", title="rankguard: incident", alert_id="", run_id=run_id)
+
+
+@pages.get("/runs/{run_id}/alerts/{alert_id}", response_class=HTMLResponse)
+def run_alert_page(run_id: str, alert_id: str) -> HTMLResponse:
+    """Notifications sent before the incident page existed link here: the same page."""
+    return incident_page(alert_id)
+
+
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 
@@ -206,20 +231,6 @@ def static_file(name: str) -> FileResponse:
     if media is None or "/" in name or name.startswith(".") or not path.is_file():
         raise HTTPException(404, detail=f"no dashboard file {name!r}")
     return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
-
-
-@api.get("/dashboard/runs")
-def read_run_summaries(
-    db: DbDep,
-    principal: ReadPrincipal,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
-) -> Response:
-    """The runs list: status, last step, last loss and firing alerts per run, newest first."""
-    with db.read() as session:
-        runs, count = list_runs(session=session, project_id=principal.project_id, limit=limit)
-        names = project_names(session=session, ids={r.project_id for r in runs})
-        rows = page.run_summaries(session, runs, names)
-    return WireJSONResponse({"data": rows, "count": count})
 
 
 @api.get("/runs/{run_id}/figures")
@@ -281,3 +292,4 @@ def _build_payload(session: Session, run: Run, cosine_target: str | None) -> str
 router = APIRouter()
 router.include_router(pages)
 router.include_router(api)
+router.include_router(fleet_api)

@@ -7,6 +7,10 @@ apps in one process -- tests -- do not collide).
   alerts per severity; plus the counters whose truth is in the database, so they agree across
   server processes and survive restarts (alerts fired, commands per kind and state,
   notifications per format and outcome).
+  Per ACTIVE run and rule, how far the rule is from firing (``alerts.margin``): in the
+  rule's own terms (``rankguard_run_rule_margin``) and as a fraction of its bound
+  (``rankguard_run_rule_margin_relative``, comparable across rules); a rule that cannot be
+  assessed yet has no sample.
 - ``Metrics`` holds the in-process counters: points ingested, HTTP requests and their
   latency (``MetricsMiddleware``, labelled with the route *template*, never the raw path).
 
@@ -37,12 +41,14 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rankguard.server.alerts.margin import Margin
 from rankguard.server.auth import expand_scopes
 from rankguard.server.config import Settings
 from rankguard.server.db import Database
 from rankguard.server.models import Scope as TokenScope
 from rankguard.server.storage.alerts import fired_counts, firing_counts
 from rankguard.server.storage.commands import command_counts
+from rankguard.server.storage.fleet import run_margins
 from rankguard.server.storage.points import latest_samples
 from rankguard.server.storage.runs import find_token, project_names
 from rankguard.server.storage.webhooks import delivery_counts
@@ -116,11 +122,14 @@ class RunCollector(Collector):
                 fired = fired_counts(session=session)
                 commands = command_counts(session=session)
                 notes = delivery_counts(session=session)
+                margins = run_margins(session, running)
         except Exception:
             logger.exception("metrics scrape could not read the database")
             return []
+        projects = {row[0]: row[1] for row in latest}
         return [
             *_run_families(latest, firing),
+            *_margin_families(margins, projects),
             _fired_family(fired),
             _commands_family(commands),
             _notifications_family(notes),
@@ -176,6 +185,33 @@ def _run_families(latest: Sequence[Any], firing: Mapping[tuple[str, str], int]) 
                 [project, run_id, severity], float(firing.get((run_id, severity), 0))
             )
     return [quantity, top, last_step, alerts_firing]
+
+
+def _margin_families(
+    margins: Mapping[str, Sequence[Margin]], projects: Mapping[str, str]
+) -> list[Metric]:
+    """Per active run and rule: the margin in the rule's own terms and relative to its bound.
+    Labels: project, run, rule (a run has a handful of rules: bounded)."""
+    own = GaugeMetricFamily(
+        "rankguard_run_rule_margin",
+        "Distance of the rule's value from its trip bound, in the rule's own units; < 0 trips "
+        "(active runs, assessed rules).",
+        labels=["project", "run", "rule"],
+    )
+    rel = GaugeMetricFamily(
+        "rankguard_run_rule_margin_relative",
+        "Rule margin as a fraction of its bound's size (comparable across rules; +Inf: the "
+        "bound is 0 and the value is clear of it).",
+        labels=["project", "run", "rule"],
+    )
+    for run_id in sorted(margins):
+        project = projects.get(run_id, "")
+        for m in margins[run_id]:
+            if m.margin is None or m.relative is None:
+                continue
+            own.add_metric([project, run_id, m.rule], m.margin)
+            rel.add_metric([project, run_id, m.rule], m.relative)
+    return [own, rel]
 
 
 def _fired_family(fired: Mapping[str, int]) -> Metric:

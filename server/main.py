@@ -34,6 +34,7 @@ from rankguard.server.routes import (
     health,
     histograms,
     inbound,
+    margins,
     points,
     projects,
     runs,
@@ -177,7 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exposition.router)  # /metrics: see exposition.py about its token
     for module in (projects, tokens, runs, points, histograms, series, events, commands):
         app.include_router(module.router, prefix=API_PREFIX)
-    for module in (alert_rules, alerts, webhooks, inbound):
+    for module in (alert_rules, alerts, margins, webhooks, inbound):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(dashboard_routes.router)
     return app

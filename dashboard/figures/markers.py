@@ -18,6 +18,10 @@ from rankguard.dashboard.figures.common import add_overlay_yaxis
 STYLES: dict[str, tuple[str, str, str]] = {
     "alert": ("#d62728", "dash", "triangle-down"),
     "intervention": ("#2ca02c", "solid", "diamond"),
+    "alert-resolved": ("#2ca02c", "dashdot", "triangle-up"),
+    "rollback": ("#9467bd", "dashdot", "x"),
+    "skip_step": ("#ff7f0e", "dot", "x-thin-open"),
+    "onset": ("#8c564b", "dot", "star"),
 }
 OTHER_STYLE = ("#7f7f7f", "dot", "circle")
 # The hover markers sit just under the top edge of the plot area.

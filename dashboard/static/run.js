@@ -72,7 +72,10 @@
         RG.el("td", { class: "num", text: RG.fmt(a.step) }),
         RG.el("td", {}, RG.el("span", { class: "badge " + a.state, text: a.state })),
         RG.el("td", { text: a.severity }),
-        RG.el("td", { text: a.rule }),
+        RG.el("td", {}, a.alert_id
+          ? RG.el("a", { href: "/incidents/" + encodeURIComponent(a.alert_id), text: a.rule,
+            title: "the incident page of this alert" })
+          : a.rule),
         RG.el("td", { text: what }),
         RG.el("td", { class: "action" },
           // the runbook is long: one line shown, the rest on demand
@@ -94,6 +97,37 @@
         RG.el("td", { text: e.summary }),
         RG.el("td", { text: RG.when(e.created_at) })));
     }
+  }
+
+  function ruleState(m) {
+    if (m.firing) return "firing";
+    if (m.relative === null) return m.pending ? "not assessed" : "no data";
+    if (m.relative < 0) return "tripping";
+    return m.relative < 0.25 ? "near" : "clear";
+  }
+
+  function renderMargins(body) {
+    const badge = $("run-health");
+    badge.textContent = body.health;
+    badge.className = "badge health-" + body.health;
+    const n = body.nearest;
+    $("run-nearest").textContent = n ? `nearest to firing: ${n.rule}, ${n.text}` : "";
+    const tbody = $("rules-table").querySelector("tbody");
+    tbody.replaceChildren();
+    for (const m of body.data) {
+      const state = ruleState(m);
+      tbody.append(RG.el("tr", { "data-rule": m.rule, class: "rule-" + state.replace(" ", "-") },
+        RG.el("td", { text: m.rule }),
+        RG.el("td", { text: m.severity }),
+        RG.el("td", {}, RG.el("span", { class: "badge health-" + state.replace(" ", "-"), text: state })),
+        RG.el("td", { text: m.quantity + (m.target ? " · " + m.target : "") }),
+        RG.el("td", { text: m.text })));
+    }
+  }
+
+  async function loadMargins() {
+    const resp = await RG.api(base + "/margins");
+    if (resp.ok) renderMargins(await resp.json());
   }
 
   function renderCosineTargets(targets) {
@@ -128,6 +162,7 @@
     renderAlerts(page.alerts);
     renderTimeline(page.timeline);
     renderCosineTargets(page.cosine_targets);
+    loadMargins().catch(() => {}); // beside the figures: a table, not worth a wait
     await draw(page.figures);
     lastCostMs = performance.now() - started;
     window.__rankguardRenderedAt = performance.now();

@@ -10,6 +10,7 @@ framework; its state is a JSON-safe dict the caller stores)::
     engine.py       evaluate / evaluate_steps / flush: steps judged in order
     transitions.py  Transition, TargetHit and their messages
     pack.py         the default rules every new run gets
+    margin.py       how far a rule is from firing, in its own terms (per condition)
 
 Around it: ``runbook.py`` (suggested-action text, which knows the HTTP API), ``storage.alerts``
 (rule rows: CRUD, installation at run registration, alert reads) and ``service.py`` (the

@@ -68,11 +68,13 @@ def notice_from_transition(
 ) -> AlertNotice:
     """Build a notice from a transition whose suggested action is complete for the run
     (``alerts.runbook.suggested_action``); ``base_url`` (the dashboard's, e.g.
-    ``https://rg.example``) adds links."""
+    ``https://rg.example``) adds links: the incident page of this alert episode first (what
+    fired, the targets by onset, the series around it, the commands and the outcome)."""
     links: dict[str, str] = {}
     if base_url:
         root = base_url.rstrip("/")
         links = {
+            "incident": f"{root}/incidents/{alert_id}",
             "run": f"{root}/runs/{run_id}",
             "alert": f"{root}/runs/{run_id}/alerts/{alert_id}",
             "commands": f"{root}/api/v1/runs/{run_id}/commands",
@@ -235,7 +237,7 @@ def alertmanager_payload(
                 "endsAt": (_iso(n.ends_at) or ZERO_TIME)
                 if n.status == AlertState.RESOLVED
                 else ZERO_TIME,
-                "generatorURL": n.links.get("alert") or n.links.get("run", ""),
+                "generatorURL": n.links.get("incident") or n.links.get("run", ""),
                 "fingerprint": fingerprint(labels),
             }
         )

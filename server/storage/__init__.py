@@ -10,7 +10,10 @@ the caller owns (and commits).
 - ``histograms``, ``events``: insert and read;
 - ``commands``: the probe's command queue (queue, expire, claim, acknowledge, cancel);
 - ``alerts``: alert reads and the one count of alerts firing;
-- ``webhooks``: outbound webhooks and their delivery log.
+- ``webhooks``: outbound webhooks and their delivery log;
+- ``fleet``: reads across runs (the runs list in SQL, rule margins, loss sparklines);
+- ``overlay``: runs overlaid (a quantity aggregated over its targets);
+- ``incidents``: one alert episode's window, before/after values and following commands.
 
 The names of the single ``storage`` module this package replaced are re-exported, so
 ``storage.<name>`` keeps working; new code imports from the domain module.

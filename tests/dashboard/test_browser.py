@@ -24,23 +24,12 @@ from typing import Any
 import httpx
 import pytest
 from helpers import synthetic
+from helpers.browser import ARTIFACTS, CHROMIUM, chromium, login, wait_rendered, with_csp
 
 from rankguard.dashboard.page import FIGURE_IDS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = os.environ.get("RANKGUARD_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 ADMIN = "rg_browser-test-admin-token-0123456789"
 BLOCKS, STEPS = 2, 200  # 12 weight targets x 200 steps
 HEATMAP_ROWS = BLOCKS * 6
@@ -215,12 +204,8 @@ class RealProbe(threading.Thread):
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 FIGURE_STATE = """(id) => {
@@ -237,26 +222,6 @@ FIGURE_STATE = """(id) => {
 }"""
 
 
-def login(page: Any, token: str) -> None:
-    page.wait_for_selector("#token-input", state="visible", timeout=15_000)
-    page.fill("#token-input", token)
-    page.click("#token-form button[type=submit]")
-
-
-def wait_until(page: Any, expression: str, timeout_s: float, arg: Any = None) -> None:
-    """Polls ``expression`` from outside the page: ``wait_for_function`` evaluates its
-    predicate with ``eval`` inside the page, which the pages' CSP (no 'unsafe-eval') refuses."""
-    deadline = time.monotonic() + timeout_s
-    while not page.evaluate(expression, arg):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{expression!r} still false after {timeout_s} s")
-        time.sleep(0.1)
-
-
-def wait_rendered(page: Any) -> None:
-    wait_until(page, "() => window.__rankguardRendered === true", 60)
-
-
 def test_pages_render_every_figure_and_msign_reaches_applied(
     server: Server, seeded: str, browser: Any, tmp_path: Path
 ) -> None:
@@ -265,27 +230,20 @@ def test_pages_render_every_figure_and_msign_reaches_applied(
     page = context.new_page()
     urls: list[str] = []
     page.on("request", lambda r: urls.append(r.url))
-    console_errors: list[str] = []
-    # The browser logs refused fetches (the 401 that asks for a token, the 403 of a read
-    # token ordering MSign) as console errors; those are expected, anything else is not.
-    page.on(
-        "console",
-        lambda m: (
-            console_errors.append(m.text)
-            if m.type == "error" and "status of 40" not in m.text
-            else None
-        ),
-    )
-    page.on("pageerror", lambda e: console_errors.append(str(e)))
+    # Under the server's CSP. The browser logs refused fetches (the 401 that asks for a
+    # token, the 403 of a read token ordering MSign) as console errors; those are expected,
+    # anything else (a CSP violation included) is not.
+    console_errors = with_csp(page)
 
     # Runs list: asks for a token, then lists the run with its step, loss and alert count.
     page.goto(server.url + "/")
     login(page, server.read)
     row = page.wait_for_selector(f'tr[data-run-id="{seeded}"]', timeout=15_000)
     cells = [c.inner_text() for c in row.query_selector_all("td")]
-    assert cells[0] == "seeded" and cells[2] == "running"
-    assert cells[3] == str(STEPS - 1)
-    assert cells[5] == "0"  # the seeded alert is an event: no row of the alerts table fires
+    # pick, run, project, status, health, nearest rule, loss, last step, last loss, firing
+    assert cells[1] == "seeded" and cells[3] == "running"
+    assert cells[7] == str(STEPS - 1)
+    assert cells[9] == "0"  # the seeded alert is an event: no row of the alerts table fires
     page.screenshot(path=str(ARTIFACTS / "dashboard-runs.png"), full_page=True)
 
     # Run page (same tab: the token stays in sessionStorage, no second prompt).
@@ -344,12 +302,11 @@ def test_pages_render_every_figure_and_msign_reaches_applied(
         page.wait_for_selector('#msign-state[data-state="applied"]', timeout=60_000)
         assert "applied at step" in page.inner_text("#msign-state")
         # The applied command becomes an intervention marker after the refresh.
-        wait_until(
-            page,
+        page.wait_for_function(
             """(n) => (document.getElementById('fig-loss').layout.shapes || [])
                  .filter((s) => s.name === 'event-intervention').length >= n""",
-            30,
             arg=2 if run_id == seeded else 1,
+            timeout=90_000,
         )
         page.screenshot(path=str(ARTIFACTS / "dashboard-msign-applied.png"), full_page=True)
     finally:

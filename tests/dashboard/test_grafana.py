@@ -39,9 +39,14 @@ def panel_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def query_variables(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The variables that query Prometheus (a textbox holds a value, no query)."""
+    return [v for v in dashboard["templating"]["list"] if v["type"] == "query"]
+
+
 def variable_queries(dashboard: dict[str, Any]) -> list[str]:
     out = []
-    for variable in dashboard["templating"]["list"]:
+    for variable in query_variables(dashboard):
         query = variable.get("query")
         out.append(query["query"] if isinstance(query, dict) else query)
     return out
@@ -97,7 +102,7 @@ def test_every_query_uses_the_provisioned_datasource() -> None:
     dashboard = load_dashboard()
     refs = [p["datasource"] for p in dashboard["panels"]]
     refs += [t["datasource"] for p in dashboard["panels"] for t in p["targets"]]
-    refs += [v["datasource"] for v in dashboard["templating"]["list"]]
+    refs += [v["datasource"] for v in query_variables(dashboard)]
     assert {(r["type"], r["uid"]) for r in refs} == {("prometheus", source["uid"])}
 
 
@@ -163,3 +168,38 @@ def test_prometheus_rejects_a_broken_expression() -> None:
         )
     assert response.status_code == 400
     assert response.json()["errorType"] == "bad_data"
+
+
+def test_fleet_panel_ranks_runs_by_rule_margin_and_links_back() -> None:
+    """The fleet table: the (run, rule) pairs nearest to firing, from the margin gauge, with
+    links to rankguard's run page and to the rule's latest incident there."""
+    dashboard = load_dashboard()
+    [fleet] = [p for p in dashboard["panels"] if p["title"].startswith("Fleet:")]
+    [target] = fleet["targets"]
+    assert target["expr"] == 'bottomk(25, rankguard_run_rule_margin_relative{run=~"$run"})'
+    assert target["instant"] is True and target["format"] == "table"
+    links = {
+        o["matcher"]["options"]: o["properties"][0]["value"][0]["url"]
+        for o in fleet["fieldConfig"]["overrides"]
+        if o["properties"][0]["id"] == "links"
+    }
+    assert links["run"] == "${rankguard_url}/runs/${__data.fields.run}"
+    assert links["rule"] == (
+        "${rankguard_url}/runs/${__data.fields.run}/incidents/latest?rule=${__data.fields.rule}"
+    )
+    [url] = [v for v in dashboard["templating"]["list"] if v["name"] == "rankguard_url"]
+    assert url["type"] == "textbox" and url["query"].startswith("http")
+
+
+def test_links_point_at_pages_the_server_serves() -> None:
+    """Every ``${rankguard_url}`` link of the dashboard names a page route of the server."""
+    from rankguard.dashboard.routes import pages
+
+    served = [re.compile("^" + re.sub(r"\\{[^}]+\\}", "[^/]+", re.escape(r.path)) + "$")
+              for r in pages.routes]  # fmt: skip
+    urls = re.findall(r'"(\$\{rankguard_url\}[^"]*)"', DASHBOARD.read_text())
+    assert len(urls) >= 4
+    for url in urls:
+        path = url.removeprefix("${rankguard_url}").split("?")[0] or "/"
+        path = re.sub(r"\$\{[^}]+\}", "x", path)
+        assert any(p.match(path) for p in served), url

@@ -147,7 +147,7 @@ def test_static_route_serves_only_known_files(client: TestClient, name: str) -> 
 
 
 def test_static_scripts_reference_no_remote_url(client: TestClient) -> None:
-    for name in ("common.js", "runs.js", "run.js", "rankguard.css"):
+    for name in ("common.js", "runs.js", "run.js", "compare.js", "incident.js", "rankguard.css"):
         text = client.get(f"/dashboard/static/{name}").text
         assert not re.search(r"https?://", text), name
 

@@ -75,6 +75,7 @@ def test_notice_carries_the_action_and_links() -> None:
     assert "{run_id}" not in firing.suggested_action
     assert "POST /api/v1/runs/run-42/commands" in firing.suggested_action
     assert firing.links["run"] == "https://rg.example/runs/run-42"
+    assert firing.links["incident"] == "https://rg.example/incidents/a-17"
     assert [t.target for t in firing.targets] == ["transformer.h.3.attn.c_attn.weight[q]"]
 
 
@@ -91,7 +92,7 @@ def test_generic_payload_shape() -> None:
     assert "POST /api/v1/runs/run-42/commands" in body["suggested_action"]
     assert "sa_sign_diversity_collapse" in body["message"] and "0.04 < 0.1" in body["message"]
     assert body["starts_at"] == "2025-03-01T12:00:00Z" and body["ends_at"] is None
-    assert set(body["links"]) == {"run", "alert", "commands"}
+    assert set(body["links"]) == {"incident", "run", "alert", "commands"}
     done = json.loads(payloads.render("json", resolved))
     assert done["status"] == "resolved" and done["ends_at"] == "2025-03-01T12:30:00Z"
     assert done["step"] == 30 and done["first_step"] == 10
