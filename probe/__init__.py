@@ -26,7 +26,7 @@ not installed, as in the server image's ``rankguard upload``.
 import importlib as _importlib
 import typing as _typing
 
-from .config import ProbeConfig
+from .config import ProbeConfig, RecoveryConfig
 from .exceptions import (
     CommandError,
     ConfigError,
@@ -35,6 +35,7 @@ from .exceptions import (
     QuantityError,
     SelectorError,
 )
+from .recovery.sampler import SkipWindowSampler, skip_windows
 from .sink import read_jsonl
 from .transport import CloseReport, TransportStats
 from .upload import upload
@@ -55,12 +56,15 @@ __all__ = [
     "ProbeConfig",
     "ProbeError",
     "QuantityError",
+    "RecoveryConfig",
     "SelectorError",
+    "SkipWindowSampler",
     "Snapshot",
     "TransportStats",
     "apply_msign",
     "apply_pss",
     "read_jsonl",
+    "skip_windows",
     "upload",
 ]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .exceptions import ConfigError, ConfigTypeError
 
-__all__ = ["ProbeConfig"]
+__all__ = ["ProbeConfig", "RecoveryConfig"]
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -55,6 +55,141 @@ def _quantity_names(value: object) -> tuple[str, ...] | None:
             "own cadence goes in schedules={name: every}"
         )
     return _strings("quantities", value, "quantity name")
+
+
+def _number(name: str, value: object, low: float, high: float = float("inf")) -> float:
+    """A real number in (low, high]; ``high`` inf means unbounded above."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigTypeError(f"{name}: expected a number, got {value!r}")
+    if not low < value <= high or value != value:
+        bound = f"in ({low}, {high}]" if high != float("inf") else f"> {low}"
+        raise ConfigError(f"{name}: expected a number {bound}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RecoveryConfig:
+    """Automatic recovery inside the training process (:mod:`rankguard.probe.recovery`):
+    snapshots of known-good states, rollback, the in-process first response, skip-step,
+    QK-Clip and the flight recorder. ``ProbeConfig(auto_recover=True)`` is
+    :meth:`auto_recover`; the defaults of this class are the conservative half (snapshots,
+    rollback on a non-finite or spiking loss, the flight recorder).
+
+    The default values and their measurements: BENCHMARKS.md, "Recovery".
+    """
+
+    snapshot_every: int = 50
+    """Steps between snapshots of the training state (weights, optimizer, schedulers,
+    scaler, RNG, step) into host memory."""
+    keep: int = 2
+    """Known-good snapshots kept (the ring); one more slot holds the snapshot being confirmed."""
+    confirm_steps: int = 10
+    """A snapshot becomes known-good once this many steps after it passed every in-process
+    check (and the samples in between were finite)."""
+    snapshot_dir: str | None = None
+    """Also write each known-good snapshot to this folder (a background thread; None: memory
+    only)."""
+    rollback: bool = True
+    """Roll back in-process on a non-finite loss, a loss spike or an update-ratio spike."""
+    max_retries: int = 3
+    """Rollbacks per incident before it is escalated (event ``rollback_exhausted``)."""
+    retry_window: int = 100
+    """Steps after a rollback in which a new trigger is a retry of the same incident."""
+    stop_on_exhausted: bool = False
+    """When the retries are exhausted, also set ``probe.should_stop`` (a loop or integration
+    that reads it ends the run)."""
+    lr_factor: float = 0.5
+    """Learning-rate backoff of each rollback (compounding over the retries of an incident)."""
+    lr_hold_steps: int = 100
+    """Steps a learning-rate backoff holds after the last one, before it decays back."""
+    lr_recover_steps: int = 50
+    """After the hold, the backoff doubles back every this many steps (gradually)."""
+    lr_floor: float = 1e-4
+    """The smallest learning-rate multiplier any backoff can reach."""
+    loss_spike: float = 1.5
+    """A loss above this many times the median of the last ``window`` finite losses is a
+    spike (a trigger for rollback)."""
+    window: int = 64
+    """Steps in the running medians (loss, gradient norm, update ratio)."""
+    warmup: int = 50
+    """Steps of history before the checks other than the non-finite ones are live (the
+    failure definition's own warmup: healthy runs spike in their first steps)."""
+    update_ratio_hot: float | None = None
+    """Geometric-mean update-to-weight ratio of one step above which the learning rate is
+    backed off at that step, with a ceiling that holds while the schedule rises (None: off)."""
+    update_ratio_spike: float = 10.0
+    """An update ratio above this many times its running median (and above
+    ``update_ratio_hot``) is a spike: rollback, and a backoff sized to the overshoot."""
+    skip_step: bool = False
+    """Drop, inside ``optimizer.step()``, an update whose gradients are non-finite or whose
+    norm exceeds ``skip_factor`` x its running median (reads one flag per step, as
+    GradScaler does)."""
+    skip_factor: float = 10.0
+    """The gradient-norm spike bound of skip-step, in running medians."""
+    qk_clip_tau: float | None = None
+    """QK-Clip: rescale a head's W_q/W_k when its max attention logit exceeds this (None:
+    off). Acts where the probe measures attention logits (its sample steps)."""
+    flight_steps: int = 256
+    """Steps of cheap scalars kept on the device (the flight recorder)."""
+    flight_before: int = 64
+    """Steps before an incident shipped at full resolution."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "snapshot_every",
+            "keep",
+            "confirm_steps",
+            "max_retries",
+            "retry_window",
+            "lr_hold_steps",
+            "lr_recover_steps",
+            "window",
+            "warmup",
+            "flight_steps",
+            "flight_before",
+        ):
+            _positive_int(f"recovery.{name}", getattr(self, name))
+        for name in ("rollback", "stop_on_exhausted", "skip_step"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigTypeError(
+                    f"recovery.{name}: expected True or False, got {getattr(self, name)!r}"
+                )
+        _set(self, "lr_factor", _number("recovery.lr_factor", self.lr_factor, 0.0, 1.0))
+        _set(self, "lr_floor", _number("recovery.lr_floor", self.lr_floor, 0.0, 1.0))
+        for name in ("loss_spike", "update_ratio_spike", "skip_factor"):
+            _set(self, name, _number(f"recovery.{name}", getattr(self, name), 1.0))
+        for name in ("update_ratio_hot", "qk_clip_tau"):
+            if getattr(self, name) is not None:
+                _set(self, name, _number(f"recovery.{name}", getattr(self, name), 0.0))
+        if self.flight_before > self.flight_steps:
+            raise ConfigError(
+                f"recovery.flight_before: must be <= flight_steps ({self.flight_steps}), "
+                f"got {self.flight_before}"
+            )
+        if self.snapshot_dir is not None and not isinstance(self.snapshot_dir, str):
+            _set(self, "snapshot_dir", str(self.snapshot_dir))
+
+    @classmethod
+    def auto_recover(cls, **changes: Any) -> RecoveryConfig:
+        """The documented "auto-recover" profile: everything this class can do, on.
+
+        Skip-step (10x the running median), QK-Clip at Kimi K2's tau = 100, the holding
+        learning-rate backoff at an update ratio of 0.05 (the calibrated bound of the default
+        pack's ``update_ratio_high`` rule), and rollback with a retry cap of 3.
+        """
+        base: dict[str, Any] = {"skip_step": True, "qk_clip_tau": 100.0, "update_ratio_hot": 0.05}
+        return cls(**{**base, **changes})
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def lr_options(self) -> dict[str, Any]:
+        """The learning-rate backoff's settings (``LearningRateScale``'s keywords)."""
+        return {
+            "floor": self.lr_floor,
+            "hold_steps": self.lr_hold_steps,
+            "recover_steps": self.lr_recover_steps,
+        }
 
 
 _DERIVED = ("jacobian_every", "command_every")  # None: derived from ``every``
@@ -156,6 +291,13 @@ class ProbeConfig:
     """Under DDP or FSDP2, ranks other than 0 also ship the activation quantities of their own
     batch (those computed from layer inputs or attention projections), labelled with their
     rank. Weight and gradient quantities and the loss stay rank 0's."""
+    recovery: RecoveryConfig | None = None
+    """Automatic recovery in the process (:class:`RecoveryConfig`; None: off)."""
+    auto_recover: bool = False
+    """The one switch of the "auto-recover" profile: in the process, every remedy of
+    :meth:`RecoveryConfig.auto_recover` (unless ``recovery`` is given); on the server (the
+    run's registration carries it), the default rules with their actions on, rollback
+    included (docs/contract.md)."""
     _derived: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
     """The cadences derived from ``every`` (given as None), re-derived by :meth:`with_options`."""
 
@@ -203,6 +345,19 @@ class ProbeConfig:
         _set(self, "attention", _globs("attention", self.attention))
         if not isinstance(self.log_dir, str):
             _set(self, "log_dir", str(self.log_dir))
+        if not isinstance(self.auto_recover, bool):
+            raise ConfigTypeError(
+                f"auto_recover: expected True or False, got {self.auto_recover!r}"
+            )
+        if self.recovery is not None and not isinstance(self.recovery, RecoveryConfig):
+            raise ConfigTypeError(
+                f"recovery: expected a RecoveryConfig or None, got {self.recovery!r}"
+            )
+        if self.auto_recover and self.recovery is None:
+            # derived like the cadences: with_options derives it again (auto_recover=False
+            # then turns it off)
+            _set(self, "_derived", self._derived | {"recovery"})
+            _set(self, "recovery", RecoveryConfig.auto_recover())
 
     def with_options(self, options: Mapping[str, Any]) -> ProbeConfig:
         """This configuration with some fields replaced (the probe's keyword options), as if
@@ -244,12 +399,14 @@ class ProbeConfig:
             "jacobian_tolerance": self.jacobian_tolerance,
             "histogram_bins": self.histogram_bins,
             "exact": self.exact,
+            "auto_recover": self.auto_recover,
+            "recovery": None if self.recovery is None else self.recovery.to_json(),
         }
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ProbeConfig) if f.init)
 
 
-def _set(config: ProbeConfig, name: str, value: object) -> None:
+def _set(config: ProbeConfig | RecoveryConfig, name: str, value: object) -> None:
     """Normalises a field of the frozen config during ``__post_init__``."""
     object.__setattr__(config, name, value)

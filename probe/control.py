@@ -15,10 +15,18 @@ Kinds (docs/contract.md):
   number finite and ``k`` at most 1e6
 - ``undo``: ``{}`` — restores the snapshot taken by the last msign/pss that kept one
 - ``set_probe``: ``{"every": int in [1, 1e6] | null, "enable": [quantity], "disable": [quantity]}``
-- ``scale_lr``: ``{"factor": finite number in [1e-4, 1e4]}`` — multiplies every parameter
-  group's learning rate by ``factor`` on top of the user's schedule, cumulatively, never
-  above the schedule (:class:`~rankguard.probe.interventions.LearningRateScale`; needs the
-  probe's optimizer)
+- ``scale_lr``: ``{"factor": finite number in [1e-4, 1e4]}`` — a backoff (< 1) multiplies
+  every parameter group's learning rate by ``factor`` on top of the user's schedule and caps it
+  there while the schedule rises, then recovers after a healthy period; a lift (> 1) undoes
+  it, never above the schedule (:class:`~rankguard.probe.interventions.LearningRateScale`;
+  needs the probe's optimizer)
+- ``rollback``: ``{"before_step": int >= 0 | null, "lr_factor": number in (0, 1] | null,
+  "incident": str | null}`` — restores the newest known-good snapshot older than
+  ``before_step`` (the incident's first sign), skips the batches after it, backs off the LR;
+  capped per incident (:mod:`rankguard.probe.recovery`; needs the probe's recovery on)
+- ``qk_clip``: ``{"tau": number in (0, 1e6]}`` — rescales W_q/W_k of every attention head
+  whose max logit at the latest sample exceeded ``tau``
+  (:mod:`~rankguard.probe.interventions.qk_clip`)
 
 The bounds are the server's (it refuses a command outside them with a 422); the probe checks
 them again, because what arrives over the wire is not necessarily what the server sent.
@@ -41,6 +49,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
+import torch
+
 from .exceptions import CommandError, ConfigError
 from .interventions import (
     Engine,
@@ -51,12 +61,14 @@ from .interventions import (
     apply_msign,
     apply_pss,
 )
+from .interventions.qk_clip import QKHeads, apply_qk_clip
 from .targets import WeightTarget, select
 
 __all__ = [
     "MAX_COMMAND_INT",
     "PSS_SCALE_MAX",
     "PSS_TEMPERATURE_MAX",
+    "QK_CLIP_TAU_MAX",
     "SCALE_LR_FACTOR_MAX",
     "SCALE_LR_FACTOR_MIN",
     "Command",
@@ -64,6 +76,8 @@ __all__ = [
     "CommandRunner",
     "MSignCommand",
     "PSSCommand",
+    "QKClipCommand",
+    "RollbackCommand",
     "ScaleLRCommand",
     "SetProbeCommand",
     "UndoCommand",
@@ -81,6 +95,8 @@ PSS_TEMPERATURE_MAX = 100.0
 """``pss`` ``temperature`` is a finite number in (0, PSS_TEMPERATURE_MAX]."""
 MAX_COMMAND_INT = 1_000_000
 """The largest ``k`` (pss) or ``every`` (set_probe) a command may carry."""
+QK_CLIP_TAU_MAX = 1e6
+"""``qk_clip`` ``tau`` is a finite number in (0, QK_CLIP_TAU_MAX]."""
 
 
 class CommandKind(str, Enum):
@@ -89,6 +105,8 @@ class CommandKind(str, Enum):
     UNDO = "undo"
     SET_PROBE = "set_probe"
     SCALE_LR = "scale_lr"
+    ROLLBACK = "rollback"
+    QK_CLIP = "qk_clip"
 
 
 Selector = str | tuple[str, ...]
@@ -133,7 +151,33 @@ class ScaleLRCommand:
     factor: float
 
 
-Command = MSignCommand | PSSCommand | UndoCommand | SetProbeCommand | ScaleLRCommand
+@dataclass(frozen=True)
+class RollbackCommand:
+    id: str
+    before_step: int | None = None
+    lr_factor: float | None = None
+    incident: str | None = None
+    reason: str = "ordered"
+    loss: float | None = None
+
+
+@dataclass(frozen=True)
+class QKClipCommand:
+    id: str
+    tau: float = 100.0
+    # per-head max logits by site; filled in by rank 0 from its latest sample when absent
+    logit_max: dict[str, tuple[float, ...]] | None = None
+
+
+Command = (
+    MSignCommand
+    | PSSCommand
+    | UndoCommand
+    | SetProbeCommand
+    | ScaleLRCommand
+    | RollbackCommand
+    | QKClipCommand
+)
 
 
 def parse_command(raw: Mapping[str, Any]) -> Command:
@@ -182,6 +226,11 @@ def parse_command(raw: Mapping[str, Any]) -> Command:
             )
         factor = _number(args, "factor", 1.0, low=SCALE_LR_FACTOR_MIN, high=SCALE_LR_FACTOR_MAX)
         return ScaleLRCommand(id=key, factor=factor)
+    if kind == CommandKind.ROLLBACK:
+        return _rollback(key, args)
+    if kind == CommandKind.QK_CLIP:
+        tau = _number(args, "tau", 100.0, high=QK_CLIP_TAU_MAX)
+        return QKClipCommand(id=key, tau=tau, logit_max=_logits(args))
     return SetProbeCommand(
         id=key,
         every=_count(args, "every"),
@@ -196,7 +245,61 @@ _FIELDS: dict[CommandKind, set[str]] = {
     CommandKind.UNDO: set(),
     CommandKind.SET_PROBE: {"every", "enable", "disable"},
     CommandKind.SCALE_LR: {"factor"},
+    CommandKind.ROLLBACK: {"before_step", "lr_factor", "incident", "reason", "loss"},
+    CommandKind.QK_CLIP: {"tau", "logit_max"},
 }
+
+
+def _rollback(key: str, args: Mapping[str, Any]) -> RollbackCommand:
+    before = args.get("before_step")
+    if before is not None and (
+        not isinstance(before, int) or isinstance(before, bool) or not 0 <= before < 10**15
+    ):
+        raise CommandError(
+            f"args.before_step: expected an integer >= 0 or null, got {_shown(before)}"
+        )
+    factor = None
+    if args.get("lr_factor") is not None:
+        factor = _number(args, "lr_factor", 0.5, high=1.0)
+    for name in ("incident", "reason"):
+        value = args.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise CommandError(
+                f"args.{name}: expected a string (<= 200 characters), got {_shown(value)}"
+            )
+    loss = args.get("loss")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, int | float)):
+        raise CommandError(f"args.loss: expected a number or null, got {_shown(loss)}")
+    return RollbackCommand(
+        id=key,
+        before_step=before,
+        lr_factor=factor,
+        incident=args.get("incident"),
+        reason=args.get("reason") or "ordered",
+        loss=None if loss is None else float(loss),
+    )
+
+
+def _logits(args: Mapping[str, Any]) -> dict[str, tuple[float, ...]] | None:
+    value = args.get("logit_max")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, Mapping)
+        or len(value) > 1024
+        or not all(
+            isinstance(site, str)
+            and isinstance(heads, Sequence)
+            and not isinstance(heads, str)
+            and len(heads) <= 4096
+            and all(isinstance(h, int | float) and not isinstance(h, bool) for h in heads)
+            for site, heads in value.items()
+        )
+    ):
+        raise CommandError(
+            f"args.logit_max: expected {{site: [per-head max logit, ...]}}, got {_shown(value)}"
+        )
+    return {site: tuple(float(h) for h in heads) for site, heads in value.items()}
 
 
 def _shown(value: object) -> str:
@@ -305,11 +408,16 @@ class CommandRunner:
             raises :class:`~rankguard.probe.exceptions.ConfigError` for a bad value.
         lr_scale: The learning-rate multiplier of the probe's optimizer (None: the probe
             was given no optimizer, and ``scale_lr`` fails with an error saying so).
+        rollback: Executes a ``rollback`` at a step (the probe's recovery; None: recovery is
+            off, and ``rollback`` fails saying so).
+        qk_heads: The per-head query/key rows of the model's attention sites (``qk_clip``).
     """
 
     targets: Sequence[WeightTarget]
     reconfigure: Reconfigure
     lr_scale: LearningRateScale | None = None
+    rollback: Callable[[RollbackCommand, int], dict[str, Any]] | None = None
+    qk_heads: Sequence[QKHeads] = ()
     _acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     _snapshot: Snapshot | None = None
 
@@ -331,7 +439,7 @@ class CommandRunner:
         started = time.perf_counter()
         try:
             command = parse_command(raw)
-            result = self._run(command)
+            result = self._run(command, step)
             result.setdefault("seconds", time.perf_counter() - started)
             ack: dict[str, Any] = {"state": "applied", "step": step, "result": result}
         except (ConfigError, RewriteError) as exc:  # invalid, or rolled back: say why
@@ -342,7 +450,7 @@ class CommandRunner:
             self._acks[key] = ack
         return ack
 
-    def _run(self, command: Command) -> dict[str, Any]:
+    def _run(self, command: Command, step: int) -> dict[str, Any]:
         if isinstance(command, UndoCommand):
             if self._snapshot is None:
                 raise CommandError("undo: there is no snapshot to restore (none was taken)")
@@ -357,7 +465,16 @@ class CommandRunner:
                     "scale_lr: the probe was given no optimizer; pass it as "
                     "Probe(model, optimizer, ...)"
                 )
-            return self.lr_scale.multiply(command.factor)
+            return self.lr_scale.multiply(command.factor, step=step)
+        if isinstance(command, RollbackCommand):
+            if self.rollback is None:
+                raise CommandError(
+                    "rollback: the probe keeps no snapshots; turn recovery on "
+                    "(Probe(..., auto_recover=True) or recovery=RecoveryConfig())"
+                )
+            return self.rollback(command, step)
+        if isinstance(command, QKClipCommand):
+            return self._qk_clip(command)
         chosen = self._select(command.targets)
         # Taken for every rewrite: it rolls back a result that is not finite (RewriteError,
         # and self._snapshot keeps the previous one for undo), and is the next undo if kept.
@@ -376,6 +493,19 @@ class CommandRunner:
         if command.snapshot:
             self._snapshot = snapshot
         return outcome.to_dict()
+
+    def _qk_clip(self, command: QKClipCommand) -> dict[str, Any]:
+        if not self.qk_heads:
+            raise CommandError(
+                "qk_clip: the model has no attention site whose heads the probe can tell apart"
+            )
+        if not command.logit_max:
+            raise CommandError(
+                "qk_clip: no attention logits measured yet (they are taken at the probe's "
+                "sample steps, with attention_logit_max enabled)"
+            )
+        logits = {site: torch.tensor(v) for site, v in command.logit_max.items()}
+        return apply_qk_clip(self.qk_heads, logits, command.tau).to_dict()
 
     def _select(self, selector: Selector) -> list[WeightTarget]:
         # select() raises a SelectorError (a ConfigError) naming the selector that matched nothing.

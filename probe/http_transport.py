@@ -362,7 +362,9 @@ class HttpTransport:
             outcome, reason = self._post(f"{self._run_path}/histograms", {"histograms": histograms})
             if outcome is not _Outcome.DELIVERED:
                 return outcome, reason
-        for event in batch.get("events") or ():  # e.g. quantity_unavailable
+        # events (quantity_unavailable, the recovery's rollbacks...) are not idempotent on the
+        # server: a replay after a crash between two posts records one twice, never loses it
+        for event in batch.get("events") or ():
             outcome, reason = self._post(f"{self._run_path}/events", event)
             if outcome is not _Outcome.DELIVERED:
                 return outcome, reason

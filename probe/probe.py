@@ -49,7 +49,10 @@ from .hooks import ATTENTION, BLOCKS, INPUTS, ProbeHooks
 from .http_transport import HttpTransport
 from .interventions import LearningRateScale
 from .quantities import REGISTRY, Histogram, Quantity, StepContext, Values
+from .quantities.attention_logit_max import AttentionLogitMax
 from .quantities.sharded import is_dtensor
+from .recovery.link import RecoveryLink
+from .recovery.snapshots import StateSource
 from .sink import FileSink, Sink
 from .targets import WeightTarget, with_attention_modules
 from .transport import CloseReport, SinkTransport, Transport, TransportStats
@@ -91,6 +94,8 @@ class Probe:
         sink: where batches go when there is no server (default: a :class:`FileSink` under
             ``log_dir``, the same file a live run spills to).
         transport: replaces the default transport (HTTP when ``server`` is given) — tests.
+        lr_scheduler: the run's LR scheduler(s) (one or a list), restored by a rollback.
+        scaler: the run's ``torch.amp.GradScaler``, restored by a rollback.
         start_step: the step the first ``probe.step()`` records (a trainer's own numbering:
             Hugging Face's first optimizer step is 1; a resumed run's is where it resumes),
             so the hooks of a sampled step are armed for the right forward.
@@ -112,6 +117,8 @@ class Probe:
         sink: Sink | None = None,
         transport: Transport | None = None,
         start_step: int = 0,
+        lr_scheduler: Any = None,
+        scaler: Any = None,
         **options: Any,
     ) -> None:
         # checked before any hook is installed: a bad argument leaves the model untouched
@@ -121,6 +128,8 @@ class Probe:
         self.config = cfg = (config or ProbeConfig()).with_options(options)
         check_quantity_names(cfg)
         self.optimizer = real_optimizer(optimizer) if optimizer is not None else None
+        # what a rollback restores (validated here, before any hook exists)
+        source = StateSource.of(model, self.optimizer, lr_scheduler, scaler)
         self.model, self.run_name = model, run
         self.server, self.token = server, token
         self.targets: list[WeightTarget] = find_weight_targets(model, cfg)
@@ -176,9 +185,28 @@ class Probe:
             )
         self.transport: Transport = transport
         self.quantities = self._on_this_rank(self.quantities)
-        self._lr_scale = LearningRateScale(self.optimizer) if self.optimizer is not None else None
+        rc = cfg.recovery
+        self._lr_scale = (
+            None
+            if self.optimizer is None
+            else LearningRateScale(self.optimizer, **(rc.lr_options() if rc is not None else {}))
+        )
+        self._link = RecoveryLink(
+            rc,
+            source,
+            weights=list({id(t.parameter): t.parameter for t in self.targets}.values()),
+            sites=self.sites,
+            lr_scale=self._lr_scale,
+            send=self.transport.send,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         self._commands = CommandRunner(
-            targets=self.targets, reconfigure=self._reconfigure, lr_scale=self._lr_scale
+            targets=self.targets,
+            reconfigure=self._reconfigure,
+            lr_scale=self._lr_scale,
+            rollback=None if self._link.recovery is None else self._link.rollback,
+            qk_heads=self._link.heads,
         )
         self._close_report: CloseReport | None = None
         self._command_failures = 0
@@ -199,6 +227,28 @@ class Probe:
         if isinstance(self.transport, SinkTransport) and isinstance(self.transport.sink, FileSink):
             return self.transport.sink.path
         return None
+
+    @property
+    def should_stop(self) -> bool:
+        """True once recovery gave up on an incident with ``stop_on_exhausted`` set: a loop
+        (or an integration) that reads it ends the run."""
+        return self._link.should_stop
+
+    @property
+    def skip_windows(self) -> list[tuple[int, int]]:
+        """The batches (probe steps, inclusive) whose updates rollbacks discarded:
+        :class:`~rankguard.probe.recovery.SkipWindowSampler` leaves them out on a replay."""
+        return self._link.skip_windows
+
+    @property
+    def train_step(self) -> int:
+        """The training step of the next ``probe.step()`` (the schedule's step): the probe's
+        own step minus the steps rollbacks undid."""
+        return self._link.train_step(self._step)
+
+    def recovery_summary(self) -> dict[str, Any]:
+        """What recovery did so far: rollbacks, skipped updates, backoffs, snapshots."""
+        return self._link.summary()
 
     def stats(self) -> TransportStats:
         """Delivery counters: sent, spilled, replayed, dropped, commands received, acks."""
@@ -245,7 +295,9 @@ class Probe:
             self._disarm()
         # Commands act after this step's sample, so the sample shows the weights the
         # optimizer produced and the next one shows the intervention's effect.
+        self._link.judge(s, loss)
         self._apply_commands(s)
+        self._link.after_step(s, boundary=self._is_boundary(s))
         self._step = s + 1
         self._arm(self._step)
 
@@ -262,6 +314,7 @@ class Probe:
             return self._close_report
         self._closed = True
         self._disarm()
+        self._link.close(self._step - 1)
         self._hooks.remove()
         if self._lr_scale is not None:
             self._lr_scale.remove()  # the optimizer steps with the user's LR again
@@ -372,14 +425,17 @@ class Probe:
             activations_per_rank=self.config.activations_per_rank,
         )
 
+    def _is_boundary(self, s: int) -> bool:
+        return self.world_size == 1 or s % (self.config.command_every or self.config.every) == 0
+
     def _apply_commands(self, s: int) -> None:
-        """Applies queued commands at this step boundary, identically on every rank."""
+        """Applies queued commands (the server's, and the first response's ``local:`` ones)
+        at this step boundary, identically on every rank."""
+        if not self._is_boundary(s):
+            return
+        commands = self._link.take_orders(self.transport.take_commands())
         if self.world_size > 1:
-            if s % (self.config.command_every or self.config.every) != 0:
-                return
-            commands = broadcast_from_rank0(self.transport.take_commands())
-        else:
-            commands = self.transport.take_commands()
+            commands = broadcast_from_rank0(commands)
         for raw in commands:
             try:  # whatever the server sent, nothing of it raises into the training loop
                 self._apply_command(raw, s)
@@ -391,7 +447,11 @@ class Probe:
         key = command_id(raw)
         if ack["state"] == "failed":
             self._log_command_failure(f"command {key or '(no id)'} failed: {ack['error']}")
-        if self.rank == 0 and key:  # one without a usable id cannot be acknowledged
+        if self.rank != 0 or not key:  # one without a usable id cannot be acknowledged
+            return
+        if key.startswith("local:"):  # the first response's own order: an event, no ack
+            self._link.applied(raw, ack, s)
+        else:
             self.transport.ack(key, ack)
 
     def _log_command_failure(self, message: str) -> None:
@@ -486,6 +546,9 @@ class Probe:
                 outputs.extend(q.compute(ctx))
             except Exception as exc:
                 self._fail(q, s, exc)
+        per_head = next((q.per_head for q in due if isinstance(q, AttentionLogitMax)), {})
+        if per_head or self._hooks.captures.qk:
+            self._link.observe(per_head, self._hooks.captures.qk)
         self._hooks.captures.clear()
         self._emit(outputs, s)
 
@@ -539,6 +602,7 @@ class Probe:
         for p in points:
             if p.step == s or p.quantity == "loss":
                 self._latest[(p.quantity, p.target)] = p.value
+        self._link.sampled(s, points)
         if self.rank != 0:  # other ranks ship only what differs per rank: their activations
             points = [p for p in points if p.quantity in PER_BATCH_WIRE_NAMES]
             histograms = [h for h in histograms if h["quantity"] in PER_BATCH_WIRE_NAMES]

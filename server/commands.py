@@ -63,6 +63,28 @@ class ScaleLRArgs(CommandArgs):
     )
 
 
+class RollbackArgs(CommandArgs):
+    before_step: Annotated[int, Strict()] | None = Field(
+        default=None,
+        ge=0,
+        le=2**53,
+        description="restore the newest known-good snapshot older than this step (the "
+        "incident's first sign); null: the newest",
+    )
+    lr_factor: Finite | None = Field(
+        default=None, gt=0, le=1, description="learning-rate backoff; null: the probe's (0.5)"
+    )
+    incident: Annotated[str, StringConstraints(max_length=200)] | None = Field(
+        default=None, description="rollbacks of one incident are capped together"
+    )
+
+
+class QKClipArgs(CommandArgs):
+    tau: Finite = Field(
+        default=100.0, gt=0, le=1e6, description="the largest attention logit a head keeps"
+    )
+
+
 class _Command(WireModel):
     ttl_s: TtlS | None = Field(default=None, description="expire if not acked; server default")
 
@@ -102,8 +124,29 @@ class ScaleLRCommand(_Command):
     args: ScaleLRArgs
 
 
+class RollbackCommand(_Command):
+    """Restore the newest known-good training state older than the trouble, skip the batches
+    after it, back the learning rate off (the probe's recovery)."""
+
+    kind: Literal[CommandKind.ROLLBACK]
+    args: RollbackArgs = Field(default_factory=RollbackArgs)
+
+
+class QKClipCommand(_Command):
+    """Rescale W_q/W_k of every attention head whose max logit exceeded tau (QK-Clip)."""
+
+    kind: Literal[CommandKind.QK_CLIP]
+    args: QKClipArgs = Field(default_factory=QKClipArgs)
+
+
 CommandCreate = Annotated[
-    MSignCommand | PSSCommand | UndoCommand | SetProbeCommand | ScaleLRCommand,
+    MSignCommand
+    | PSSCommand
+    | UndoCommand
+    | SetProbeCommand
+    | ScaleLRCommand
+    | RollbackCommand
+    | QKClipCommand,
     Field(discriminator="kind"),
 ]
 _COMMAND = TypeAdapter(CommandCreate)
@@ -142,6 +185,8 @@ __all__ = [
     "InvalidCommand",
     "MSignArgs",
     "PSSArgs",
+    "QKClipArgs",
+    "RollbackArgs",
     "ScaleLRArgs",
     "SetProbeArgs",
     "UndoArgs",

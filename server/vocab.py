@@ -54,6 +54,8 @@ class CommandKind(str, Enum):
     UNDO = "undo"
     SET_PROBE = "set_probe"
     SCALE_LR = "scale_lr"
+    ROLLBACK = "rollback"
+    QK_CLIP = "qk_clip"
 
 
 class MSignEngine(str, Enum):
@@ -123,6 +125,20 @@ class EventKind(str, Enum):
         return cls(f"command_{state.value}")
 
 
+class ProbeEventKind(str, Enum):
+    """The kinds of event the probe's recovery posts (``probe/recovery``; docs/contract.md):
+    ``rollback`` (payload: restored_step, skipped [start, end], lr_factor, loss_before,
+    loss_after, ...), ``rollback_exhausted``, ``rollback_unavailable``, ``skip_step``,
+    ``lr_backoff`` and ``qk_clip`` (the in-process first response's actions)."""
+
+    ROLLBACK = "rollback"
+    ROLLBACK_EXHAUSTED = "rollback_exhausted"
+    ROLLBACK_UNAVAILABLE = "rollback_unavailable"
+    SKIP_STEP = "skip_step"
+    LR_BACKOFF = "lr_backoff"
+    QK_CLIP = "qk_clip"
+
+
 __all__ = [
     "AlertSeverity",
     "AlertState",
@@ -132,6 +148,7 @@ __all__ = [
     "EventKind",
     "MSignEngine",
     "PSSVariant",
+    "ProbeEventKind",
     "RunStatus",
     "TargetGroup",
     "WebhookFormat",

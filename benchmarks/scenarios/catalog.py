@@ -3,8 +3,8 @@
 A healthy control is the same model, data and seeds at a safe setting; silent degradation
 is judged against it (``failure.classify``). Settings were calibrated on a 2-core CPU; see
 ``calibration_notes.json`` for the measured runs behind each entry. The settings, the demo's
-scenario and its control live in the package (``rankguard.probe.demo.scenario``): the
-installed ``rankguard demo`` trains them.
+scenario and its control (and the earlier demo's pair) live in the package
+(``rankguard.probe.demo.scenario``): the installed ``rankguard demo`` trains them.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from rankguard.probe.demo.failure import FailureKind
 from rankguard.probe.demo.scenario import (
     _SHARED,
     BASE_MODEL,
-    CONTROL,
-    DEMO,
     FP16_ATTN_MODEL,
+    HEALTHY_FP16_ATTN_NOWD,
+    HEALTHY_PRELN,
     HOT_RAMP,
     LATE_HOT_WINDOW,
+    LR_SPIKE,
     POST_LN_MODEL,
+    QK_LR_OVERFLOW,
     SAFE_OPTIM,
     SAFE_SCHEDULE,
     SEQ_LEN,
@@ -34,16 +36,7 @@ __all__ = ["OptimConfig", "Scenario", "Schedule", "failing", "families", "get", 
 
 _ALL = [
     # Healthy controls -----------------------------------------------------------------------
-    Scenario(
-        name="healthy_preln",
-        family="gpt-adamw-lr",
-        role="healthy",
-        mechanism="control: pre-LN GPT at a safe LR",
-        model=BASE_MODEL,
-        optim=SAFE_OPTIM,
-        schedule=SAFE_SCHEDULE,
-        **_SHARED,
-    ),
+    HEALTHY_PRELN,
     Scenario(
         name="healthy_postln",
         family="gpt-postln",
@@ -64,24 +57,9 @@ _ALL = [
         schedule=SAFE_SCHEDULE,
         **_SHARED,
     ),
-    CONTROL,
+    HEALTHY_FP16_ATTN_NOWD,
     # Failing scenarios ----------------------------------------------------------------------
-    Scenario(
-        name="lr_spike",
-        family="gpt-adamw-lr",
-        role="failing",
-        mechanism="100x LR spike at step 150 (resumed with 1e-1 instead of 1e-3), AdamW, "
-        "no clipping",
-        model=BASE_MODEL,
-        optim=SAFE_OPTIM,
-        schedule=replace(SAFE_SCHEDULE, spike_start=150, spike_factor=100.0),
-        expected=FailureKind.EXPLOSION,
-        control="healthy_preln",
-        notes="the loss jumps above 2x its minimum 1-2 steps after the spike, then partly "
-        "recovers; attention logits grow from ~5 to >1e3 afterwards. 30x exploded on 2 of 3 "
-        "seeds (the third peaked at 1.7x), 100x on 3 of 3",
-        **_SHARED,
-    ),
+    LR_SPIKE,
     Scenario(
         name="attn_logit_growth",
         family="gpt-adamw-lr",
@@ -131,7 +109,7 @@ _ALL = [
         "~20% above the control before the NaN",
         **_SHARED,
     ),
-    DEMO,
+    QK_LR_OVERFLOW,
 ]
 
 # --- more families: another optimizer on the GPT, and a second architecture ------------------

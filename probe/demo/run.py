@@ -2,14 +2,17 @@
 
 1. Starts ``rankguard serve`` on the embedded SQLite default (``./rankguard.db``) in the
    background, or reuses one already listening on the port. It is left running.
-2. Trains the demo's scenario (:data:`~.scenario.DEMO`: a small GPT whose query/key
-   projections train at 100x the learning rate of the rest, so its fp16 attention logits grow
-   until they overflow; unprotected, the loss turns NaN) with the probe attached and the
-   default pack's attention-logit divergence rule allowed to order MSign.
-3. Prints each alert as it fires, and ends with a table: first alert step, the failure step of
-   the unprotected twin (the lead-time benchmark's recording of the same scenario and seed,
-   shipped as ``twin.json`` and stated as such), and the final loss with and without
-   rankguard — then the dashboard URL.
+2. Trains the demo's scenario (:data:`~.scenario.DEMO`: a small GPT resumed at step 150 with
+   100x its learning rate; unprotected, the loss explodes one step later) with the probe
+   attached and ``auto_recover=True``, the one switch of the auto-recover profile. MSign alone
+   cannot save this run (the rescue benchmark: explosion on every seed, BENCHMARKS.md); the
+   probe sees the 100x update at the step it lands, rolls back to its last known-good
+   snapshot, skips the batches after it and holds the learning rate down.
+3. Prints each alert and each recovery action as it happens, and ends with a table: first
+   alert step, the failure step of the unprotected twin (the lead-time benchmark's recording
+   of the same scenario and seed, shipped as ``twin.json`` and stated as such), the
+   rollbacks, which remedies acted, and the final loss with and without rankguard — then the
+   dashboard URL.
 
 Everything here ships in the wheel: ``pip install 'rankguard[server]'`` then ``rankguard demo``.
 """
@@ -35,13 +38,21 @@ from .failure import smoothed_final_loss
 from .scenario import DEMO
 from .train import train
 
-__all__ = ["DemoResult", "Twin", "run_demo", "stop_started_servers", "unprotected_twin"]
+__all__ = [
+    "DemoResult",
+    "Twin",
+    "remedies",
+    "run_demo",
+    "stop_started_servers",
+    "unprotected_twin",
+]
 
 TWIN_FILE = "twin.json"
 # Servers this process started and leaves running: referenced so that no Popen is collected
 # (and warned about) while its server is meant to outlive the demo.
 _DETACHED: list[subprocess.Popen[bytes]] = []
-REMEDY_RULE = "attention_logit_divergence"
+# the probe's own events, as they are printed
+_ACTIONS = ("rollback", "rollback_exhausted", "skip_step", "lr_backoff", "qk_clip")
 
 
 @dataclass
@@ -54,6 +65,8 @@ class DemoResult:
     server_pid: int | None  # None when an already running server was reused
     alerts: list[dict[str, Any]] = field(default_factory=list)
     commands: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # the probe's actions
+    recovery: dict[str, Any] = field(default_factory=dict)  # probe.recovery_summary()
 
 
 def stop_started_servers() -> None:
@@ -108,7 +121,9 @@ def ensure_server(port: int, log_dir: Path) -> tuple[str, int | None]:
 
 
 class DemoCallback:
-    """Attaches the probe on the first step and watches the run's alerts as it trains."""
+    """Attaches the probe (auto-recover on) before the first update and shows the run's
+    alerts and recovery actions as it trains. ``on_step`` returns the step to resume from
+    after a rollback (the loop's own schedule continues from the restored state)."""
 
     def __init__(self, url: str, run_name: str, log_dir: Path, total: int, quiet: bool) -> None:
         self.url = url
@@ -119,10 +134,11 @@ class DemoCallback:
         self.quiet = quiet
         self.probe: Probe | None = None
         self.seen_alerts: set[str] = set()
+        self.seen_events: set[int] = set()
         self.first_alert_step: int | None = None
         self.loss = math.nan
 
-    def on_step(self, step: int, model: Any, optimizer: Any, loss: torch.Tensor) -> None:
+    def on_before_step(self, step: int, model: Any, optimizer: Any) -> None:
         if self.probe is None:
             self.probe = Probe(
                 model,
@@ -131,30 +147,29 @@ class DemoCallback:
                 server=self.url,
                 every=5,
                 log_dir=self.log_dir,
+                auto_recover=True,  # in the process and on the server's rules
                 command_poll_interval=0.25,  # a small model trains ~20 steps/s here
             )
-            self._register_and_allow_msign(self.probe)
+
+    def on_step(self, step: int, model: Any, optimizer: Any, loss: torch.Tensor) -> int | None:
+        assert self.probe is not None
         self.probe.step(loss)
         self.loss = float(loss)  # the demo's own progress bar; not part of the probe
         if step % 10 == 0 or step == self.total - 1:
-            self._report_alerts()
+            self.report()
             self._progress(step)
+        resume = self.probe.train_step
+        if resume != step + 1:
+            self.report()
+            return resume
+        return None
 
-    def _register_and_allow_msign(self, probe: Probe) -> None:
-        # Registering here (the probe would do it on its own thread) lets the demo turn on the
-        # attention-logit rule's MSign action before any data arrives. The default pack sets
-        # it up (alerts.pack): once the logits pass 1e3, MSign on the attention weights every
-        # 10 steps while the alert fires — the MSign paper's periodic restoration.
-        self.api.post("/runs", json=probe.registration()).raise_for_status()
-        rules = self.api.get("/alert-rules", params={"run_id": probe.run_id}).json()["data"]
-        (rule,) = [r for r in rules if r["name"] == REMEDY_RULE]
-        changes = {"msign": {"enabled": True}}  # merged into the rule's own msign settings
-        self.api.patch(f"/alert-rules/{rule['id']}", json={"rule": changes}).raise_for_status()
-
-    def _report_alerts(self) -> None:
+    def report(self) -> None:
+        """Prints the alerts and the recovery actions not shown yet."""
         assert self.probe is not None
         try:
             alerts = self.api.get(f"/runs/{self.probe.run_id}/alerts").json()["data"]
+            events = self.api.get(f"/runs/{self.probe.run_id}/events").json()["data"]
         except (httpx.HTTPError, KeyError, ValueError):
             return  # the demo's display must not stop training either
         for alert in alerts:
@@ -164,11 +179,15 @@ class DemoCallback:
             if self.first_alert_step is None or alert["fired_step"] < self.first_alert_step:
                 self.first_alert_step = alert["fired_step"]
             first = alert["targets"][0]["target"] if alert["targets"] else "-"
-            action = " -> MSign ordered" if alert.get("command_id") else ""
+            action = " -> command ordered" if alert.get("command_id") else ""
             self._print(
                 f"\n  ALERT [{alert['severity']}] {alert['rule_name']} at step "
                 f"{alert['fired_step']} (moved first: {first}){action}"
             )
+        for event in events:
+            if event["kind"] in _ACTIONS and event["id"] not in self.seen_events:
+                self.seen_events.add(event["id"])
+                self._print(f"\n  {describe(event)}")
 
     def _progress(self, step: int) -> None:
         width = 30
@@ -183,6 +202,32 @@ class DemoCallback:
     def _print(self, text: str, end: str = "\n") -> None:
         if not self.quiet:
             print(text, end=end, file=sys.stderr, flush=True)
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One line for one of the probe's recovery events."""
+    p, step = event["payload"], event["step"]
+    if event["kind"] == "rollback":
+        skipped = p.get("skipped") or ["?", "?"]
+        return (
+            f"ROLLBACK at step {step} ({p.get('reason')}): restored the state of step "
+            f"{p.get('restored_step')}, skipped batches {skipped[0]}-{skipped[1]}, learning "
+            f"rate x{p.get('lr_factor', 1.0):.3g} (held), loss {_num(p.get('loss_before'))} -> "
+            f"{_num(p.get('loss_after'))}"
+        )
+    if event["kind"] == "lr_backoff":
+        return f"LR BACKOFF at step {step}: x{p.get('factor', 1.0):.3g} (held)"
+    if event["kind"] == "qk_clip":
+        return f"QK-CLIP at step {step}: {p.get('heads_clipped')} head(s) over tau={p.get('tau')}"
+    if event["kind"] == "skip_step":
+        return (
+            f"SKIP-STEP at step {step}: update dropped (gradient norm {_num(p.get('grad_norm'))})"
+        )
+    return f"ROLLBACKS EXHAUSTED at step {step}: incident {p.get('incident')}"
+
+
+def _num(value: Any) -> str:
+    return "NaN/inf" if value is None else f"{float(value):.3f}"
 
 
 @dataclass(frozen=True)
@@ -234,14 +279,16 @@ def run_demo(
     )
     result = train(scenario, seed, callbacks=[callback], max_steps=total, evaluate_at_end=False)
     assert callback.probe is not None
+    recovery = callback.probe.recovery_summary()
     report = callback.probe.close(timeout=30)
     run_id = callback.probe.run_id
-    time.sleep(0.5)  # let the last batch's alerts settle before the final read
-    callback._report_alerts()
+    time.sleep(0.5)  # let the last batch's alerts and events settle before the final read
+    callback.report()
     api = callback.api
     try:
         alerts = api.get(f"/runs/{run_id}/alerts").json()["data"]
         commands = api.get(f"/runs/{run_id}/commands").json()["data"]
+        events = api.get(f"/runs/{run_id}/events").json()["data"]
         api.post(f"/runs/{run_id}/finish", json={"status": "finished"})
     finally:
         api.close()
@@ -255,6 +302,8 @@ def run_demo(
         server_pid=pid,
         alerts=alerts,
         commands=commands,
+        events=[e for e in events if e["kind"] in _ACTIONS],
+        recovery=recovery,
     )
     if not quiet:
         print(file=out)
@@ -267,11 +316,40 @@ def run_demo(
     return demo
 
 
+def remedies(demo: DemoResult) -> dict[str, int]:
+    """How often each remedy acted: the probe's own actions and the server's commands."""
+    acted = {"rollback": 0, "skip_step": 0, "lr_backoff": 0, "qk_clip": 0, "msign": 0}
+    for event in demo.events:
+        if event["kind"] in acted:
+            acted[event["kind"]] += 1
+    acted["skip_step"] = int(demo.recovery.get("skipped_updates", 0))
+    for c in demo.commands:
+        if c["state"] != "applied":
+            continue
+        if c["kind"] in ("msign", "qk_clip"):
+            acted[c["kind"]] += 1
+        elif c["kind"] == "scale_lr":
+            acted["lr_backoff"] += 1
+        elif c["kind"] == "rollback":
+            acted["rollback"] += int(bool((c.get("result") or {}).get("rolled_back")))
+    return acted
+
+
 def print_table(demo: DemoResult, twin: Twin | None, seed: int) -> None:
-    applied = [c for c in demo.commands if c["state"] == "applied"]
+    rollbacks = [e for e in demo.events if e["kind"] == "rollback"]
+    acted = ", ".join(f"{k} {v}" for k, v in remedies(demo).items() if v) or "none"
     rows = [
         ("first alert step", _fmt(demo.first_alert_step)),
-        ("MSign applications", f"{len(applied)} (at steps {[c['applied_step'] for c in applied]})"),
+        (
+            "rollbacks",
+            "; ".join(
+                f"at step {e['step']} to the state of step {e['payload']['restored_step']}"
+                f" (batches {e['payload']['skipped'][0]}-{e['payload']['skipped'][1]} skipped)"
+                for e in rollbacks
+            )
+            or "none",
+        ),
+        ("remedies that acted", acted),
         ("final loss with rankguard (mean of last 25)", f"{demo.final_loss:.3f}"),
     ]
     if twin is None:

@@ -1,7 +1,9 @@
 """The scenario ``rankguard demo`` trains, shipped with the package so the demo runs from an
 installed wheel: the scenario's settings (``Scenario``, ``OptimConfig``, ``Schedule``, the
-shared model size), the demo's failing run (:data:`DEMO`) and its healthy twin
-(:data:`CONTROL`). ``benchmarks/scenarios/catalog.py`` builds the rest of its catalog on these.
+shared model size), the demo's failing run (:data:`DEMO`: the 100x learning-rate spike, which
+only a rollback saves) and its healthy twin (:data:`CONTROL`), and the earlier demo's pair
+(:data:`QK_LR_OVERFLOW`, which MSign saves, and its control).
+``benchmarks/scenarios/catalog.py`` builds the rest of its catalog on these.
 """
 
 from __future__ import annotations
@@ -15,7 +17,18 @@ from torch import nn
 from .failure import FailureKind
 from .model import ModelConfig
 
-__all__ = ["CONTROL", "DEMO", "ModelSpec", "OptimConfig", "Scenario", "Schedule"]
+__all__ = [
+    "CONTROL",
+    "DEMO",
+    "HEALTHY_FP16_ATTN_NOWD",
+    "HEALTHY_PRELN",
+    "LR_SPIKE",
+    "QK_LR_OVERFLOW",
+    "ModelSpec",
+    "OptimConfig",
+    "Scenario",
+    "Schedule",
+]
 
 Role = Literal["failing", "healthy"]
 Decay = Literal["constant", "cosine", "linear"]
@@ -209,7 +222,7 @@ _SHARED: dict[str, Any] = {
 }
 
 
-CONTROL = Scenario(
+HEALTHY_FP16_ATTN_NOWD = Scenario(
     name="healthy_fp16_attn_nowd",
     family="gpt-fp16",
     role="healthy",
@@ -220,7 +233,7 @@ CONTROL = Scenario(
     **_SHARED,
 )
 
-DEMO = Scenario(
+QK_LR_OVERFLOW = Scenario(
     name="qk_lr_overflow",
     family="gpt-fp16",
     role="failing",
@@ -241,3 +254,35 @@ DEMO = Scenario(
     "~3-4 by step 5, so the relative stable-rank rule never fires",
     **_SHARED,
 )
+
+HEALTHY_PRELN = Scenario(
+    name="healthy_preln",
+    family="gpt-adamw-lr",
+    role="healthy",
+    mechanism="control: pre-LN GPT at a safe LR",
+    model=BASE_MODEL,
+    optim=SAFE_OPTIM,
+    schedule=SAFE_SCHEDULE,
+    **_SHARED,
+)
+
+LR_SPIKE = Scenario(
+    name="lr_spike",
+    family="gpt-adamw-lr",
+    role="failing",
+    mechanism="100x LR spike at step 150 (resumed with 1e-1 instead of 1e-3), AdamW, no clipping",
+    model=BASE_MODEL,
+    optim=SAFE_OPTIM,
+    schedule=replace(SAFE_SCHEDULE, spike_start=150, spike_factor=100.0),
+    expected=FailureKind.EXPLOSION,
+    control="healthy_preln",
+    notes="the loss jumps above 2x its minimum 1-2 steps after the spike, then partly "
+    "recovers; attention logits grow from ~5 to >1e3 afterwards. 30x exploded on 2 of 3 "
+    "seeds (the third peaked at 1.7x), 100x on 3 of 3",
+    **_SHARED,
+)
+
+# The demo: a run MSign alone cannot save (the explosion comes one step after the 100x
+# update); the auto-recover profile rolls it back at the step the update lands.
+DEMO = LR_SPIKE
+CONTROL = HEALTHY_PRELN

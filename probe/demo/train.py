@@ -5,6 +5,12 @@ gradient norm, LR and max attention logit, and calls each callback's ``on_before
 backward, before clipping and ``optimizer.step()``), ``on_after_backward`` (the same point, with
 the loss) and ``on_step`` (after ``optimizer.step()``; a probe's ``probe.step(loss)`` goes
 there).
+
+Rollback: an ``on_step`` that returns an int (a probe that restored an earlier state) makes the
+loop continue from that training step: the schedule resumes there, the per-step records are cut
+back to it (they are the trajectory of the model that exists), and the data keeps coming fresh
+(the batches after the restored state are skipped, never replayed). ``RunResult.wall_losses``
+keeps every loss in the order it was computed, rolled-back steps included.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ __all__ = [
 class StepCallback(Protocol):
     def on_step(
         self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor
-    ) -> None: ...
+    ) -> int | None: ...
 
 
 @dataclass
@@ -55,6 +61,8 @@ class RunResult:
     val_loss: float = math.nan
     wall_time_s: float = 0.0
     explosion: Failure | None = None  # explosion only; silent degradation needs the control
+    wall_losses: list[float] = field(default_factory=list)  # every loss, rollbacks included
+    rollbacks: list[tuple[int, int]] = field(default_factory=list)  # (at step, resumed at)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -193,7 +201,12 @@ def train(
     )
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
+    step = 0
+    batches = 0
+    while step < steps:
+        if batches >= 3 * steps:  # rollbacks could otherwise loop forever
+            break
+        batches += 1
         mult = scenario.schedule.multiplier(step, total)
         for group in optimizer.param_groups:
             group["lr"] = oc.lr * mult * group["lr_mult"]
@@ -222,16 +235,27 @@ def train(
             qk_lr.rescale()
         loss_value = float(loss.detach())
         result.losses.append(loss_value)
+        result.wall_losses.append(loss_value)
         result.grad_norms.append(gnorm)
         result.lrs.append(oc.lr * mult)
         # the GPT records its attention logits; for other models the probe's are the record
         logit_max = model.attention_logit_max() if isinstance(model, GPT) else []
         result.attn_logit_max.append(max(logit_max) if logit_max else math.nan)
         result.steps_run = step + 1
+        resume: int | None = None
         for cb in callbacks:
             on_step = getattr(cb, "on_step", None)
             if on_step is not None:
-                on_step(step, model, optimizer, loss.detach())
+                back = on_step(step, model, optimizer, loss.detach())
+                resume = back if isinstance(back, int) else resume
+        if resume is not None and resume <= step:
+            result.rollbacks.append((step, resume))
+            for records in (result.losses, result.grad_norms, result.lrs, result.attn_logit_max):
+                del records[resume:]
+            result.steps_run = step = resume
+            result.explosion = None
+            continue
+        step += 1
         if not math.isfinite(loss_value):
             break
         if stop_after_explosion is not None and result.explosion is None:
@@ -239,7 +263,7 @@ def train(
         if (
             stop_after_explosion is not None
             and result.explosion is not None
-            and step >= result.explosion.step + stop_after_explosion
+            and step - 1 >= result.explosion.step + stop_after_explosion
         ):
             break
     result.explosion = find_explosion(result.losses)

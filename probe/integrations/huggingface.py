@@ -73,6 +73,8 @@ class RankguardCallback(TrainerCallback):
         options = dict(self.options)
         if getattr(args, "torch_compile", False):
             options.setdefault("compiled", True)
+        # what a rollback (recovery) restores beside the model and the optimizer
+        options.setdefault("lr_scheduler", kwargs.get("lr_scheduler"))
         self.probe = Probe(
             model,
             optimizer,

@@ -1,5 +1,6 @@
 """Interventions: MSign (stable-rank restoration) and PSS (spectrum smoothing) on the weights,
-and a learning-rate backoff on the optimizer (:class:`LearningRateScale`).
+a learning-rate backoff on the optimizer (:class:`LearningRateScale`), and QK-Clip
+(per-head query/key rescaling, :func:`apply_qk_clip`).
 
 Functions rewrite the given :class:`~rankguard.probe.targets.WeightTarget` matrices in place
 (fp32 math, written back in the parameter dtype) and return an :class:`InterventionResult`
@@ -20,6 +21,7 @@ from .msign import Engine, apply_msign, default_engine, msign_newton_schulz, msi
 from .periodic import MSign
 from .polar import DEFAULT_STEPS, polar_factor, steps_for_floor
 from .pss import PSSVariant, apply_pss, smooth_singular_values
+from .qk_clip import QKClipResult, QKHeads, apply_qk_clip, per_head_logit_max, qk_heads
 from .records import InterventionResult, MatrixResult
 from .rewrite import RewriteError, StatsMode, rewrite_targets, spectral_norm_estimate
 from .snapshot import Snapshot
@@ -32,15 +34,20 @@ __all__ = [
     "MSign",
     "MatrixResult",
     "PSSVariant",
+    "QKClipResult",
+    "QKHeads",
     "RewriteError",
     "Snapshot",
     "StatsMode",
     "apply_msign",
     "apply_pss",
+    "apply_qk_clip",
     "default_engine",
     "msign_newton_schulz",
     "msign_svd",
+    "per_head_logit_max",
     "polar_factor",
+    "qk_heads",
     "rewrite_targets",
     "smooth_singular_values",
     "spectral_norm_estimate",

@@ -41,6 +41,8 @@ from rankguard.server.alerts.rules import (
     Condition,
     LRBackoffAction,
     MSignAction,
+    QKClipAction,
+    RollbackAction,
     Rule,
     RuleError,
 )
@@ -55,6 +57,8 @@ __all__ = [
     "Condition",
     "LRBackoffAction",
     "MSignAction",
+    "QKClipAction",
+    "RollbackAction",
     "Rule",
     "RuleError",
     "TargetHit",

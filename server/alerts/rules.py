@@ -1,6 +1,7 @@
 """Alert rules: the declarative ``Rule`` over one quantity, its conditions and aggregations,
-and the actions a firing rule may order (MSign, a learning-rate backoff). Everything is
-validated at construction; ``RuleError`` says the field, the value and what would be valid.
+and the actions a firing rule may order (MSign, a learning-rate backoff, a rollback to a
+known-good snapshot, QK-Clip). Everything is validated at construction; ``RuleError`` says
+the field, the value and what would be valid.
 
 Standard library only (with ``server/vocab.py``), like the rest of the engine's core.
 """
@@ -222,6 +223,55 @@ class LRBackoffAction(Action):
 
 
 @dataclass(frozen=True)
+class RollbackAction(Action):
+    """Order a rollback when the rule fires: the probe restores its newest known-good
+    snapshot older than the alert's first step, skips the batches after it and backs the
+    learning rate off by ``lr_factor`` (in (0, 1]); the probe caps the rollbacks of one
+    alert (its incident) and escalates. Needs the probe's recovery on (``auto_recover``)."""
+
+    field_name: ClassVar[str] = "rollback"
+    lr_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        factor = _check_number("rollback.lr_factor", self.lr_factor)
+        if not 0.0 < factor <= 1.0:
+            raise RuleError(
+                f"rollback.lr_factor={factor!r} is not valid; use a number in (0, 1] "
+                "(1: no learning-rate backoff)"
+            )
+        object.__setattr__(self, "lr_factor", factor)
+
+    def command(self) -> dict[str, Any]:
+        # the alert's first step and its id are added where the command is queued
+        return {"kind": CommandKind.ROLLBACK.value, "args": {"lr_factor": self.lr_factor}}
+
+
+@dataclass(frozen=True)
+class QKClipAction(Action):
+    """Order QK-Clip when the rule fires: the probe rescales W_q/W_k of every attention head
+    whose max logit at its latest sample exceeded ``tau`` (Kimi K2's rule)."""
+
+    field_name: ClassVar[str] = "qk_clip"
+    tau: float = 100.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        tau = _check_number("qk_clip.tau", self.tau)
+        if tau <= 0:
+            raise RuleError(f"qk_clip.tau={tau!r} is not valid; use a number > 0")
+        object.__setattr__(self, "tau", tau)
+
+    def command(self) -> dict[str, Any]:
+        return {"kind": CommandKind.QK_CLIP.value, "args": {"tau": self.tau}}
+
+
+AnyAction = MSignAction | LRBackoffAction | RollbackAction | QKClipAction
+ACTIONS: tuple[type[Action], ...] = (MSignAction, LRBackoffAction, RollbackAction, QKClipAction)
+ACTION_FIELDS = tuple(a.field_name for a in ACTIONS)  # the Rule fields that hold actions
+
+
+@dataclass(frozen=True)
 class Rule:
     """One declarative alert rule over one quantity; validated at construction.
 
@@ -268,6 +318,8 @@ class Rule:
     notify: bool = True
     msign: MSignAction = field(default_factory=MSignAction)
     lr_backoff: LRBackoffAction = field(default_factory=LRBackoffAction)
+    rollback: RollbackAction = field(default_factory=RollbackAction)
+    qk_clip: QKClipAction = field(default_factory=QKClipAction)
     description: str = ""
     runbook: str = ""
     enabled: bool = True
@@ -369,7 +421,7 @@ class Rule:
                 raise RuleError(f"{name}={getattr(self, name)!r} is not valid; use a string")
 
     def _validate_actions(self) -> None:
-        for action_cls in (MSignAction, LRBackoffAction):
+        for action_cls in ACTIONS:
             name = action_cls.field_name
             value = getattr(self, name)
             if isinstance(value, Mapping):
@@ -378,19 +430,21 @@ class Rule:
                 self._set(name, action_cls())
             elif not isinstance(value, action_cls):
                 raise RuleError(f"{name}={value!r} is not valid; use an object or null")
-        if self.msign.enabled and self.lr_backoff.enabled:
+        enabled = [name for name in ACTION_FIELDS if getattr(self, name).enabled]
+        if len(enabled) > 1:
             raise RuleError(
-                "msign.enabled and lr_backoff.enabled are both true; a rule orders one kind "
-                "of command: turn one off, or make a second rule on the same quantity"
+                f"{' and '.join(f'{n}.enabled' for n in enabled)} are "
+                f"{'both' if len(enabled) == 2 else 'all'} true; a rule orders one kind of "
+                "command: turn all but one off, or make a second rule on the same quantity"
             )
 
     @property
-    def action(self) -> MSignAction | LRBackoffAction | None:
+    def action(self) -> AnyAction | None:
         """The enabled action (its command is ordered when the rule fires), if any."""
-        if self.msign.enabled:
-            return self.msign
-        if self.lr_backoff.enabled:
-            return self.lr_backoff
+        for name in ACTION_FIELDS:
+            action: AnyAction = getattr(self, name)
+            if action.enabled:
+                return action
         return None
 
     # -- selection -------------------------------------------------------------------------
@@ -409,8 +463,8 @@ class Rule:
         for name in ("condition", "aggregation", "severity"):
             data[name] = data[name].value
         data["targets"] = list(self.targets)
-        data["msign"] = self.msign.to_dict()
-        data["lr_backoff"] = self.lr_backoff.to_dict()
+        for name in ACTION_FIELDS:
+            data[name] = getattr(self, name).to_dict()
         return data
 
     @classmethod
@@ -434,7 +488,7 @@ class Rule:
         """A copy with some fields changed (validated like a new rule)."""
         data = self.to_dict()
         data.update(changes)
-        for name in ("msign", "lr_backoff"):
+        for name in ACTION_FIELDS:
             if isinstance(data.get(name), Action):
                 data[name] = data[name].to_dict()
         return Rule.from_dict(data)
@@ -443,14 +497,19 @@ class Rule:
 _RULE_FIELDS = tuple(Rule.__dataclass_fields__)
 
 __all__ = [
+    "ACTIONS",
+    "ACTION_FIELDS",
     "BOOLEAN_AGGREGATIONS",
     "HISTORY_CONDITIONS",
     "MAX_WINDOW",
     "Action",
     "Aggregation",
+    "AnyAction",
     "Condition",
     "LRBackoffAction",
     "MSignAction",
+    "QKClipAction",
+    "RollbackAction",
     "Rule",
     "RuleError",
     "check_int",

@@ -11,9 +11,9 @@ Per ingest request (``Alerting.on_ingest``, inside the ingest transaction):
    per (rule, run) per batch, never a query per point;
 3. for each transition: an ``alerts`` row (firing creates, resolved closes it), an ``alert``
    event whose payload is ``Transition.to_dict()`` (the dashboard's markers and tables read
-   those), the command the engine ordered (MSign or a learning-rate backoff; its rate limit
-   lives in the state), and one pending ``webhook_deliveries`` row per enabled webhook of the
-   project;
+   those), the command the engine ordered (MSign, a learning-rate backoff, a rollback to
+   before the alert's first step, QK-Clip; its rate limit lives in the state), and one
+   pending ``webhook_deliveries`` row per enabled webhook of the project;
 4. after the commit, ``after_commit`` wakes the delivery worker: ingest never waits on a
    webhook.
 
@@ -50,6 +50,7 @@ from rankguard.server.storage.commands import RunNotRunning, enqueue_command
 from rankguard.server.vocab import (
     AlertSeverity,
     AlertState,
+    CommandKind,
     DeliveryOutcome,
     EventKind,
     WebhookFormat,
@@ -353,12 +354,18 @@ class Alerting:
         """Queues the command a transition ordered (none for a finished run)."""
         if tr.command is None:
             return
+        args = dict(tr.command["args"])
+        if tr.command["kind"] == CommandKind.ROLLBACK.value:
+            # restore a state from before the trouble began; one incident per alert, so the
+            # probe caps this alert's rollbacks together
+            args.setdefault("before_step", tr.first_step)
+            args.setdefault("incident", f"alert:{alert.id}")
         try:
             command = enqueue_command(
                 session=session,
                 run_id=run.id,
                 kind=str(tr.command["kind"]),
-                args=dict(tr.command["args"]),
+                args=args,
                 created_by=f"alert:{alert.id}",
                 ttl_s=self.settings.command_ttl_s,
             )

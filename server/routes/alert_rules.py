@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from sqlalchemy.orm import Session
 
 from rankguard.server.alerts import Rule, RuleError
+from rankguard.server.alerts.rules import ACTION_FIELDS
 from rankguard.server.auth import Principal
 from rankguard.server.commands import InvalidCommand, validate_command
 from rankguard.server.deps import (
@@ -148,11 +149,12 @@ def update_alert_rule(
     rule_id: RowId, body: AlertRuleUpdate, db: DbDep, principal: OperatePrincipal
 ) -> AlertRulePublic:
     """Change some fields of a rule (e.g. ``{"rule": {"msign": {"enabled": true}}}``; the
-    actions ``msign`` and ``lr_backoff`` are merged field by field)."""
+    actions ``msign``, ``lr_backoff``, ``rollback`` and ``qk_clip`` are merged field by
+    field)."""
     with db.write() as session:
         row = _row_or_404(session, principal, rule_id)
         changes = dict(body.rule)
-        for action in ("msign", "lr_backoff"):
+        for action in ACTION_FIELDS:
             if isinstance(changes.get(action), dict):
                 changes[action] = {**(row.rule.get(action) or {}), **changes[action]}
         rule = _rule_or_422({**row.rule, **changes})

@@ -6,8 +6,9 @@ Rules are rows of ``alert_rules``: ``run_id`` NULL is a project rule (a template
 the rule of one run with its engine state. ``storage.runs.register_run`` calls
 ``install_run_rules`` when it creates a run, in the same transaction: the project's rules
 when it has any, else the default pack (``pack.default_rules``), specialised with the run's
-parameter names (``pack.specialise``). Alerts are one row per firing episode of a rule,
-closed when it resolves.
+parameter names (``pack.specialise``), with the actions of the profile the run's probe asked
+for turned on (``alerts.profiles``: ``auto_recover`` in its configuration). Alerts are one
+row per firing episode of a rule, closed when it resolves.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from sqlalchemy import Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from rankguard.server.alerts import pack
-from rankguard.server.alerts.rules import Rule, RuleError
+from rankguard.server.alerts.profiles import apply_profile, profile_of
+from rankguard.server.alerts.rules import ACTION_FIELDS, Rule, RuleError
 from rankguard.server.alerts.state import is_firing, new_state
 from rankguard.server.db import utcnow
 from rankguard.server.models import Alert, AlertRule, Run
@@ -33,7 +35,7 @@ logger = logging.getLogger("rankguard.server.alerts")
 RULES_TABLE = cast(Table, AlertRule.__table__)
 # Fields whose edit does not change what the condition computes: the state is kept.
 _STATE_NEUTRAL = frozenset(
-    {"enabled", "notify", "msign", "lr_backoff", "description", "runbook", "severity", "name"}
+    {"enabled", "notify", *ACTION_FIELDS, "description", "runbook", "severity", "name"}
 )
 
 
@@ -62,12 +64,12 @@ def install_run_rules(*, session: Session, run: Run) -> None:
     ]
     names = [str(p.get("name", "")) for p in (run.parameters or []) if isinstance(p, Mapping)]
     try:
-        rules = _rules_for_run(project_rules, names)
+        rules = apply_profile(_rules_for_run(project_rules, names), profile_of(run.config))
     except RuleError:  # a stored project rule no longer validates: fall back to the pack
         logger.exception(
             "project %s has an invalid rule; run %s gets the defaults", run.project_id, run.id
         )
-        rules = _rules_for_run([], names)
+        rules = apply_profile(_rules_for_run([], names), profile_of(run.config))
     now = utcnow()
     rows = [
         {

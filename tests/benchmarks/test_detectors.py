@@ -15,9 +15,7 @@ if str(_ROOT) not in sys.path:
 
 from benchmarks import detectors  # noqa: E402
 from benchmarks.early_warning import degradation_step, failure_of, trailing_mean  # noqa: E402
-from benchmarks.rescue import AlertLoop  # noqa: E402
-from rankguard.probe import MemoryTransport  # noqa: E402
-from rankguard.server.alerts import Condition, MSignAction, Rule  # noqa: E402
+from rankguard.server.alerts import Condition, Rule  # noqa: E402
 
 
 def noisy(n: int, level: float = 2.5, sd: float = 0.05, seed: int = 0) -> list[float]:
@@ -103,56 +101,3 @@ def test_failure_of_uses_onset_for_degradation_and_step_for_explosion() -> None:
     exploded = {"losses": [2.0] * 100 + [5.0] + [2.0] * 10}
     assert failure_of(exploded, control) == {"kind": "explosion", "step": 100}
     assert failure_of(control, control) == {"kind": None, "step": None}
-
-
-# --- the rescue loop pushes the rule's MSign into the probe's transport ----------------------
-
-
-def _batch(quantity: str, rows: list[tuple[str, int, float]]) -> dict[str, object]:
-    return {
-        "points": {
-            "quantity": [quantity] * len(rows),
-            "target": [t for t, _, _ in rows],
-            "rank": [0] * len(rows),
-            "step": [s for _, s, _ in rows],
-            "wall_time": [0.0] * len(rows),
-            "value": [v for _, _, v in rows],
-        }
-    }
-
-
-def test_alert_loop_orders_msign_once_per_firing_within_rate_limit() -> None:
-    rule = Rule(
-        name="collapse",
-        quantity="sa_sign_diversity",
-        condition=Condition.BELOW,
-        threshold=0.1,
-        cooldown=10,
-        msign=MSignAction(enabled=True, targets="attention", max_orders=2, window_steps=1000),
-    )
-    loop = AlertLoop([rule])
-    transport = MemoryTransport()
-    values = [0.5, 0.05, 0.05, 0.5, 0.5, 0.5, 0.05, 0.5, 0.5, 0.5, 0.5, 0.05, 0.5]
-    for i, v in enumerate(values):
-        loop(5 * i, [_batch("sa_sign_diversity", [("w", 5 * i, v)])], transport)
-    # Firings at steps 5 (episode 1) and 30 (after cooldown); the third at 55 is rate-limited.
-    # Each step is evaluated when the next arrives, so the order is pushed one sample later.
-    assert [a["step"] for a in loop.alerts] == [5, 30, 55]
-    assert [a["command"] for a in loop.alerts] == [True, True, False]
-    commands = transport.take_commands()
-    assert [c["id"] for c in commands] == ["collapse-1-5", "collapse-2-30"]  # rule-episode-step
-    assert commands[0]["kind"] == "msign" and commands[0]["args"]["targets"] == "attention"
-    assert [o["kind"] for o in loop.orders] == ["msign", "msign"]
-
-
-def test_rescue_rules_back_off_the_lr_unless_msign_only() -> None:
-    from benchmarks.rescue import rules_for
-    from rankguard.server.alerts.pack import UPDATE_RATIO_HIGH, UPDATE_RATIO_RISE
-
-    names = [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(4)]
-    full = {r.name: r for r in rules_for(names)}
-    assert full[UPDATE_RATIO_HIGH].action.command()["kind"] == "scale_lr"  # type: ignore[union-attr]
-    msign_only = {r.name: r for r in rules_for(names, msign_only=True)}
-    assert not msign_only[UPDATE_RATIO_HIGH].enabled and not msign_only[UPDATE_RATIO_RISE].enabled
-    lr_rules = (UPDATE_RATIO_HIGH, UPDATE_RATIO_RISE)
-    assert all(r.enabled == full[n].enabled for n, r in msign_only.items() if n not in lr_rules)

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from rankguard.probe import Probe, ProbeConfig
+from rankguard.probe import Probe, ProbeConfig, RecoveryConfig
 from rankguard.probe.exceptions import ConfigError, ConfigTypeError
 from rankguard.probe.sink import MemorySink
 
@@ -102,8 +102,11 @@ def test_every_field_reaches_the_probe(tiny_gpt, tmp_path, train) -> None:
 
 
 def test_registration_config_keeps_its_keys() -> None:
-    # the run registration's "config" object (stored by the server): the keys it carries
+    # the run registration's "config" object (stored by the server); auto_recover and
+    # recovery joined it: the server installs the auto-recover rule profile from them
     assert set(ProbeConfig().to_json()) == {
+        "auto_recover",
+        "recovery",
         "every",
         "jacobian_every",
         "quantities",
@@ -133,3 +136,21 @@ def test_copies_and_pickles_keep_what_was_derived() -> None:
     for copied in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
         assert copied == config
         assert copied.with_options({"every": 3}).jacobian_every == 30
+
+
+def test_auto_recover_is_one_switch_and_recovery_is_validated() -> None:
+    config = ProbeConfig(auto_recover=True)
+    assert config.recovery == RecoveryConfig.auto_recover()
+    assert config.recovery.skip_step and config.recovery.qk_clip_tau == 100.0  # type: ignore[union-attr]
+    assert config.with_options({"auto_recover": False}).recovery is None
+    explicit = RecoveryConfig(keep=1)
+    assert ProbeConfig(auto_recover=True, recovery=explicit).recovery is explicit
+    assert config.to_json()["recovery"]["update_ratio_hot"] == 0.05
+    with pytest.raises(ConfigError, match=r"recovery\.keep"):
+        RecoveryConfig(keep=0)
+    with pytest.raises(ConfigError, match=r"recovery\.lr_factor"):
+        RecoveryConfig(lr_factor=1.5)
+    with pytest.raises(ConfigTypeError, match="recovery: expected a RecoveryConfig"):
+        ProbeConfig(recovery={"keep": 1})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"recovery\.flight_before"):
+        RecoveryConfig(flight_steps=8, flight_before=16)

@@ -93,7 +93,7 @@ def test_scale_lr_backs_off_every_step_until_close(tiny_gpt, tmp_path) -> None:
     assert ack["state"] == "applied" and ack["result"]["scale"] == 0.5
     for _ in range(2):
         torch.testing.assert_close(sgd_step(), torch.full_like(w, -0.05))
-    assert probe.state_dict()["lr_scale"] == {"scale": 0.5}
+    assert probe.state_dict()["lr_scale"] == {"scale": 0.5, "ceilings": [0.05], "held_until": 101}
     probe.close()
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert opt.param_groups[0]["lr"] == 0.1

@@ -1,5 +1,7 @@
-"""LearningRateScale: the optimizer steps with scale x the user's LR, the user's value and
-schedule are untouched, and the hooks exist only while a backoff is in force."""
+"""LearningRateScale: the optimizer steps with scale x the user's LR (capped while the
+schedule rises), the user's value and schedule are untouched, the backoff holds for its
+healthy period and then decays back, never reaches 0, and the hooks exist only while a
+backoff is in force."""
 
 from __future__ import annotations
 
@@ -35,9 +37,61 @@ def test_the_step_uses_the_scaled_lr_and_the_user_keeps_theirs() -> None:
     assert result == {"factor": 0.25, "scale": 0.25, "lr": [pytest.approx(0.025)]}
     torch.testing.assert_close(step_delta(layer, opt), torch.full((2, 3), -0.025))
     assert opt.param_groups[0]["lr"] == 0.1  # the user's value, as their scheduler left it
-    # a schedule that rewrites the LR each step is scaled, not overwritten
-    opt.param_groups[0]["lr"] = 0.2
-    torch.testing.assert_close(step_delta(layer, opt), torch.full((2, 3), -0.05))
+    # a schedule that lowers the LR is scaled, not overwritten
+    opt.param_groups[0]["lr"] = 0.04
+    torch.testing.assert_close(step_delta(layer, opt), torch.full((2, 3), -0.01))
+    assert opt.param_groups[0]["lr"] == 0.04
+
+
+def test_the_backoff_holds_while_the_schedule_rises() -> None:
+    """The failure it is for: one halving, then a rising schedule brings the LR back."""
+    layer, opt = sgd_pair()
+    scale = LearningRateScale(opt, hold_steps=10)
+    scale.multiply(0.5, step=0)
+    for lr in (0.2, 0.8, 3.0):  # the schedule ramps up 30x
+        opt.param_groups[0]["lr"] = lr
+        torch.testing.assert_close(step_delta(layer, opt), torch.full((2, 3), -0.05))
+        assert opt.param_groups[0]["lr"] == lr
+
+
+def test_after_the_healthy_period_it_decays_back_gradually() -> None:
+    layer, opt = sgd_pair()
+    scale = LearningRateScale(opt, hold_steps=10, recover_steps=5)
+    scale.multiply(0.25, step=0)
+    for step in range(1, 11):
+        scale.tick(step)
+    assert scale.scale == 0.25  # held through the healthy period
+    scales = []
+    for step in range(11, 21):
+        scale.tick(step)
+        scales.append(scale.scale)
+    assert scales == sorted(scales) and scales[0] < 0.3  # gradually: x2 every 5 steps
+    assert scales[4] == pytest.approx(0.5) and scales[-1] == pytest.approx(1.0)
+    assert not opt._optimizer_step_pre_hooks  # over: the user's LR again
+    torch.testing.assert_close(step_delta(layer, opt), torch.full((2, 3), -0.1))
+
+
+def test_a_new_backoff_restarts_the_hold() -> None:
+    _, opt = sgd_pair()
+    scale = LearningRateScale(opt, hold_steps=10, recover_steps=5)
+    scale.multiply(0.5, step=0)
+    scale.tick(9)
+    scale.multiply(0.5, step=9)
+    for step in range(10, 20):
+        scale.tick(step)
+    assert scale.scale == 0.25
+
+
+def test_repeated_backoffs_stop_at_the_floor_and_can_always_be_lifted() -> None:
+    layer, opt = sgd_pair()
+    scale = LearningRateScale(opt)
+    scale.multiply(1e-300)
+    scale.multiply(1e-300)
+    assert scale.scale == 1e-4 and scale.ceilings == [pytest.approx(1e-5)]
+    torch.testing.assert_close(step_delta(layer, opt), torch.full((2, 3), -1e-5))
+    assert scale.multiply(1e300)["scale"] == 1.0
+    assert scale.ceilings is None and not opt._optimizer_step_pre_hooks
+    torch.testing.assert_close(step_delta(layer, opt), torch.full((2, 3), -0.1))
 
 
 def test_backoffs_compound_and_never_raise_above_the_schedule() -> None:
