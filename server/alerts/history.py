@@ -135,7 +135,9 @@ def _rise_over_mean(rule: Rule, series: dict[str, Any], value: float, warm: bool
         len(window),
     )
     trips = warm and rising and spread >= thr * abs(mean)
-    return trips, spread < _clear(rule) * abs(mean), mean + thr * abs(mean), why
+    # A value falling back is clean however far from the mean: the loss is recovering.
+    clean = not rising or spread < _clear(rule) * abs(mean)
+    return trips, clean, mean + thr * abs(mean), why
 
 
 def _robust(window: Sequence[float]) -> tuple[float, float]:
@@ -195,6 +197,44 @@ def _rise_from_baseline(rule: Rule, series: dict[str, Any], value: float, warm: 
     bound = thr * base
     why = (_RISE_BASE, value, thr, base, bound)
     return warm and value > bound, value <= _clear(rule) * base, bound, why
+
+
+def _over(a: float, b: float) -> float:
+    return a / b if b else (math.inf if a > 0 else 0.0)
+
+
+def score(rule: Rule, series: dict[str, Any], value: float) -> tuple[float, float, str]:
+    """The value and its trip bound in the units of the rule's threshold (a z, a ratio, the
+    CUSUM) and their name: what a margin compares. Only where ``verdict`` is not quiet (its
+    statistic is ready)."""
+    thr: float = rule.threshold  # type: ignore[assignment]
+    if rule.condition is Condition.RATIO_TO_BEST:
+        # as the fraction above the best: a stall rule (threshold 1) sits at its bound for as
+        # long as the loss improves, so its bound has no size (margin.relative: safe until
+        # it trips), and a divergence rule's size is the rise it allows
+        window = _window(series)
+        earlier = fsum(window[len(window) - rule.window + 1 :])
+        ratio = _over((earlier + value) / rule.window, series["best"])
+        return ratio - 1.0, thr - 1.0, "above best"
+    figure, unit = _score(rule, series, value)
+    return figure, thr, unit
+
+
+def _score(rule: Rule, series: dict[str, Any], value: float) -> tuple[float, str]:
+    cond, window = rule.condition, _window(series)
+    if cond is Condition.MAX_RATIO:
+        return _over(abs(value), series["m_max"]), "× early max"
+    if cond is Condition.RISE_FROM_BASELINE:
+        return _over(value, series["b_sum"] / series["b_n"]), "× baseline"
+    if cond is Condition.CUSUM:
+        return _cusum_step(rule, series, value)[0], "CUSUM"
+    mean = fsum(window) / len(window)
+    if cond is Condition.ZSCORE_ABOVE:
+        std = math.sqrt(fsum((x - mean) ** 2 for x in window) / len(window))
+        return _over(value - mean, std), "std above mean"
+    if cond is Condition.RATIO_TO_MEAN:
+        return _over(value, mean), "× mean"
+    return _over(abs(value - mean), abs(mean)), "× |mean| off the mean"  # rise_over_mean
 
 
 _CHECKS: dict[Condition, Callable[[Rule, dict[str, Any], float, bool], Verdict]] = {
@@ -260,4 +300,4 @@ def new_statistics(condition: Condition) -> dict[str, Any]:
     return stats
 
 
-__all__ = ["Verdict", "absorb", "new_statistics", "verdict"]
+__all__ = ["Verdict", "absorb", "new_statistics", "score", "verdict"]

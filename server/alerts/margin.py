@@ -4,8 +4,10 @@ to firing", the run page's rule table and the ``rankguard_run_rule_margin`` gaug
 A margin is the signed distance from the value a rule judges to its trip bound, in the units
 the rule states its threshold in: the quantity's own units for ``above``/``below``, a ratio to
 the series' baseline for ``drop_from_baseline``, a ratio to the EMA for ``ratio_to_ema``, a |z|
-for ``zscore``. It is negative exactly when the engine's check trips on that value (the
-engine's comparisons are strict, so a value on the bound, margin 0, does not trip). A NaN or
+for ``zscore``, the threshold's units for the conditions judged against the series' own
+past (a z, a ratio to the window's mean, the CUSUM: ``history.score``). It is negative
+exactly when the engine's check trips on that value (the engine's comparisons are strict,
+so a value on the bound, margin 0, does not trip). A NaN or
 ±Inf value trips every condition: margin -inf. tests/server/test_alert_margin.py holds every
 kind to ``checks.check`` (and whole rules to the engine) with property tests.
 
@@ -32,8 +34,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rankguard.server.alerts import history
 from rankguard.server.alerts.engine import _combine as combine  # the engine's aggregation
-from rankguard.server.alerts.rules import BOOLEAN_AGGREGATIONS, Aggregation, Condition, Rule
+from rankguard.server.alerts.rules import (
+    BOOLEAN_AGGREGATIONS,
+    HISTORY_CONDITIONS,
+    Aggregation,
+    Condition,
+    Rule,
+)
 from rankguard.server.alerts.state import is_firing, new_series
 
 # A rule whose relative margin is below this is "near" its bound (a quarter of the bound's
@@ -121,6 +130,29 @@ def _zscore(rule: Rule, series: Mapping[str, Any], value: float) -> Distance | s
     z = abs(value - mean) / std if std > 0 else (0.0 if value == mean else math.inf)
     thr = float(rule.threshold)  # type: ignore[arg-type]
     return Distance(z, thr, thr - z, "|z|")
+
+
+def _history(rule: Rule, series: Mapping[str, Any], value: float) -> Distance | str:
+    """The conditions judged against the series' own past (history.py), in the units of their
+    threshold (a z, a ratio to the mean or the best, the CUSUM): margin = threshold - score.
+    Where the condition is more than one bound (``rise_over_mean`` needs a rising value;
+    ``>=`` trips on the bound itself) the check's verdict sets the sign: 0 when it does not
+    trip, the smallest negative float when it does and the distance says otherwise."""
+    state = dict(series)
+    trips, _, bound, why = history.verdict(rule, state, value, True)
+    if bound is None:
+        return str(why[0])  # the statistic is not ready ("window not yet full")
+    figure, thr, unit = history.score(rule, state, value)
+    margin = thr - figure
+    if trips and not margin < 0:
+        margin = -5e-324
+    elif not trips and margin < 0:
+        margin = 0.0
+    return Distance(figure, thr, margin, unit)
+
+
+for _condition in HISTORY_CONDITIONS:
+    distance_of(_condition)(_history)
 
 
 @distance_of(Condition.NON_FINITE)

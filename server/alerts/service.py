@@ -46,7 +46,7 @@ from rankguard.server.db import utcnow
 from rankguard.server.models import Alert, AlertRule, Delivery, Project, Run, Webhook
 from rankguard.server.notify import payloads
 from rankguard.server.storage.alerts import RULES_TABLE
-from rankguard.server.storage.commands import RunNotRunning, enqueue_command
+from rankguard.server.storage.commands import RunNotRunning, enqueue_command, open_command
 from rankguard.server.vocab import (
     AlertSeverity,
     AlertState,
@@ -360,6 +360,13 @@ class Alerting:
             # probe caps this alert's rollbacks together
             args.setdefault("before_step", tr.first_step)
             args.setdefault("incident", f"alert:{alert.id}")
+            # One fault trips several rules at once (a NaN loss trips every loss rule): the
+            # rollback still open already restores a state from before it; a second one
+            # would throw away the steps trained since the first restore.
+            pending = open_command(session=session, run_id=run.id, kind=CommandKind.ROLLBACK.value)
+            if pending is not None:
+                alert.command_id = pending.id
+                return
         try:
             command = enqueue_command(
                 session=session,

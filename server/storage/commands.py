@@ -92,6 +92,15 @@ def enqueue_command(
     return command
 
 
+def open_command(*, session: Session, run_id: str, kind: str) -> Command | None:
+    """The oldest queued or delivered command of ``kind`` for the run, if any."""
+    return session.scalars(
+        select(Command)
+        .where(Command.run_id == run_id, Command.kind == kind, Command.state.in_(OPEN_STATES))
+        .order_by(Command.created_at)
+    ).first()
+
+
 def expire_commands(*, session: Session, run_id: str) -> int:
     """queued/delivered commands past their ``expires_at`` become ``expired``."""
     now = utcnow()

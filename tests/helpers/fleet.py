@@ -14,12 +14,17 @@ from typing import Any
 
 import numpy as np
 
+from rankguard.server.alerts.pack import ATTENTION_LOGIT_HIGH, default_rules
 from rankguard.server.wire import wire_floats
 
 STEPS = 240
 TARGETS = tuple(f"model.layers.{b}.attn.{m}.weight" for b in range(2) for m in ("q_proj", "k_proj"))
 SPIKE_AT = 200  # the incident run's gradient-norm spike (fires grad_norm_spike)
 APPLIED_AT = SPIKE_AT + 5  # the step the probe applied MSign and rolled back at
+# The near-logits run ends 8% under the pack's attention-logit bound: "near", not firing.
+NEAR_LOGIT = 0.92 * next(
+    float(r.threshold or 0) for r in default_rules() if r.name == ATTENTION_LOGIT_HIGH
+)
 
 
 def _batch(
@@ -79,7 +84,7 @@ def seed_fleet(client: Any, *, ingest: str, operate: str) -> Fleet:
     kinds: list[tuple[str, list[str], dict[str, Any], str | None]] = [
         ("healthy-a", ["baseline", "gpt"], {"logit": 10.0, "sr": 6.0}, None),
         ("healthy-b", ["gpt"], {"logit": 12.0, "sr": 7.0}, "finished"),
-        ("near-logits", ["gpt", "hot-lr"], {"logit": 46.0, "sr": 9.0}, None),
+        ("near-logits", ["gpt", "hot-lr"], {"logit": NEAR_LOGIT, "sr": 9.0}, None),
         ("collapsing", ["gpt"], {"logit": 10.0, "sr_drop": 0.08}, None),
         ("nan-loss", ["fp16"], {"logit": 10.0, "sr": 5.0}, "failed"),
     ]
@@ -107,7 +112,10 @@ def _seed_incident(client: Any, fleet: Fleet, *, ingest: str, operate: str) -> N
     grad = lambda s: 1.6 ** (s - SPIKE_AT + 4) if s in hot else 1.0 + 0.05 * np.sin(s)  # noqa: E731
     _post(client, base + "/points", ingest,
           _batch(range(SPIKE_AT + 6), loss=loss, grad=grad, logit=10.0))  # fmt: skip
-    [alert] = _get(client, base + "/alerts", operate)["data"]
+    # the peers' gradient-norm detectors of the pack fire on the same spike: the incident is
+    # the pack's own rule
+    alerts = _get(client, base + "/alerts", operate)["data"]
+    [alert] = [a for a in alerts if a["rule_name"] == "grad_norm_spike"]
     fleet.alert_id = alert["id"]
     msign = {"kind": "msign", "args": {"targets": "attention", "engine": "svd"}}
     command = _post(client, base + "/commands", operate, msign)

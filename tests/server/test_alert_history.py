@@ -246,6 +246,15 @@ def test_lightning_ignores_a_value_below_the_previous_one() -> None:
     assert first_firing(r, [1.0, 20.0, 15.0]) == 1
 
 
+def test_lightning_rule_resolves_once_the_value_falls_back() -> None:
+    # a falling value is clean however far it still is from the mean: the loss recovers
+    r = rule(Condition.RISE_OVER_MEAN, 2.0, window=10, warmup=1)
+    samples = [("global", i, v) for i, v in enumerate([1.0, 1.0, 1.0, 20.0, 19.0])]
+    _, transitions = evaluate(r, None, samples)
+    kinds = [(t.kind, t.step) for t in transitions]
+    assert kinds == [(TransitionKind.FIRING, 3), (TransitionKind.RESOLVED, 4)]
+
+
 def test_olmo_never_fires_on_a_window_without_spread() -> None:
     r = rule(Condition.ZSCORE_ABOVE, 6.0, window=128)
     assert first_firing(r, [2.0] * 128 + [100.0]) is None

@@ -41,8 +41,10 @@ def rules(draw: st.DrawFn, aggregation: Aggregation | None = None) -> Rule:
         "window": draw(st.integers(2, 4)),
         "ema_alpha": draw(st.sampled_from([0.1, 0.5, 1.0])),
     }
+    if condition == Condition.CUSUM.value:
+        kwargs["slack"] = draw(st.sampled_from([0.0, 0.5]))
     if condition != Condition.NON_FINITE.value:
-        low = 0.25 if condition in ("drop_from_baseline", "ratio_to_ema", "zscore") else -1.0
+        low = -1.0 if condition in ("above", "below") else 0.25  # the others: a ratio, z or h
         kwargs["threshold"] = draw(st.floats(low, 3.0))
     if aggregation is not None:
         kwargs["aggregation"] = aggregation
