@@ -13,7 +13,7 @@ Kinds (docs/contract.md):
 - ``pss``: ``{"targets": ..., "variant": "clip" | "conv" | "softmax", "k": int | null,
   "scale": 1.0 (in (0, 10]), "temperature": 0.25 (in (0, 100]), "snapshot": true}``, every
   number finite and ``k`` at most 1e6
-- ``undo``: ``{}`` — restores the snapshot taken by the last msign/pss that kept one
+- ``undo``: ``{}`` — restores the snapshot taken by the last msign/pss/qk_clip that kept one
 - ``set_probe``: ``{"every": int in [1, 1e6] | null, "enable": [quantity], "disable": [quantity]}``
 - ``scale_lr``: ``{"factor": finite number in [1e-4, 1e4]}`` — a backoff (< 1) multiplies
   every parameter group's learning rate by ``factor`` on top of the user's schedule and caps it
@@ -505,8 +505,31 @@ class CommandRunner:
                 "sample steps, with attention_logit_max enabled)"
             )
         logits = {site: torch.tensor(v) for site, v in command.logit_max.items()}
-        return apply_qk_clip(self.qk_heads, logits, command.tau).to_dict()
+        # Like every rewrite, undoable: a tau far under the logits shrinks attention to
+        # nothing, and ``undo`` must give it back bit-identically.
+        snapshot = Snapshot.take(_qk_parameters(self.qk_heads))
+        result = apply_qk_clip(self.qk_heads, logits, command.tau)
+        self._snapshot = snapshot
+        return result.to_dict()
 
     def _select(self, selector: Selector) -> list[WeightTarget]:
         # select() raises a SelectorError (a ConfigError) naming the selector that matched nothing.
         return select(self.targets, selector if isinstance(selector, str) else list(selector))
+
+
+def _qk_parameters(heads: Sequence[QKHeads]) -> list[WeightTarget]:
+    """The query/key weights and biases QK-Clip may scale, each once (a fused projection
+    holds both), as whole-parameter targets for a snapshot."""
+    seen: dict[int, WeightTarget] = {}
+    for h in heads:
+        for name, param in (
+            ("q_weight", h.q_weight),
+            ("k_weight", h.k_weight),
+            ("q_bias", h.q_bias),
+            ("k_bias", h.k_bias),
+        ):
+            if param is not None and id(param) not in seen:
+                seen[id(param)] = WeightTarget(
+                    f"{h.site}.{name}", h.site, param, None, False, frozenset()
+                )
+    return list(seen.values())

@@ -6,7 +6,9 @@ rename on either side fails here."""
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +75,13 @@ def test_every_quantity_named_downstream_is_emitted_by_the_probe() -> None:
         assert names <= emitted, (
             f"{where} names quantities the probe never emits: {names - emitted}"
         )
+
+
+def test_the_grafana_update_ratio_bound_is_the_packs() -> None:
+    # the panel's red line and its text say where the server's rule fires
+    board = Path(__file__).resolve().parents[1] / "dashboard/grafana/dashboards/rankguard.json"
+    (panel,) = [p for p in json.loads(board.read_text())["panels"] if "update_ratio" in str(p)]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    (rule,) = [r for r in pack.default_rules() if r.name == pack.UPDATE_RATIO_HIGH]
+    assert [s["value"] for s in steps if s["value"] is not None] == [round(rule.threshold, 3)]
+    assert f"above {round(rule.threshold, 3)}" in panel["description"]

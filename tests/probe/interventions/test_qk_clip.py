@@ -126,6 +126,7 @@ def test_the_command_acks_what_it_clipped_and_refuses_without_logits(gpt: GPT) -
     heads = qk_heads(site)
     assert heads is not None
     runner = CommandRunner(targets=[], reconfigure=lambda c: {}, qk_heads=[heads])
+    before = heads.q_weight.detach().clone()
     missing = runner.apply({"id": "a", "kind": "qk_clip", "args": {"tau": 10}}, 3)
     assert missing["state"] == "failed" and "no attention logits" in missing["error"]
     ack = runner.apply(
@@ -138,6 +139,11 @@ def test_the_command_acks_what_it_clipped_and_refuses_without_logits(gpt: GPT) -
     )
     assert ack["state"] == "applied"
     assert ack["result"]["clipped"] == {site.name: [1, 3]}
+    # a clip is undone like any rewrite, bit-identically
+    clipped = heads.q_weight.detach().clone()
+    assert not torch.equal(clipped, before)
+    assert runner.apply({"id": "u", "kind": "undo"}, 4)["state"] == "applied"
+    assert torch.equal(heads.q_weight.detach(), before)
     bad = runner.apply({"id": "c", "kind": "qk_clip", "args": {"tau": -1}}, 3)
     assert bad["state"] == "failed" and "args.tau" in bad["error"]
     with pytest.raises(ConfigError, match="per-head"):
