@@ -13,4 +13,5 @@ VENV=benchmarks/.venv-peers
 "$VENV/bin/pip" install -q --disable-pip-version-check "torch==${TORCH_VERSION}"
 "$VENV/bin/pip" install -q --disable-pip-version-check trainscope wandb "transformers>=4.45"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e .
-"$VENV/bin/python" -c "import trainscope, wandb; print('trainscope', trainscope.__version__, 'wandb', wandb.__version__)"
+# trainscope 1.8.1 has no __version__: ask the installed metadata
+"$VENV/bin/python" -c "import trainscope, wandb; from importlib.metadata import version; print('trainscope', version('trainscope'), 'wandb', wandb.__version__)"

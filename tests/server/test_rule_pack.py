@@ -68,12 +68,12 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
         (
             pack.JACOBIAN_GAIN,
             {"quantity": "jacobian_alignment_gain", "condition": Condition.RISE_FROM_BASELINE,
-             "threshold": 12.81, "aggregation": Aggregation.MAX, "baseline_samples": 2,
+             "threshold": 26.78, "aggregation": Aggregation.MAX, "baseline_samples": 2,
              "consecutive": 1, "min_step": 50},
         ),
         (
             pack.GRAD_NORM_SPIKE,
-            {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 3.269,
+            {"quantity": "grad_norm", "condition": Condition.RATIO_TO_EMA, "threshold": 4.352,
              "ema_alpha": 0.1, "targets": ("global",), "warmup": 50, "min_step": 50,
              "cooldown": 30},
         ),
@@ -87,7 +87,7 @@ def test_pack_names_are_unique_and_quantities_are_contract_names() -> None:
             pack.ATTENTION_LOGIT_HIGH,
             {
                 "quantity": "attention_logit_max",
-                "threshold": 26.28,
+                "threshold": 27.6,
                 "severity": AlertSeverity.WARNING,
             },
         ),
@@ -250,7 +250,7 @@ def test_pack_rules_fire_on_their_signals() -> None:
     # judges the largest pair against the run's own first two samples (10 here), after step 50
     gain = [
         (p, s, v)
-        for s, v in [(25, 8.0), (50, 12.0), (75, 100.0), (100, 140.0)]
+        for s, v in [(25, 8.0), (50, 12.0), (75, 200.0), (100, 280.0)]
         for p in ("h.0->h.1", "h.1->h.2")
     ]
     assert [t.step for t in run_rule(rules[pack.JACOBIAN_GAIN], gain)] == [100]
