@@ -97,6 +97,11 @@ class _History:
         self.values[self.count % self.values.shape[0]] = keep
         self.count += 1
 
+    def copy(self) -> _History:
+        out = _History.__new__(_History)
+        out.values, out.count = self.values.clone(), self.count  # a device copy: no sync
+        return out
+
 
 class StepGuard:
     """The per-step checks of one optimizer's updates and the probe's losses."""
@@ -245,6 +250,20 @@ class StepGuard:
     def forget_pending(self) -> None:
         """Drops the readings in flight (they judged a trajectory a rollback undid)."""
         self._pending = []
+
+    def statistics(self) -> tuple[_History, _History, _History]:
+        """A copy of the running histories (loss, gradient norm, update ratio), to keep with
+        a snapshot."""
+        return self._loss.copy(), self._gnorm.copy(), self._ratio.copy()
+
+    def rewind(self, saved: tuple[_History, _History, _History] | None) -> None:
+        """The histories as they were when a restored snapshot was taken (None: empty).
+        Judged against the undone trajectory's medians, the first losses after restoring an
+        early state look like spikes and would order rollback after rollback."""
+        if saved is None:
+            n = self.config.window
+            saved = (_History(n, self.device), _History(n, self.device), _History(n, self.device))
+        self._loss, self._gnorm, self._ratio = (h.copy() for h in saved)
 
 
 def _reading(step: int, row: list[float]) -> StepReading:

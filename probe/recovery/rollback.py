@@ -94,6 +94,7 @@ class Recovery:
     _pending_event: _Rollback | None = None
     _flight_due: list[tuple[int, int]] = field(default_factory=list)  # (ship at, from)
     _stream: Any = None
+    _statistics: dict[int, Any] = field(default_factory=dict)  # snapshot step -> guard's
 
     def __post_init__(self) -> None:
         self.ring = SnapshotRing(self.config.keep, snapshot_dir=self.config.snapshot_dir)
@@ -321,6 +322,7 @@ class Recovery:
     def _after_restore(self, step: int, snapshot: TrainingSnapshot) -> None:
         self.ring.discard_after(snapshot.step + 1)  # later ones followed the bad state
         self.guard.forget_pending()
+        self.guard.rewind(self._statistics.get(snapshot.step))
         self._train_offset = (step + 1) - (snapshot.train_step + 1)
         self._clean_since = None
         self._ignore_hot_before = step + 1
@@ -364,6 +366,9 @@ class Recovery:
         first = not self.ring.good and self.ring.pending is None  # the earliest state seen
         if (first or step % self.config.snapshot_every == 0) and self.ring.pending is None:
             self.ring.take(self.source, step, self.train_step(step), stream=self._stream)
+            kept = {s.step for s in self.ring.good}
+            self._statistics = {k: v for k, v in self._statistics.items() if k in kept}
+            self._statistics[step] = self.guard.statistics()
 
     def _any_rank(self, flag: bool) -> bool:
         import torch.distributed as dist

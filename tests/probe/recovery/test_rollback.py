@@ -145,6 +145,29 @@ def test_retries_are_capped_per_incident_then_escalated(tmp_path) -> None:
     assert len(run.events("rollback")) == 3
 
 
+def test_after_restoring_an_early_state_the_guard_judges_against_that_states_history(
+    tmp_path,
+) -> None:
+    # An early state has a higher loss than the trajectory it replaces: judged against the
+    # undone trajectory's median it is a "spike" and each restore would order the next one
+    # (seen on SGD: three rollbacks to step 0 in four steps). The guard's running histories
+    # rewind with the snapshot, so only the first rollback happens.
+    run = Run(RecoveryConfig(**FAST, keep=4), tmp_path)
+
+    def early_is_high(loss: torch.Tensor) -> torch.Tensor:
+        return loss * (3.0 if run.probe.train_step < 6 else 1.0)
+
+    for _ in range(14):
+        run.step(corrupt=early_is_high)
+    run.transport.push_command({"id": "r0", "kind": "rollback", "args": {"before_step": 1}})
+    run.step(corrupt=early_is_high)
+    assert dict(run.transport.acks)["r0"]["result"]["restored_step"] == 0
+    for _ in range(15):
+        run.step(corrupt=early_is_high)
+    assert len(run.events("rollback")) == 1, [e["payload"] for e in run.events("rollback")]
+    run.probe.close()
+
+
 def test_skip_step_drops_a_non_finite_update_exactly(tmp_path) -> None:
     run = Run(RecoveryConfig(**FAST, skip_step=True), tmp_path)
     for _ in range(12):
