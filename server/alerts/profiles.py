@@ -13,9 +13,11 @@ the work between the training process and the server by how fast each remedy mus
   peers' loss-spike detectors included): a backstop for what the probe's checks do not see,
   which the probe acknowledges without acting when it already rolled that incident back.
 
-The update-ratio rule's own learning-rate backoff stays off in this profile: the probe backs
-off at the step the ratio is measured, and a second halving from the rule (1-6 steps later)
-would lower the rate twice for one excursion.
+The absolute update-ratio rule's own learning-rate backoff stays off in this profile: the
+probe backs off at the step the ratio is measured, and a second halving from the rule (1-6
+steps later) would lower the rate twice for one excursion. The rule on the ratio's rise
+against the run's own level orders the backoff (the probe has no such check): on SGD and Lion
+a hot window stays under the absolute bound.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rankguard.server.alerts.pack import (
     NON_FINITE_VALUES,
     REMEDIABLE,
     UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_RISE,
 )
 from rankguard.server.alerts.rules import Condition, Rule
 
@@ -56,6 +59,11 @@ def auto_recover(rules: Sequence[Rule]) -> list[Rule]:
     for rule in rules:
         if rule.name == UPDATE_RATIO_HIGH:
             rule = rule.replace(lr_backoff={**rule.lr_backoff.to_dict(), "enabled": False})
+        elif rule.name == UPDATE_RATIO_RISE:
+            # a rise against the run's own level is a learning rate too high for this run:
+            # its remedy is the backoff (the probe's in-process one judges the absolute
+            # ratio only); MSign here rewrote healthy weights on a false alert
+            rule = rule.replace(lr_backoff={**rule.lr_backoff.to_dict(), "enabled": True})
         elif rule.name in REMEDIABLE and not rule.action:
             # the pack's remediable rules carry their MSign policy (targets, repeats)
             rule = rule.replace(msign={**rule.msign.to_dict(), "enabled": True})

@@ -14,6 +14,7 @@ from rankguard.server.alerts.pack import (
     LOSS_NON_FINITE,
     REMEDIABLE,
     UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_RISE,
     default_rules,
 )
 from rankguard.server.alerts.profiles import AUTO_RECOVER, apply_profile, profile_of
@@ -52,10 +53,12 @@ def test_the_auto_recover_profile_turns_on_one_action_where_each_applies() -> No
     assert profile_of({"auto_recover": False}) is None and profile_of(None) is None
     rules = {r.name: r for r in apply_profile(default_rules(), AUTO_RECOVER)}
     for name in REMEDIABLE:
-        if name != UPDATE_RATIO_HIGH:
+        if name not in (UPDATE_RATIO_HIGH, UPDATE_RATIO_RISE):
             assert rules[name].action is rules[name].msign, name
     # the probe backs off at the step; the rule would halve the same excursion again
     assert rules[UPDATE_RATIO_HIGH].action is None
+    # a rise against the run's own level: the learning rate, not the weights
+    assert rules[UPDATE_RATIO_RISE].action is rules[UPDATE_RATIO_RISE].lr_backoff
     assert rules[LOSS_NON_FINITE].action == rules[LOSS_NON_FINITE].rollback
     assert rules[ATTENTION_LOGIT_DIVERGENCE].msign.targets == "attention"
     assert all(r.action is None for r in apply_profile(default_rules(), None))
