@@ -29,14 +29,14 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..config import ProbeConfig
-from ..probe import Probe
+from .attach import ProbeAttachment
 
 __all__ = ["RankguardCallback"]
 
 logger = logging.getLogger("rankguard.probe")
 
 
-class RankguardCallback(TrainerCallback):
+class RankguardCallback(ProbeAttachment, TrainerCallback):
     """Attaches a :class:`~rankguard.probe.Probe` to the Trainer's model and optimizer.
 
     Args:
@@ -53,11 +53,8 @@ class RankguardCallback(TrainerCallback):
         config: ProbeConfig | None = None,
         **options: Any,
     ) -> None:
-        self.run, self.server, self.token = run, server, token
-        self.config, self.options = config, options
-        self.probe: Probe | None = None
+        super().__init__(run, server=server, token=token, config=config, **options)
         self._trainer: Trainer | None = None
-        self._losses: list[torch.Tensor] = []
 
     def on_train_begin(
         self,
@@ -70,20 +67,14 @@ class RankguardCallback(TrainerCallback):
     ) -> None:
         if model is None:
             return
-        options = dict(self.options)
-        if getattr(args, "torch_compile", False):
-            options.setdefault("compiled", True)
-        # what a rollback (recovery) restores beside the model and the optimizer
-        options.setdefault("lr_scheduler", kwargs.get("lr_scheduler"))
-        self.probe = Probe(
+        self._attach(
             model,
             optimizer,
-            run=self.run or args.run_name or str(args.output_dir).rstrip("/").rsplit("/", 1)[-1],
-            server=self.server,
-            token=self.token,
-            config=self.config,
+            run=args.run_name or str(args.output_dir).rstrip("/").rsplit("/", 1)[-1],
             start_step=state.global_step + 1,  # the Trainer counts optimizer steps from 1
-            **options,
+            compiled=bool(getattr(args, "torch_compile", False)),
+            # what a rollback (recovery) restores beside the model and the optimizer
+            lr_scheduler=kwargs.get("lr_scheduler"),
         )
         self._trainer = _calling_trainer()
         if self._trainer is None:
@@ -98,9 +89,8 @@ class RankguardCallback(TrainerCallback):
     ) -> None:
         if self.probe is None:
             return
-        loss = torch.stack(self._losses).sum() if self._losses else None  # on the device
-        self._losses = []
-        self.probe.step(loss, step=state.global_step)
+        losses = self._take_losses()
+        self.probe.step(None if losses is None else losses.sum(), step=state.global_step)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -116,8 +106,7 @@ class RankguardCallback(TrainerCallback):
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
             loss = original(*args, **kwargs)
-            if isinstance(loss, torch.Tensor):
-                self._losses.append(loss.detach().reshape(()).float())
+            self._keep_loss(loss)
             return loss
 
         trainer.training_step = training_step  # type: ignore[method-assign]

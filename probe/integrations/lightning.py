@@ -24,18 +24,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from ..config import ProbeConfig
-from ..probe import Probe
+from .attach import ProbeAttachment
 
 __all__ = ["RankguardCallback"]
 
 logger = logging.getLogger("rankguard.probe")
 
 
-class RankguardCallback(Callback):
+class RankguardCallback(ProbeAttachment, Callback):
     """Attaches a :class:`~rankguard.probe.Probe` to the LightningModule and its optimizer.
 
     Args:
@@ -52,31 +51,21 @@ class RankguardCallback(Callback):
         config: ProbeConfig | None = None,
         **options: Any,
     ) -> None:
-        self.run, self.server, self.token = run, server, token
-        self.config, self.options = config, options
-        self.probe: Probe | None = None
-        self._losses: list[torch.Tensor] = []
+        super().__init__(run, server=server, token=token, config=config, **options)
         self._last_step = 0
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         optimizers = list(trainer.optimizers)
         if len(optimizers) > 1:
             logger.warning("rankguard: %d optimizers; scale_lr acts on the first", len(optimizers))
-        options = dict(self.options)
-        if getattr(pl_module, "_compiler_ctx", None):  # fit() was given a compiled module
-            options.setdefault("compiled", True)
-        self.probe = Probe(
+        self._attach(
             pl_module,
             optimizers[0] if optimizers else None,
-            run=self.run or type(pl_module).__name__,
-            server=self.server,
-            token=self.token,
-            config=self.config,
+            run=type(pl_module).__name__,
             start_step=trainer.global_step,
-            **options,
+            compiled=bool(getattr(pl_module, "_compiler_ctx", None)),  # fit() got a compiled one
         )
         self._last_step = trainer.global_step
-        self._losses = []
 
     def on_train_batch_end(
         self,
@@ -88,19 +77,16 @@ class RankguardCallback(Callback):
     ) -> None:
         if self.probe is None:
             return
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._losses.append(loss.detach().reshape(()).float())
+        self._keep_loss(outputs.get("loss") if isinstance(outputs, dict) else outputs)
         if trainer.global_step == self._last_step:
             return  # a micro-batch: the optimizer has not stepped yet
         self._last_step = trainer.global_step
+        stacked = self._take_losses()
         step_loss = None
-        if self._losses:
-            stacked = torch.stack(self._losses)
+        if stacked is not None:
             # automatic optimization hands over loss / accumulate_grad_batches: their sum is
             # the mean loss of the step; a manual loop's own losses are averaged
             step_loss = stacked.sum() if pl_module.automatic_optimization else stacked.mean()
-        self._losses = []
         self.probe.step(step_loss, step=trainer.global_step - 1)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
